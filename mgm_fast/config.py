@@ -1,0 +1,239 @@
+"""Dataclass configs and named presets.
+
+Two presets ship:
+
+* ``paper`` -- the released code's defaults (mgm_method.md section 1 and 3): 128x128 images,
+  40 semantic classes, 27 scene classes, z 128, generator / discriminator width 64.
+* ``tiny`` -- the same architecture family scaled down so that a whole MGM training step takes
+  well under a second on a 2-core CPU at 64x64. Used by the default CPU job and the tests.
+
+Every field can be overridden with ``override(cfg, ["model.z_dim=64", ...])``; the value is
+parsed according to the field's declared type, and an unknown key is an error that lists the
+valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of every network of MGM (mgm_method.md section 1)."""
+
+    image_size: int = 128
+    """Square input / generated image size. A multiple of 32 and a power of two >= 32."""
+    num_seg_classes: int = 40
+    num_scenes: int = 27
+
+    # Shared encoder (taskgrouping ResNet, BasicBlocks) and dense decoders.
+    stem_width: int = 64
+    encoder_widths: tuple[int, ...] = (48, 96, 192, 360)
+    encoder_blocks: tuple[int, ...] = (3, 4, 6, 3)
+    decoder_widths: tuple[int, ...] = (256, 128, 64, 48, 32)
+    """Output channels of the five x2 decoder stages (4x4 -> 128x128 at the paper size)."""
+    clr_dim: int = 64
+    """SimCLR projection size (one Linear after global average pooling)."""
+
+    # Refinement network: one small ResNet per task output, then an MLP to scene logits.
+    refine_stem_width: int = 64
+    refine_widths: tuple[int, ...] = (48, 96, 192)
+    refine_blocks: tuple[int, ...] = (3, 4, 3)
+    refine_hidden: int = 128
+    refine_logit_relu: bool = True
+    """Released-code behaviour (mgm_method.md B2): a ReLU on the scene logits before CE."""
+
+    # SAGAN generator / projection discriminator.
+    z_dim: int = 128
+    g_conv_dim: int = 64
+    d_conv_dim: int = 64
+    g_channel_mults: tuple[int, ...] = ()
+    """Generator channels per resolution 4, 8, ..., image_size as multiples of g_conv_dim.
+    Empty means the default for image_size (128: 16,16,8,4,2,1)."""
+    d_channel_mults: tuple[int, ...] = ()
+    """Discriminator block widths as multiples of d_conv_dim, first entry the optimised first
+    block; every block downsamples except the last. Empty means the default for image_size
+    (128: 1,2,4,8,16,16)."""
+    attn_resolution: int = 32
+    """Resolution at which G and D apply self-attention."""
+    d_keep_unused_shortcut: bool = True
+    """The released discriminator's last block owns a 1x1 shortcut conv it never uses
+    (mgm_method.md B9). Kept by default so released checkpoints import one-to-one and the
+    parameter count matches; it never affects the output."""
+    genblock_impl: str = "reference"
+    """Backend of the generator's upsampling blocks (see ``python -m mgm_fast.info``)."""
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if size < 32 or size % 32 != 0 or (size & (size - 1)) != 0:
+            raise ValueError(f"model.image_size must be a power of two >= 32, got {size}")
+        n_up = int(math.log2(size // 4))
+        if len(self.g_mults) != n_up + 1:
+            raise ValueError(
+                f"model.g_channel_mults needs {n_up + 1} entries (resolutions 4..{size}), "
+                f"got {len(self.g_mults)}"
+            )
+        if len(self.d_mults) != n_up + 1:
+            raise ValueError(
+                f"model.d_channel_mults needs {n_up + 1} entries for image_size {size} "
+                f"(downsampling blocks to 4x4 plus one final block), got {len(self.d_mults)}"
+            )
+        if len(self.decoder_widths) != 5:
+            raise ValueError("model.decoder_widths needs 5 entries (the encoder downsamples 32x)")
+        if len(self.encoder_widths) != len(self.encoder_blocks):
+            raise ValueError("model.encoder_widths and model.encoder_blocks differ in length")
+        if len(self.refine_widths) != len(self.refine_blocks):
+            raise ValueError("model.refine_widths and model.refine_blocks differ in length")
+
+    @property
+    def g_mults(self) -> tuple[int, ...]:
+        """Resolved generator channel multipliers (resolution 4 first)."""
+        return self.g_channel_mults or default_g_channel_mults(self.image_size)
+
+    @property
+    def d_mults(self) -> tuple[int, ...]:
+        """Resolved discriminator channel multipliers (optimised first block first)."""
+        return self.d_channel_mults or default_d_channel_mults(self.image_size)
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the shared representation E(x)."""
+        return self.encoder_widths[-1]
+
+
+def default_g_channel_mults(image_size: int) -> tuple[int, ...]:
+    """SAGAN/BigGAN channel plan: 16 at 4x4, halving towards 1 at full resolution."""
+    return {
+        32: (4, 4, 2, 1),
+        64: (16, 8, 4, 2, 1),
+        128: (16, 16, 8, 4, 2, 1),
+        256: (16, 16, 8, 8, 4, 2, 1),
+    }.get(image_size) or _geometric_mults(int(math.log2(image_size // 4)) + 1)
+
+
+def default_d_channel_mults(image_size: int) -> tuple[int, ...]:
+    return {
+        32: (1, 2, 4, 8),
+        64: (1, 2, 4, 8, 16),
+        128: (1, 2, 4, 8, 16, 16),
+        256: (1, 2, 4, 8, 8, 16, 16),
+    }.get(image_size) or _geometric_mults(int(math.log2(image_size // 4)) + 1)[::-1]
+
+
+def _geometric_mults(n: int) -> tuple[int, ...]:
+    return tuple(min(16, 2 ** (n - 1 - i)) for i in range(n))
+
+
+@dataclass
+class Config:
+    """Top-level configuration. Later sections (data, schedule, optimisation) extend it."""
+
+    preset: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def tiny_model() -> ModelConfig:
+    """The CPU preset: same topology, narrow widths, 64x64 images."""
+    return ModelConfig(
+        image_size=64,
+        num_seg_classes=10,
+        num_scenes=6,
+        stem_width=16,
+        encoder_widths=(16, 24, 32, 48),
+        encoder_blocks=(1, 1, 1, 1),
+        decoder_widths=(32, 24, 16, 16, 8),
+        clr_dim=32,
+        refine_stem_width=16,
+        refine_widths=(16, 24, 32),
+        refine_blocks=(1, 1, 1),
+        refine_hidden=32,
+        z_dim=32,
+        g_conv_dim=8,
+        d_conv_dim=8,
+    )
+
+
+PRESETS = {
+    "paper": lambda: Config(preset="paper", model=ModelConfig()),
+    "tiny": lambda: Config(preset="tiny", model=tiny_model()),
+}
+
+
+def preset(name: str) -> Config:
+    """Return a fresh config of the named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# -------------------------------------------------------------------------------------------
+# Overrides: "section.field=value" strings, parsed by the field's type.
+
+
+def _parse_value(text: str, current: Any, type_hint: str) -> Any:
+    hint = str(type_hint)
+    if isinstance(current, bool) or hint == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, tuple) or hint.startswith("tuple"):
+        items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
+        elem = int if "int" in hint else float if "float" in hint else str
+        return tuple(elem(t.strip()) for t in items)
+    if isinstance(current, int) or hint == "int":
+        return int(text)
+    if isinstance(current, float) or hint == "float":
+        return float(text)
+    return text
+
+
+def override(cfg: Any, assignments: list[str]) -> Any:
+    """Apply ``key=value`` assignments (dotted keys) to a config tree in place and return it.
+
+    Nested dataclasses are re-validated (``__post_init__``) after their fields change.
+    """
+    touched: list[Any] = []
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ValueError(f"override {assignment!r} is not of the form key=value")
+        key, text = assignment.split("=", 1)
+        node = cfg
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+                raise KeyError(f"unknown config section {part!r} in {key!r}")
+            node = getattr(node, part)
+        names = {f.name: f for f in dataclasses.fields(node)}
+        leaf = parts[-1]
+        if leaf not in names:
+            raise KeyError(f"unknown config field {key!r}; fields here: {sorted(names)}")
+        try:
+            value = _parse_value(text, getattr(node, leaf), names[leaf].type)
+        except ValueError as err:
+            raise ValueError(f"bad value for {key}: {err}") from None
+        setattr(node, leaf, value)
+        touched.append(node)
+    for node in touched:
+        post = getattr(node, "__post_init__", None)
+        if post is not None:
+            post()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (tuples become lists), for YAML/JSON and checkpoints."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(cfg)

@@ -1,0 +1,6 @@
+"""Fused ops. Each op module registers a :class:`~mgm_fast.ops._dispatch.FusedOp` whose
+backends (reference / triton / cpp / cuda) are chosen with ``impl=`` ("auto" by default)."""
+
+from mgm_fast.ops._dispatch import REGISTRY, Backend, BackendUnavailable, FusedOp
+
+__all__ = ["REGISTRY", "Backend", "BackendUnavailable", "FusedOp"]
