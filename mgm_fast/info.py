@@ -1,0 +1,161 @@
+"""``python -m mgm_fast.info``: versions, devices, the native build, and ops x backends.
+
+Options:
+  --models [--preset NAME]   also print the parameter counts of every network of a preset
+  --json                     machine-readable output
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import torch
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # an optional dependency that is absent or broken
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def _nvcc_version() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    release = [line for line in out.splitlines() if "release" in line]
+    return release[-1].split("release")[-1].strip() if release else "unknown"
+
+
+def versions() -> dict[str, str | None]:
+    return {
+        "python": platform.python_version(),
+        "mgm_fast": importlib.import_module("mgm_fast").__version__,
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda,
+        "cuDNN": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
+        "nvcc": _nvcc_version(),
+        "triton": _version("triton"),
+        "DALI": _version("nvidia.dali"),
+        "numpy": _version("numpy"),
+    }
+
+
+def devices() -> list[dict]:
+    found = [{"device": "cpu", "name": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads()}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            found.append({
+                "device": f"cuda:{i}",
+                "name": props.name,
+                "capability": f"sm_{props.major}{props.minor}",
+                "memory_GiB": round(props.total_memory / 2**30, 1),
+            })
+    return found
+
+
+def ops_table() -> dict[str, dict[str, str | None]]:
+    """op name -> backend -> None if available, else the reason it is not."""
+    import mgm_fast.ops  # noqa: F401  (registers every op)
+    from mgm_fast.ops import REGISTRY
+
+    return {name: op.status() for name, op in sorted(REGISTRY.items())}
+
+
+def collect(models_preset: str | None = None) -> dict:
+    from mgm_fast import _native
+
+    report = {
+        "versions": versions(),
+        "devices": devices(),
+        "native": {
+            "extension": "built" if _native.extension() is not None else "not built",
+            "reason": _native.unavailable_reason(),
+            "build": _native.build_info(),
+        },
+        "ops": ops_table(),
+        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "TORCH_CUDA_ARCH_LIST") if k in os.environ},
+    }
+    if models_preset is not None:
+        from mgm_fast.config import preset
+        from mgm_fast.models import parameter_report
+
+        report["models"] = {"preset": models_preset, "parameters": parameter_report(preset(models_preset).model)}
+    return report
+
+
+def _print(report: dict) -> None:
+    print("mgm_fast environment")
+    for key, value in report["versions"].items():
+        print(f"  {key:<11} {value if value is not None else '-'}")
+    print("devices")
+    for dev in report["devices"]:
+        extra = ", ".join(f"{k} {v}" for k, v in dev.items() if k not in ("device", "name"))
+        print(f"  {dev['device']:<7} {dev['name']} ({extra})")
+    native = report["native"]
+    print(f"native extension mgm_fast._C: {native['extension']}")
+    if native["reason"]:
+        print(f"  reason: {native['reason']}")
+    for key, value in native["build"].items():
+        print(f"  {key}: {value}")
+    print("ops x backends (yes = available here; otherwise why not)")
+    from mgm_fast.ops._dispatch import BACKEND_NAMES
+
+    rows = report["ops"]
+    width = max([len(n) for n in rows] + [4])
+    print(f"  {'op':<{width}}  " + "  ".join(f"{b:<9}" for b in BACKEND_NAMES))
+    notes: list[str] = []
+    for name, status in rows.items():
+        cells = []
+        for backend in BACKEND_NAMES:
+            why = status[backend]
+            if why is None:
+                cells.append("yes")
+            elif why == "not implemented for this op":
+                cells.append("-")
+            else:
+                if why not in notes:
+                    notes.append(why)
+                cells.append(f"no [{notes.index(why) + 1}]")
+        print(f"  {name:<{width}}  " + "  ".join(f"{c:<9}" for c in cells))
+    for i, why in enumerate(notes, 1):
+        print(f"  [{i}] {why}")
+    print("  (- = not implemented for this op)")
+    if "models" in report:
+        print(f"parameters, preset {report['models']['preset']!r}")
+        for name, count in report["models"]["parameters"].items():
+            print(f"  {name:<20} {count / 1e6:8.3f} M  ({count:,})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mgm_fast.info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", action="store_true", help="print parameter counts of the networks")
+    parser.add_argument("--preset", default="paper", help="preset for --models (paper or tiny)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    report = collect(args.preset if args.models else None)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        _print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
