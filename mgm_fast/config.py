@@ -63,6 +63,11 @@ class ModelConfig:
     """The released discriminator's last block owns a 1x1 shortcut conv it never uses
     (mgm_method.md B9). Kept by default so released checkpoints import one-to-one and the
     parameter count matches; it never affects the output."""
+    d_shortcut_after_relu: bool = True
+    """Released-code behaviour: each discriminator residual block applies its first ReLU in
+    place, which also rewrites the tensor its shortcut reads, so the shortcut (and the identity
+    shortcut of the last block) sees relu(x). False gives the textbook block whose shortcut reads
+    x. No parameter changes, so checkpoints load either way."""
     genblock_impl: str = "reference"
     """Backend of the generator's upsampling blocks (see ``python -m mgm_fast.info``)."""
 

@@ -1,0 +1,271 @@
+"""SAGAN generator and projection discriminator (mgm_method.md 1.4), for any power-of-two image
+size >= 32 with the channel plans of ``ModelConfig.g_mults`` / ``d_mults``.
+
+At the paper preset (128x128, g = d = 64, 27 scenes):
+
+* G: SN-Linear z (B, 128) -> (B, 1024, 4, 4); GenBlocks 1024-1024-512-256 (32x32), self-attention,
+  GenBlocks 256-128-64 (128x128); BN, ReLU, SN-conv3x3 -> 3, tanh -> (B, 3, 128, 128) in [-1, 1].
+* D: OptBlock 3->64 (64x64), DiscBlock 64->128 (32x32), self-attention, DiscBlocks to 1024 at
+  4x4, a last non-downsampling 1024->1024 block, ReLU, global sum pool h (B, 1024);
+  output SN-Linear(h) + <h, SN-Embedding[y]> -> (B,).
+
+Labels y are int64 (B,) scene indices. Images and latents are float in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mgm_fast.config import ModelConfig
+from mgm_fast.models.layers import (
+    ConditionalBatchNorm2d,
+    SelfAttention,
+    SNConv2d,
+    SNEmbedding,
+    SNLinear,
+    SpectralNormLayer,
+)
+
+GENBLOCK_IMPLS = ("reference",)
+"""Backends a :class:`GenBlock` accepts. Fused backends register here once they exist."""
+
+
+def init_gan_(module: nn.Module) -> None:
+    """SAGAN init: Xavier-uniform for every SN linear/conv/embedding weight, biases 0.
+
+    Conditional-BN embeddings (plain ``nn.Embedding``) and BN affine parameters keep their own
+    initialisation (gamma 1, beta 0), as in the released code.
+    """
+    for m in module.modules():
+        if isinstance(m, SpectralNormLayer):
+            nn.init.xavier_uniform_(m.weight_orig)
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+
+def _up2(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def genblock_reference(x: Tensor, y: Tensor, block: GenBlock) -> Tensor:
+    """Plain-PyTorch GenBlock forward, the twin every fused backend is tested against.
+
+    main = snconv2d2(relu(cond_bn2(snconv2d1(up2(relu(cond_bn1(x, y)))), y)))
+    shortcut = snconv2d0(up2(x)); returns main + shortcut.
+    x (B, C_in, H, W), y (B,) int64 -> (B, C_out, 2H, 2W).
+    """
+    h = _up2(F.relu(block.cond_bn1(x, y)))
+    h = F.relu(block.cond_bn2(block.snconv2d1(h), y))
+    h = block.snconv2d2(h)
+    # The released order (upsample, then 1x1 conv); a 1x1 conv commutes with nearest
+    # upsampling, which fused backends may exploit.
+    return h + block.snconv2d0(_up2(x))
+
+
+class GenBlock(nn.Module):
+    """Generator residual block: conditional BN, ReLU, nearest x2, SN-conv3x3, conditional BN,
+    ReLU, SN-conv3x3; shortcut nearest x2 then SN-conv1x1 (always present).
+
+    x (B, in_channels, H, W), y (B,) int64 -> (B, out_channels, 2H, 2W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_classes: int,
+        impl: str = "reference",
+        cbn_momentum: float = 0.001,
+    ) -> None:
+        super().__init__()
+        if impl not in GENBLOCK_IMPLS:
+            raise ValueError(f"unknown GenBlock impl {impl!r}; accepted values: {list(GENBLOCK_IMPLS)}")
+        self.impl = impl
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.cond_bn1 = ConditionalBatchNorm2d(in_channels, num_classes, momentum=cbn_momentum)
+        self.snconv2d1 = SNConv2d(in_channels, out_channels, 3, padding=1)
+        self.cond_bn2 = ConditionalBatchNorm2d(out_channels, num_classes, momentum=cbn_momentum)
+        self.snconv2d2 = SNConv2d(out_channels, out_channels, 3, padding=1)
+        self.snconv2d0 = SNConv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return genblock_reference(x, y, self)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
+
+
+class Generator(nn.Module):
+    """Class-conditional SAGAN generator G(z, y).
+
+    ``snlinear0`` z_dim -> C0*4*4 (C_k = g_mults[k] * g_conv_dim), ``block1..blockN``
+    (N = len(g_mults) - 1, each doubling the resolution), ``self_attn`` after the block whose
+    output resolution is ``cfg.attn_resolution``, then ``bn`` (BatchNorm2d, momentum 1e-4),
+    ReLU, ``snconv2d1`` 3x3 -> 3 channels, tanh.
+
+    z (B, z_dim) float, y (B,) int64 -> (B, 3, image_size, image_size) in [-1, 1].
+    """
+
+    def __init__(self, cfg: ModelConfig, impl: str | None = None) -> None:
+        super().__init__()
+        impl = cfg.genblock_impl if impl is None else impl
+        ch = [m * cfg.g_conv_dim for m in cfg.g_mults]
+        self.z_dim = cfg.z_dim
+        self.base_channels = ch[0]
+        self.snlinear0 = SNLinear(cfg.z_dim, ch[0] * 4 * 4)
+        self.num_blocks = len(ch) - 1
+        self.attn_after: int | None = None
+        res = 4
+        # Registration order follows the forward order (self_attn between its neighbours), as
+        # in the released state dict.
+        for k in range(1, self.num_blocks + 1):
+            res *= 2
+            setattr(self, f"block{k}", GenBlock(ch[k - 1], ch[k], cfg.num_scenes, impl=impl))
+            if res == cfg.attn_resolution:
+                self.self_attn = SelfAttention(ch[k])
+                self.attn_after = k
+        if self.attn_after is None:
+            valid = [4 * 2**k for k in range(1, self.num_blocks + 1)]
+            raise ValueError(
+                f"model.attn_resolution={cfg.attn_resolution} is not a generator block output "
+                f"resolution for image_size {cfg.image_size}; choose one of {valid}"
+            )
+        self.bn = nn.BatchNorm2d(ch[-1], eps=1e-5, momentum=1e-4)
+        self.snconv2d1 = SNConv2d(ch[-1], 3, 3, padding=1)
+        init_gan_(self)
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        h = self.snlinear0(z).view(z.shape[0], self.base_channels, 4, 4)
+        for k in range(1, self.num_blocks + 1):
+            h = getattr(self, f"block{k}")(h, y)
+            if k == self.attn_after:
+                h = self.self_attn(h)
+        return self.snconv2d1(F.relu(self.bn(h))).tanh()
+
+
+class OptBlock(nn.Module):
+    """First discriminator block: SN-conv3x3, ReLU, SN-conv3x3, avg-pool 2; shortcut avg-pool 2
+    then SN-conv1x1. (B, in, H, W) -> (B, out, H/2, W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.snconv2d1 = SNConv2d(in_channels, out_channels, 3, padding=1)
+        self.snconv2d2 = SNConv2d(out_channels, out_channels, 3, padding=1)
+        self.snconv2d0 = SNConv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.avg_pool2d(self.snconv2d2(F.relu(self.snconv2d1(x))), 2)
+        return h + self.snconv2d0(F.avg_pool2d(x, 2))
+
+
+class DiscBlock(nn.Module):
+    """Pre-activation discriminator block: ReLU, SN-conv3x3, ReLU, SN-conv3x3, avg-pool 2 if
+    ``downsample``. The shortcut is SN-conv1x1 then avg-pool, used only when downsampling or when
+    the width changes; otherwise it is the identity.
+
+    ``shortcut_after_relu``: the released block applies its first ReLU in place, which also
+    rewrites the tensor the shortcut reads, so its shortcut sees relu(x) (True, the released
+    behaviour); False gives the textbook block whose shortcut reads x.
+
+    ``keep_unused_shortcut``: a block that needs no shortcut conv still owns ``snconv2d0`` (the
+    released code builds it unconditionally); it is never called, so neither its output nor its
+    spectral-norm buffers change.
+
+    (B, in, H, W) -> (B, out, H/2, W/2) if downsample else (B, out, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        downsample: bool = True,
+        shortcut_after_relu: bool = True,
+        keep_unused_shortcut: bool = True,
+    ) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.shortcut_after_relu = shortcut_after_relu
+        self.learnable_shortcut = downsample or in_channels != out_channels
+        self.snconv2d1 = SNConv2d(in_channels, out_channels, 3, padding=1)
+        self.snconv2d2 = SNConv2d(out_channels, out_channels, 3, padding=1)
+        if self.learnable_shortcut or keep_unused_shortcut:
+            self.snconv2d0 = SNConv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(x)
+        h = self.snconv2d2(F.relu(self.snconv2d1(a)))
+        shortcut = a if self.shortcut_after_relu else x
+        if self.learnable_shortcut:
+            shortcut = self.snconv2d0(shortcut)
+        if self.downsample:
+            h, shortcut = F.avg_pool2d(h, 2), F.avg_pool2d(shortcut, 2)
+        return h + shortcut
+
+    def extra_repr(self) -> str:
+        return f"downsample={self.downsample}, shortcut_after_relu={self.shortcut_after_relu}"
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator D(x, y).
+
+    ``opt_block1`` (3 -> C0, C_k = d_mults[k] * d_conv_dim), ``block1..blockM``
+    (M = len(d_mults) - 1; all downsample except the last), ``self_attn`` after the first stage
+    whose output resolution is ``cfg.attn_resolution`` (at 128: after block1, 32x32, 128
+    channels), ReLU, global sum pool h, output ``snlinear1``(h) + <h, ``sn_embedding1``[y]>.
+
+    x (B, 3, image_size, image_size) float, y (B,) int64 -> (B,) float.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        ch = [m * cfg.d_conv_dim for m in cfg.d_mults]
+        self.num_blocks = len(ch) - 1
+        self.attn_after: int | None = None  # 0 = after opt_block1
+        resolutions = []
+        res = cfg.image_size // 2
+        self.opt_block1 = OptBlock(3, ch[0])
+        resolutions.append(res)
+        if res == cfg.attn_resolution:
+            self.self_attn = SelfAttention(ch[0])
+            self.attn_after = 0
+        for k in range(1, self.num_blocks + 1):
+            down = k < self.num_blocks
+            block = DiscBlock(
+                ch[k - 1],
+                ch[k],
+                downsample=down,
+                shortcut_after_relu=cfg.d_shortcut_after_relu,
+                keep_unused_shortcut=cfg.d_keep_unused_shortcut,
+            )
+            setattr(self, f"block{k}", block)
+            res = res // 2 if down else res
+            resolutions.append(res)
+            if res == cfg.attn_resolution and self.attn_after is None:
+                self.self_attn = SelfAttention(ch[k])
+                self.attn_after = k
+        if self.attn_after is None:
+            raise ValueError(
+                f"model.attn_resolution={cfg.attn_resolution} is not a discriminator stage output "
+                f"resolution for image_size {cfg.image_size}; choose one of {sorted(set(resolutions))}"
+            )
+        self.snlinear1 = SNLinear(ch[-1], 1)
+        self.sn_embedding1 = SNEmbedding(cfg.num_scenes, ch[-1])
+        init_gan_(self)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Sum-pooled features h: (B, 3, H, W) -> (B, C_last)."""
+        h = self.opt_block1(x)
+        if self.attn_after == 0:
+            h = self.self_attn(h)
+        for k in range(1, self.num_blocks + 1):
+            h = getattr(self, f"block{k}")(h)
+            if k == self.attn_after:
+                h = self.self_attn(h)
+        return F.relu(h).sum(dim=(2, 3))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        h = self.features(x)
+        return self.snlinear1(h).squeeze(1) + (h * self.sn_embedding1(y)).sum(dim=1)

@@ -1,0 +1,312 @@
+"""Building blocks shared by the MGM networks.
+
+* :class:`SNConv2d`, :class:`SNLinear`, :class:`SNEmbedding` -- spectrally normalised layers.
+  Our own implementation (no forward pre-hooks) with exactly the semantics, parameter/buffer
+  names and state-dict layout of ``torch.nn.utils.spectral_norm`` as the released code used it:
+  parameter ``weight_orig``, buffers ``weight_u`` (size out) and ``weight_v`` (size
+  in*kh*kw), one power iteration per call in training mode, none in eval mode.
+  :meth:`~SpectralNormLayer.sn_weight` returns the normalised weight so that fused kernels can take
+  it as an input.
+* :class:`ConditionalBatchNorm2d` -- BN without affine, then a per-class gamma/beta.
+* :class:`SelfAttention` -- the SAGAN/BigGAN self-attention block with 2x2-pooled keys/values.
+* :class:`BasicBlock` -- the ResNet basic block of the taskgrouping encoder.
+
+All modules compute in the dtype of their parameters (float32 unless converted); class labels
+are int64 tensors of shape (B,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SN_EPS = 1e-12
+"""``eps`` of ``torch.nn.utils.spectral_norm`` (used by every normalisation of u and v)."""
+
+
+class SpectralNormLayer(nn.Module):
+    """Spectral-norm state and power iteration, shared by the SN layers.
+
+    Subclasses create ``weight_orig`` (first dimension = output size) and then call
+    :meth:`_init_spectral_norm`. The weight is viewed as the matrix
+    ``weight_orig.reshape(out, -1)`` (torch's ``dim=0``).
+    """
+
+    n_power_iterations: int
+    eps: float
+
+    def _init_spectral_norm(self, n_power_iterations: int, eps: float) -> None:
+        if n_power_iterations <= 0:
+            raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+        with torch.no_grad():
+            w = self.weight_orig
+            height = w.shape[0]
+            width = w.numel() // height
+            # Same draws, in the same order, as torch's spectral_norm: u first, then v.
+            u = F.normalize(w.new_empty(height).normal_(0, 1), dim=0, eps=eps)
+            v = F.normalize(w.new_empty(width).normal_(0, 1), dim=0, eps=eps)
+        self.register_buffer("weight_u", u)
+        self.register_buffer("weight_v", v)
+
+    def sn_weight(self) -> Tensor:
+        """The spectrally normalised weight ``weight_orig / sigma``, shaped like ``weight_orig``.
+
+        In training mode this first runs ``n_power_iterations`` power-iteration steps that update
+        ``weight_u`` / ``weight_v`` in place (as torch does, so replicas sharing the buffers see
+        the update), so call it exactly once per forward pass. In eval mode the stored vectors
+        are used unchanged. Gradients flow into ``weight_orig`` through both the numerator and
+        ``sigma = u . (W v)``.
+        """
+        weight = self.weight_orig
+        weight_mat = weight.reshape(weight.shape[0], -1)
+        u, v = self.weight_u, self.weight_v
+        if self.training:
+            with torch.no_grad():
+                for _ in range(self.n_power_iterations):
+                    v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps, out=v)
+                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps, out=u)
+                # Clones keep the autograd graph of an earlier forward valid when a later one
+                # updates the buffers again (the GAN pattern D(real) + D(fake), one backward).
+                u = u.clone(memory_format=torch.contiguous_format)
+                v = v.clone(memory_format=torch.contiguous_format)
+        sigma = torch.dot(u, torch.mv(weight_mat, v))
+        return weight / sigma
+
+
+class SNConv2d(SpectralNormLayer):
+    """Spectrally normalised ``Conv2d`` (zero padding, groups 1).
+
+    Input (B, in_channels, H, W), output (B, out_channels, H', W'), floating dtype of the
+    parameters. Default initialisation is ``nn.Conv2d``'s (kaiming-uniform a=sqrt(5), uniform
+    bias), then u and v as in ``torch.nn.utils.spectral_norm``; the GAN re-initialises.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        n_power_iterations: int = 1,
+        eps: float = SN_EPS,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+        self.padding = (padding, padding)
+        weight = torch.empty(out_channels, in_channels, kernel_size, kernel_size)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        # Registration order (bias, weight_orig, weight_u, weight_v) follows the state dict of
+        # a torch spectral_norm layer, so checkpoints list tensors in the same order.
+        if bias:
+            fan_in = in_channels * kernel_size * kernel_size
+            bound = 1 / math.sqrt(fan_in)
+            self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.weight_orig = nn.Parameter(weight)
+        self._init_spectral_norm(n_power_iterations, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.sn_weight(), self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        )
+
+
+class SNLinear(SpectralNormLayer):
+    """Spectrally normalised ``Linear``: (..., in_features) -> (..., out_features).
+
+    Default initialisation is ``nn.Linear``'s, then u and v as in torch's spectral_norm.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        n_power_iterations: int = 1,
+        eps: float = SN_EPS,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        weight = torch.empty(out_features, in_features)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.weight_orig = nn.Parameter(weight)
+        self._init_spectral_norm(n_power_iterations, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.sn_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class SNEmbedding(SpectralNormLayer):
+    """Spectrally normalised ``Embedding``: int64 indices (...) -> (..., embedding_dim).
+
+    The weight (num_embeddings, embedding_dim) is normalised as a matrix with ``dim=0``, so
+    ``weight_u`` has num_embeddings entries and ``weight_v`` embedding_dim, as in torch.
+    Default initialisation is ``nn.Embedding``'s (standard normal).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        n_power_iterations: int = 1,
+        eps: float = SN_EPS,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.weight_orig = nn.Parameter(torch.empty(num_embeddings, embedding_dim).normal_(0, 1))
+        self._init_spectral_norm(n_power_iterations, eps)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return F.embedding(idx, self.sn_weight())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+# -------------------------------------------------------------------------------------------
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Class-conditional BatchNorm: ``gamma[y] * BN(x) + beta[y]``.
+
+    ``bn`` is a ``BatchNorm2d`` without affine parameters (batch statistics in training mode,
+    running statistics in eval mode); ``embed`` is a plain ``Embedding(num_classes, 2C)`` whose
+    first C columns are gamma (initialised to 1) and last C columns beta (initialised to 0).
+
+    Shapes: x (B, C, H, W) float, y (B,) int64 in [0, num_classes) -> (B, C, H, W).
+    """
+
+    def __init__(
+        self, num_features: int, num_classes: int, momentum: float = 0.001, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
+        self.embed = nn.Embedding(num_classes, 2 * num_features)
+        self.reset_embedding()
+
+    def reset_embedding(self) -> None:
+        """gamma = 1, beta = 0 for every class: the layer starts as a plain BN."""
+        with torch.no_grad():
+            self.embed.weight[:, : self.num_features].fill_(1.0)
+            self.embed.weight[:, self.num_features :].zero_()
+
+    def gamma_beta(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample gamma and beta, each (B, C)."""
+        gamma, beta = self.embed(y).chunk(2, dim=1)
+        return gamma, beta
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        gamma, beta = self.gamma_beta(y)
+        return gamma[:, :, None, None] * self.bn(x) + beta[:, :, None, None]
+
+
+class SelfAttention(nn.Module):
+    """SAGAN/BigGAN self-attention with 2x2 max-pooled keys and values.
+
+    theta = conv(C -> C/8), phi = maxpool2(conv(C -> C/8)), g = maxpool2(conv(C -> C/2)); the
+    attention map is the softmax over the N/4 pooled positions of theta^T phi (N = H*W);
+    o = conv(C/2 -> C)(g A^T); output x + sigma * o with the learnable scalar ``sigma`` (shape
+    [1], initialised to 0, so the block starts as the identity). All convs are 1x1 SN convs with
+    bias.
+
+    Shapes: x (B, C, H, W) float with C divisible by 8 and H, W even -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels % 8 != 0:
+            raise ValueError(f"self-attention needs channels divisible by 8, got {channels}")
+        self.channels = channels
+        self.snconv1x1_theta = SNConv2d(channels, channels // 8, 1)
+        self.snconv1x1_phi = SNConv2d(channels, channels // 8, 1)
+        self.snconv1x1_g = SNConv2d(channels, channels // 2, 1)
+        self.snconv1x1_attn = SNConv2d(channels // 2, channels, 1)
+        self.sigma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"self-attention needs an even height and width, got {h}x{w}")
+        n = h * w
+        theta = self.snconv1x1_theta(x).reshape(b, c // 8, n)
+        phi = F.max_pool2d(self.snconv1x1_phi(x), 2).reshape(b, c // 8, n // 4)
+        attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)  # (B, N, N/4)
+        g = F.max_pool2d(self.snconv1x1_g(x), 2).reshape(b, c // 2, n // 4)
+        o = torch.bmm(g, attn.transpose(1, 2)).reshape(b, c // 2, h, w)
+        return x + self.sigma * self.snconv1x1_attn(o)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, add the shortcut, ReLU.
+
+    The shortcut is ``downsample`` = Sequential(conv1x1 with the block's stride, no bias; BN)
+    when the stride or the width changes, else the identity. Convs have no bias.
+
+    Shapes: (B, in_channels, H, W) -> (B, out_channels, ceil(H/stride), ceil(W/stride)).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+def make_layer(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+    """``blocks`` BasicBlocks; the first one changes width/stride, the rest keep them."""
+    if blocks < 1:
+        raise ValueError(f"a ResNet layer needs at least one block, got {blocks}")
+    layers = [BasicBlock(in_channels, out_channels, stride)]
+    layers += [BasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def init_resnet_(module: nn.Module) -> None:
+    """Taskgrouping ResNet init: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
