@@ -24,7 +24,7 @@ def test_forced_backend_that_cannot_run_raises_with_reasons():
     op = _op()
     with pytest.raises(BackendUnavailable, match="no GPU here"):
         op(torch.ones(2), impl="cuda")
-    with pytest.raises(BackendUnavailable, match="dtype torch.float16 not supported"):
+    with pytest.raises(BackendUnavailable, match=r"dtype torch\.float16 not supported"):
         op(torch.ones(2, dtype=torch.float16), impl="cpp")
     with pytest.raises(BackendUnavailable, match="not implemented"):
         op(torch.ones(2), impl="triton")
