@@ -29,7 +29,13 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     openmp = ["-fopenmp"]
-    cxx_flags = ["-O3", "-std=c++17", *openmp]
+    # `import mgm_fast._C` must work before `import torch`: record torch's lib dir (libc10,
+    # libtorch) as a run path; the module itself imports torch when it initialises.
+    torch_rpath = [f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 for older
+    # torch, C++20 for torch >= 2.13; torch 2.14's headers #error below C++20). The kernels are
+    # C++17 (CMakeLists.txt checks that) and compile as C++20 too.
+    cxx_flags = ["-O3", *openmp]
     sources = _sources("csrc/kernels/cpu/*.cpp") + _sources("csrc/bindings/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
@@ -44,8 +50,8 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
-            extra_link_args=openmp,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=openmp + torch_rpath,
         )
     else:
         ext = CppExtension(
@@ -54,7 +60,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=openmp,
+            extra_link_args=openmp + torch_rpath,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,6 +1,7 @@
 """Fused ops. Each op module registers a :class:`~mgm_fast.ops._dispatch.FusedOp` whose
 backends (reference / triton / cpp / cuda) are chosen with ``impl=`` ("auto" by default)."""
 
+from mgm_fast.ops import multitask_loss as _multitask_loss  # noqa: F401  (registers the op)
 from mgm_fast.ops._dispatch import REGISTRY, Backend, BackendUnavailable, FusedOp
 
 __all__ = ["REGISTRY", "Backend", "BackendUnavailable", "FusedOp"]

@@ -1,0 +1,19 @@
+// Registration hooks of the torch glue: each op's binding file defines one function that adds
+// its entry points to the extension module, and module.cpp calls them all.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace mgm_fast {
+namespace bindings {
+
+/// csrc/bindings/multitask_loss.cpp: multitask_loss_cpu
+void register_multitask_loss(pybind11::module_& m);
+
+#ifdef MGM_FAST_WITH_CUDA
+/// csrc/bindings/cuda/multitask_loss_cuda.cpp: multitask_loss_cuda, multitask_loss_scale_grad_cuda
+void register_multitask_loss_cuda(pybind11::module_& m);
+#endif
+
+}  // namespace bindings
+}  // namespace mgm_fast

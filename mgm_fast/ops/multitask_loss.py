@@ -1,0 +1,388 @@
+"""Fused MGM dense losses: segmentation CE + depth L1 + normal L1 in one call.
+
+``multitask_loss(...)`` has the signature and semantics of :func:`mgm_fast.losses.multitask_loss`
+(the plain-PyTorch reference) plus ``impl="auto" | "reference" | "cpp" | "cuda"``, and returns the
+tuple ``(seg, depth, normal)`` of 0-dim float32 losses (L_mt = seg + depth + normal).
+
+Shapes: B batch, C classes, H x W pixels.
+
+* ``seg_logits`` (B, C, H, W) float; ``seg_target`` (B, H, W) int64 in [0, C) or ``ignore_index``.
+* ``depth_pred`` / ``depth_target`` (B, 1, H, W) float; ``depth_mask`` the same shape, bool or
+  float (weights), or None (all ones, the released code).
+* ``normal_pred`` / ``normal_target`` (B, 3, H, W) float; ``normal_mask`` (B, 1 or 3, H, W).
+* ``reduction`` ("all" | "valid") applies to depth and normals.
+
+Formulas (p = (b, h, w) a pixel, e an element of the L1 tensors, m_e the mask, 1 without one)::
+
+    seg    = sum_{p valid} [logsumexp_c x[b,:,h,w] - x[b,t_p,h,w]] / D_seg
+             D_seg = B*H*W (ignore_index None; every label must lie in [0, C)),
+                     max(#{p : t_p != ignore_index}, 1) otherwise (all ignored -> 0, not NaN)
+    depth  = sum_e m_e |pred_e - target_e| / D,   normal: the same over (B, 3, H, W)
+             D = numel ("all", released) or max(sum_e m_e, 1) ("valid"; a 1-channel normal
+             mask is broadcast over the 3 channels and so counts 3 times)
+    d seg / d x[b,c,h,w]  = (softmax_c(x[b,:,h,w]) - [c == t_p]) / D_seg   (0 on ignored pixels)
+    d L1  / d pred_e      = sign(pred_e - target_e) * m_e / D                (sign(0) = 0)
+
+Fused backends (the Liger-Kernel pattern): one pass over the logits computes the loss and the
+gradient w.r.t. each prediction; no softmax tensor is kept. Backward only scales the saved
+gradients by grad_output:
+
+* ``cpp`` -- CPU, float32 predictions/targets (lower precisions go to ``reference`` under
+  ``auto``: the CPU kernel does not implement them). The saved gradients are already divided
+  by D; backward returns them as they are when grad_output == 1, else multiplies once. Any
+  strides, channels_last included, without a copy; gradients take the prediction's memory
+  format. Bit-reproducible for any thread count; the inner loops use AVX-512 / AVX2 where the
+  CPU has them (chosen at load time). An out-of-range label raises ValueError naming the value
+  and the pixel.
+* ``cuda`` -- CUDA, float32/float16/bfloat16 predictions (targets may be another of these),
+  float32 arithmetic. The saved buffers are float32 and undivided; backward computes
+  ``buffer * grad_output / D`` on the device and rounds once to the prediction dtype (no host
+  synchronisation anywhere). An out-of-range label cannot raise inside the kernel: that call's
+  segmentation loss becomes NaN, and the ValueError naming the value is raised by the next
+  multitask_loss call once the GPU has finished the faulty one (non-blocking check), or by
+  :func:`check_cuda_label_errors`; set ``MGM_FAST_SYNC_LABEL_CHECK=1`` to check right after
+  every call (one host synchronisation per call).
+* ``reference`` -- :func:`mgm_fast.losses.multitask_loss`, any device and float dtype.
+
+The fused backends differentiate w.r.t. the three predictions only; inputs where a target or
+mask requires grad go to ``reference`` under ``auto``. Masks may be bool, uint8 or float;
+masks of other dtypes (e.g. int64) are converted to a float32 copy first.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mgm_fast import _native
+from mgm_fast.ops._dispatch import Backend, FusedOp, register_op
+
+__all__ = ["OP", "check_cuda_label_errors", "multitask_loss"]
+
+
+def _signature(
+    seg_logits,
+    depth_pred,
+    normal_pred,
+    seg_target,
+    depth_target,
+    normal_target,
+    depth_mask=None,
+    normal_mask=None,
+    ignore_index=None,
+    reduction="all",
+):
+    """The argument list shared by every backend (that of mgm_fast.losses.multitask_loss)."""
+
+
+_SIGNATURE = inspect.signature(_signature)
+_PREDICTIONS = ("seg_logits", "depth_pred", "normal_pred")
+_CONSTANT_TENSORS = ("seg_target", "depth_target", "normal_target", "depth_mask", "normal_mask")
+
+
+def _bind(args: tuple, kwargs: dict) -> dict:
+    bound = _SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _ordered(a: dict) -> tuple:
+    return tuple(a[name] for name in _SIGNATURE.parameters)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+
+
+def _reference(*args, **kwargs):
+    from mgm_fast.losses import multitask_loss as reference  # late: losses may build on ops
+
+    return reference(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp
+
+
+def _mark_constant_losses(ctx, need: list[bool], losses: tuple) -> None:
+    """A loss whose prediction does not require grad does not require grad either (as in the
+    reference, where each loss only depends on its own prediction)."""
+    constant = [loss for loss, needed in zip(losses, need) if not needed]
+    if constant:
+        ctx.mark_non_differentiable(*constant)
+
+
+class _CppMultitaskLoss(torch.autograd.Function):
+    """Forward runs the fused CPU kernel and saves the gradients (already divided by D)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        seg_logits,
+        depth_pred,
+        normal_pred,
+        seg_target,
+        depth_target,
+        normal_target,
+        depth_mask,
+        normal_mask,
+        ignore_index,
+        reduction,
+    ):
+        need = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+        seg, depth, normal, g_seg, g_depth, g_normal = _native.extension().multitask_loss_cpu(
+            seg_logits,
+            depth_pred,
+            normal_pred,
+            seg_target,
+            depth_target,
+            normal_target,
+            depth_mask,
+            normal_mask,
+            ignore_index,
+            reduction,
+            need,
+        )
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(g_seg, g_depth, g_normal)
+        _mark_constant_losses(ctx, need, (seg, depth, normal))
+        return seg, depth, normal
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        grads = []
+        for saved, grad_output in zip(ctx.saved_tensors, grad_outputs):
+            if saved is None or grad_output is None:
+                grads.append(None)
+            elif bool(grad_output == 1):  # CPU scalar: no synchronisation involved
+                grads.append(saved)
+            else:
+                grads.append(saved * grad_output)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _cpp(*args, **kwargs):
+    return _CppMultitaskLoss.apply(*_ordered(_bind(args, kwargs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda
+
+
+class _LabelErrorWatch:
+    """Reports out-of-range labels found by the CUDA kernel without blocking the host.
+
+    Each call copies its 2-int64 error record to pinned memory asynchronously and records an
+    event; a later call looks only at records whose event has completed.
+    """
+
+    max_pending = 64
+
+    def __init__(self) -> None:
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, record: torch.Tensor, shape: tuple, ignore_index: int | None) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return  # inside a CUDA graph only the NaN loss reports it
+        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host.copy_(record, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host, shape, ignore_index))
+        if os.environ.get("MGM_FAST_SYNC_LABEL_CHECK") == "1":
+            self.check(block=True)
+        elif len(self._pending) > self.max_pending:
+            self.check(block=False, at_least_one=True)
+
+    def check(self, block: bool, at_least_one: bool = False) -> None:
+        while self._pending:
+            event, host, shape, ignore_index = self._pending[0]
+            if not (block or at_least_one) and not event.query():
+                return
+            event.synchronize()
+            self._pending.popleft()
+            at_least_one = False
+            pixel, label = int(host[0]), int(host[1])
+            if pixel >= 0:
+                self._pending.clear()
+                _, classes, height, width = shape
+                b, h, w = pixel // (height * width), (pixel // width) % height, pixel % width
+                why = (
+                    f"and is not the ignore_index {ignore_index}"
+                    if ignore_index is not None
+                    else "(no ignore_index is set)"
+                )
+                raise ValueError(
+                    f"multitask_loss (cuda backend): seg_target held label {label} at "
+                    f"(b={b}, h={h}, w={w}), outside the class range [0, {classes}) {why}; "
+                    "the segmentation loss of that call is NaN (detected after the call "
+                    "returned; MGM_FAST_SYNC_LABEL_CHECK=1 checks at every call)"
+                )
+
+
+_LABEL_WATCH = _LabelErrorWatch()
+
+
+def check_cuda_label_errors() -> None:
+    """Waits for every pending CUDA multitask_loss call and raises ValueError if one of them
+    met a label outside [0, C) that is not the ignore index."""
+    _LABEL_WATCH.check(block=True)
+
+
+class _CudaMultitaskLoss(torch.autograd.Function):
+    """Forward runs the fused CUDA kernels; backward rescales the float32 buffers on device."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        seg_logits,
+        depth_pred,
+        normal_pred,
+        seg_target,
+        depth_target,
+        normal_target,
+        depth_mask,
+        normal_mask,
+        ignore_index,
+        reduction,
+    ):
+        _LABEL_WATCH.check(block=False)
+        need = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+        seg, depth, normal, b_seg, b_depth, b_normal, inv, record = _native.extension().multitask_loss_cuda(
+            seg_logits,
+            depth_pred,
+            normal_pred,
+            seg_target,
+            depth_target,
+            normal_target,
+            depth_mask,
+            normal_mask,
+            ignore_index,
+            reduction,
+            need,
+        )
+        _LABEL_WATCH.submit(record, tuple(seg_logits.shape), ignore_index)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(b_seg, b_depth, b_normal, inv)
+        ctx.pred_dtypes = (seg_logits.dtype, depth_pred.dtype, normal_pred.dtype)
+        _mark_constant_losses(ctx, need, (seg, depth, normal))
+        return seg, depth, normal
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        *buffers, inv = ctx.saved_tensors
+        ext = _native.extension()
+        grads = []
+        for k, (buffer, grad_output) in enumerate(zip(buffers, grad_outputs)):
+            if buffer is None or grad_output is None:
+                grads.append(None)
+            else:
+                grads.append(
+                    ext.multitask_loss_scale_grad_cuda(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
+                )
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _cuda(*args, **kwargs):
+    return _CudaMultitaskLoss.apply(*_ordered(_bind(args, kwargs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _fused_reasons(*args, **kwargs) -> list[str]:
+    """Input conditions the fused backends need beyond device and dtype."""
+    try:
+        a = _bind(args, kwargs)
+    except TypeError as err:
+        return [f"bad arguments: {err}"]
+    reasons = []
+    for name in (*_PREDICTIONS, "depth_target", "normal_target"):
+        t = a[name]
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            reasons.append(f"{name} must be a 4-d (B, C, H, W) floating tensor")
+    target = a["seg_target"]
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
+        reasons.append("seg_target must be an int64 tensor")
+    for name in _CONSTANT_TENSORS:
+        t = a[name]
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            reasons.append(f"{name} requires grad (fused backends differentiate predictions only)")
+    return reasons
+
+
+OP = register_op(
+    FusedOp(
+        name="multitask_loss",
+        summary="seg CE + depth L1 + normal L1, loss and gradients in one pass",
+    )
+)
+OP.register(
+    Backend(
+        name="reference",
+        fn=_reference,
+        devices=("cpu", "cuda", "mps", "xpu"),
+        dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    )
+)
+OP.register(
+    Backend(
+        name="cpp",
+        fn=_cpp,
+        devices=("cpu",),
+        dtypes=(torch.float32,),
+        availability=_native.cpp_reason,
+        extra_check=_fused_reasons,
+    )
+)
+OP.register(
+    Backend(
+        name="cuda",
+        fn=_cuda,
+        devices=("cuda",),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        availability=_native.cuda_reason,
+        extra_check=_fused_reasons,
+    )
+)
+
+
+def multitask_loss(
+    seg_logits: torch.Tensor,
+    depth_pred: torch.Tensor,
+    normal_pred: torch.Tensor,
+    seg_target: torch.Tensor,
+    depth_target: torch.Tensor,
+    normal_target: torch.Tensor,
+    depth_mask: torch.Tensor | None = None,
+    normal_mask: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "all",
+    *,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seg, depth, normal) 0-dim float32 losses; see the module docstring for the formulas.
+
+    ``impl="auto"`` takes the first of cuda, cpp, reference that supports the inputs; a forced
+    backend that cannot run them raises :class:`~mgm_fast.ops.BackendUnavailable` with why.
+    """
+    return OP(
+        seg_logits,
+        depth_pred,
+        normal_pred,
+        seg_target,
+        depth_target,
+        normal_target,
+        depth_mask,
+        normal_mask,
+        ignore_index,
+        reduction,
+        impl=impl,
+    )
