@@ -2,8 +2,8 @@
 
 Each round renders a batch of fresh sample indices end to end (scene sampling, packing, culling,
 ray casting, shading, masks) through ``SyntheticScenes.render_batch``; nothing is cached between
-rounds, so the timing is real rendering. ``extra_info["images_per_s"]`` holds the throughput of
-the mean round. Compare thread counts with:
+rounds, so the timing is real rendering. ``extra_info`` holds images/s of the median and the
+best round. Compare thread counts with:
     pytest benchmarks/test_bench_synthetic.py --benchmark-group-by=group
 """
 
@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 
+from benchmarks.conftest import record_rate
 from mgm_fast.data.synthetic import SyntheticScenes
 
 CASES = {64: 256, 128: 64}  # image size -> images per round
@@ -31,6 +32,6 @@ def test_bench_synthetic_render_batch(benchmark, size, threads):
 
     benchmark.group = f"synthetic render_batch {size}x{size}, batch {batch}"
     out = benchmark.pedantic(render, rounds=5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(threads=threads, batch=batch, images_per_s=batch / benchmark.stats.stats.mean)
+    record_rate(benchmark, batch, "images", threads=threads, batch=batch)
     assert out["rgb"].shape == (batch, 3, size, size)
     assert float(out["depth_mask"].float().mean()) > 0.5
