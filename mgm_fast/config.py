@@ -133,11 +133,65 @@ def _geometric_mults(n: int) -> tuple[int, ...]:
 
 
 @dataclass
+class OptimConfig:
+    """The six Adam optimisers of the released code (mgm_method.md 3.1)."""
+
+    multi_lr: float = 1e-3
+    """multi_opt: the whole multi-task network (encoder, decoders, SimCLR head)."""
+    encoder_lr: float = 1e-3
+    """encoder_opt: a second Adam over the encoder alone, with its own moments (B7)."""
+    post_lr: float = 5e-3
+    """post_opt: the refinement network."""
+    middle_lr: float = 1e-3
+    """middle_opt: the bridge ("middle net")."""
+    g_lr: float = 1e-4
+    d_lr: float = 4e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    multi_weight_decay: float = 1e-4
+    encoder_weight_decay: float = 1e-4
+    post_weight_decay: float = 1e-4
+    middle_weight_decay: float = 0.0
+    g_weight_decay: float = 0.0
+    d_weight_decay: float = 0.0
+    implementation: str = "auto"
+    """Adam kernel: "auto" (fused on CUDA, foreach on CPU), "fused", "foreach" or "for-loop".
+    All compute the same update up to floating-point rounding."""
+
+
+@dataclass
+class ScheduleConfig:
+    """What is trained, from which loss, in which order (engine/schedule.py)."""
+
+    batch_size: int = 32
+    gan_iters: int = 2
+    """D and G updates per batch, in GAN pre-training and in MGM step 4."""
+    instance_noise_std: float = 0.01
+    ntxent_temperature: float = 0.5
+    seg_ignore_index: int = -1
+    """Pixels with this label leave the segmentation loss. The released CE has no ignore index,
+    so its data cannot contain void pixels; on such data both agree exactly."""
+    loss_reduction: str = "all"
+    """Depth/normal L1 normalisation: "all" (released: masked sum over all elements) or "valid"."""
+    depth_mask: bool = False
+    """Released: the depth loss mask is all ones, so missing depth (0) is regressed as well."""
+    normal_target: str = "released01"
+    """How normals are regressed: "released01" -- against (n + 1) / 2 in [0, 1] like the released
+    8-bit PNG targets (predictions are decoded with 2p - 1 for evaluation); "unit" -- against n."""
+    phase_a_encoder_pass: bool = True
+    """Released: GAN pre-training runs the encoder on the real batch and discards the result,
+    which only moves the encoder's BatchNorm running statistics (mgm_method.md I2/B5)."""
+    loss_impl: str = "auto"
+    """Backend of the fused multi-task loss (see python -m mgm_fast.info)."""
+
+
+@dataclass
 class Config:
-    """Top-level configuration. Later sections (data, schedule, optimisation) extend it."""
+    """Top-level configuration."""
 
     preset: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 def tiny_model() -> ModelConfig:
@@ -163,7 +217,7 @@ def tiny_model() -> ModelConfig:
 
 PRESETS = {
     "paper": lambda: Config(preset="paper", model=ModelConfig()),
-    "tiny": lambda: Config(preset="tiny", model=tiny_model()),
+    "tiny": lambda: Config(preset="tiny", model=tiny_model(), schedule=ScheduleConfig(batch_size=8)),
 }
 
 

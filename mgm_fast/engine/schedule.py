@@ -1,0 +1,343 @@
+"""The MGM training schedule, written once, top to bottom (mgm_method.md section 3).
+
+Each function below is one training step of one method, in exactly the released order. Every
+sub-step says which loss updates which parameters through which optimiser. Parameters change
+between sub-steps, so each sub-step re-runs its forward pass with the latest weights, as the
+released code does.
+
+Efficiency never changes the algorithm here:
+
+* modules a sub-step does not update have ``requires_grad`` off for that sub-step (activation
+  gradients still flow through them; the released code computed and discarded their weight
+  gradients, mgm_method.md I3);
+* detached branches (the synthesized images of steps 4a and 5) run under ``no_grad``; their
+  BatchNorm running statistics and spectral-norm power iterations still happen, as released;
+* ``zero_grad(set_to_none=True)``: parameters without a gradient in a sub-step are skipped by
+  Adam -- the released code's behaviour on PyTorch >= 2.0 (mgm_method.md B8), pinned here;
+* noise and latents are drawn on the device; losses are accumulated on the device and never
+  read back inside a step (no host synchronisation).
+
+Batches are dicts in the sample format of :mod:`mgm_fast.data.sample` (already on the device):
+``rgb`` (B, 3, H, W) float in [-1, 1], ``seg`` (B, H, W) int64, ``depth``/``depth_mask``
+(B, 1, H, W), ``normal`` (B, 3, H, W) unit, ``normal_mask`` (B, 1, H, W) bool, ``scene`` (B,)
+int64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mgm_fast import losses
+from mgm_fast.config import Config
+from mgm_fast.data.augment import SimCLRAugment
+from mgm_fast.models import MGMNets
+from mgm_fast.ops.multitask_loss import multitask_loss as fused_multitask_loss
+
+OPTIMIZER_NAMES = ("multi", "encoder", "post", "middle", "G", "D")
+
+
+def adam_kwargs(implementation: str, device: torch.device) -> dict:
+    """Keyword arguments selecting torch's Adam kernel (see OptimConfig.implementation)."""
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "foreach"
+    return {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for-loop": {"foreach": False},
+    }[implementation]
+
+
+def build_optimizers(nets: MGMNets, cfg: Config, device: torch.device) -> dict[str, torch.optim.Adam]:
+    """The six Adam optimisers of mgm_method.md 3.1 (all of them, whatever the method uses)."""
+    o = cfg.optim
+    kw = adam_kwargs(o.implementation, device)
+    betas = tuple(o.betas)
+    mt = nets.multitask
+
+    def adam(params, lr, wd):
+        return torch.optim.Adam(list(params), lr=lr, betas=betas, weight_decay=wd, **kw)
+
+    return {
+        "multi": adam(mt.parameters(), o.multi_lr, o.multi_weight_decay),
+        "encoder": adam(mt.encoder.parameters(), o.encoder_lr, o.encoder_weight_decay),
+        "post": adam(nets.refine.parameters(), o.post_lr, o.post_weight_decay),
+        "middle": adam(nets.bridge.parameters(), o.middle_lr, o.middle_weight_decay),
+        "G": adam(nets.generator.parameters(), o.g_lr, o.g_weight_decay),
+        "D": adam(nets.discriminator.parameters(), o.d_lr, o.d_weight_decay),
+    }
+
+
+@dataclass
+class StepContext:
+    """Everything a training step touches.
+
+    ``autocast`` is a factory of the precision context (``contextlib.nullcontext`` for fp32);
+    ``scaler`` a GradScaler for fp16 or None; ``aug_generator`` the seeded generator of the
+    SimCLR views; ``totals`` the on-device running sums of every logged loss.
+    """
+
+    cfg: Config
+    nets: MGMNets
+    optimizers: dict[str, torch.optim.Optimizer]
+    augment: SimCLRAugment
+    aug_generator: torch.Generator
+    autocast: callable = contextlib.nullcontext
+    scaler: torch.amp.GradScaler | None = None
+    totals: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def log(self, name: str, value: Tensor) -> None:
+        value = value.detach().float()
+        self.totals[name] = self.totals[name] + value if name in self.totals else value.clone()
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def pop_means(self) -> dict[str, Tensor]:
+        """Mean of every logged loss since the last call, still on the device."""
+        out = {k: v / self.counts[k] for k, v in self.totals.items()}
+        self.totals, self.counts = {}, {}
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers shared by every step.
+
+
+def _groups(nets: MGMNets) -> dict[str, list[nn.Module]]:
+    mt = nets.multitask
+    return {
+        "encoder": [mt.encoder],
+        "decoders": list(mt.decoders.values()),
+        "clr": [mt.clr_head],
+        "refine": [nets.refine],
+        "bridge": [nets.bridge],
+        "generator": [nets.generator],
+        "discriminator": [nets.discriminator],
+    }
+
+
+def trainable(ctx: StepContext, *names: str) -> None:
+    """Weights of the named module groups get gradients; every other group's do not."""
+    for group, modules in _groups(ctx.nets).items():
+        flag = group in names
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(flag)
+
+
+def update(ctx: StepContext, loss: Tensor, *optimizers: str) -> None:
+    """zero_grad (set_to_none) of the named optimisers, backward, step each in the given order."""
+    opts = [ctx.optimizers[name] for name in optimizers]
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    if ctx.scaler is None:
+        loss.backward()
+        for opt in opts:
+            opt.step()
+    else:
+        ctx.scaler.scale(loss).backward()
+        for opt in opts:
+            ctx.scaler.step(opt)
+        ctx.scaler.update()
+
+
+def _normal_target(ctx: StepContext, normal: Tensor) -> Tensor:
+    return (normal + 1) * 0.5 if ctx.cfg.schedule.normal_target == "released01" else normal
+
+
+def dense_losses(ctx: StepContext, pred: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+    """L_seg, L_dep, L_nrm of mgm_method.md 2 for the configured tasks."""
+    s = ctx.cfg.schedule
+    tasks = ctx.nets.tasks
+    depth_mask = batch["depth_mask"] if s.depth_mask else None
+    if set(tasks) == {"seg", "depth", "normal"}:
+        seg, dep, nrm = fused_multitask_loss(
+            pred["seg"], pred["depth"], pred["normal"],
+            batch["seg"], batch["depth"], _normal_target(ctx, batch["normal"]),
+            depth_mask, batch["normal_mask"],
+            ignore_index=s.seg_ignore_index, reduction=s.loss_reduction, impl=s.loss_impl,
+        )
+        return {"seg": seg, "depth": dep, "normal": nrm}
+    out = {}
+    if "seg" in tasks:
+        out["seg"] = losses.seg_ce(pred["seg"], batch["seg"], s.seg_ignore_index)
+    if "depth" in tasks:
+        out["depth"] = losses.depth_l1(pred["depth"], batch["depth"], depth_mask, s.loss_reduction)
+    if "normal" in tasks:
+        out["normal"] = losses.normal_l1(
+            pred["normal"], _normal_target(ctx, batch["normal"]), batch["normal_mask"], s.loss_reduction
+        )
+    return out
+
+
+def simclr_loss(ctx: StepContext, images: Tensor) -> Tensor:
+    """NT-Xent between the projections of two augmented views (two encoder passes, as released)."""
+    v1, v2 = ctx.augment.two_views(images, ctx.aug_generator)
+    mt = ctx.nets.multitask
+    z1 = mt.project(mt.features(v1))
+    z2 = mt.project(mt.features(v2))
+    return losses.ntxent(z1, z2, ctx.cfg.schedule.ntxent_temperature)
+
+
+def refine_loss(ctx: StepContext, images: Tensor, scenes: Tensor) -> Tensor:
+    """Scene CE of the refinement net on the multi-task network's raw predictions."""
+    pred = ctx.nets.multitask(images)
+    return losses.scene_ce(ctx.nets.refine(**pred), scenes)
+
+
+def latent(ctx: StepContext, x: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
+    """z ~ N(0, I), plus Mid(E(x)) when a real batch conditions the generator (phase B)."""
+    z = torch.randn(batch_size, ctx.cfg.model.z_dim, device=device)
+    if x is None:
+        return z
+    return z + ctx.nets.bridge(ctx.nets.multitask.features(x))
+
+
+def d_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
+    """D update: hinge loss on real x and a detached G sample, both with instance noise."""
+    nets, std = ctx.nets, ctx.cfg.schedule.instance_noise_std
+    trainable(ctx, "discriminator")
+    with ctx.autocast():
+        with torch.no_grad():
+            fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y)
+        d_real = nets.discriminator(losses.instance_noise(x, std), y)
+        d_fake = nets.discriminator(losses.instance_noise(fake, std), y)
+        loss = losses.hinge_d(d_real, d_fake)
+    update(ctx, loss, "D")
+    ctx.log("gan/d", loss)
+
+
+def g_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
+    """G update from the hinge loss; when conditioned, the gradient also reaches Mid and E
+    through the latent, and encoder_opt and middle_opt step too (released step 4b)."""
+    nets, std = ctx.nets, ctx.cfg.schedule.instance_noise_std
+    if conditioned:
+        trainable(ctx, "generator", "bridge", "encoder")
+    else:
+        trainable(ctx, "generator")
+    with ctx.autocast():
+        fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y)
+        loss = losses.hinge_g(nets.discriminator(losses.instance_noise(fake, std), y))
+    update(ctx, loss, *(("G", "encoder", "middle") if conditioned else ("G",)))
+    ctx.log("gan/g", loss)
+
+
+# ------------------------------------------------------------------------------------------
+# The steps of each method.
+
+
+def supervised_step(ctx: StepContext, batch: dict) -> None:
+    """Step 1 (and the whole step of the MT baseline): L_mt = L_seg + L_dep + L_nrm on the
+    labelled batch updates the multi-task network (encoder + decoders) through multi_opt."""
+    trainable(ctx, "encoder", "decoders")
+    with ctx.autocast():
+        parts = dense_losses(ctx, ctx.nets.multitask(batch["rgb"]), batch)
+        loss = sum(parts.values())
+    update(ctx, loss, "multi")
+    for name, value in parts.items():
+        ctx.log(f"mt/{name}", value)
+
+
+def gan_pretrain_step(ctx: StepContext, batch: dict) -> None:
+    """Phase A: gan_iters x (D step, G step) on the real batch, latent z only."""
+    x, y = batch["rgb"], batch["scene"]
+    for _ in range(ctx.cfg.schedule.gan_iters):
+        if ctx.cfg.schedule.phase_a_encoder_pass:
+            with torch.no_grad(), ctx.autocast():
+                ctx.nets.multitask.features(x)  # released: computed and unused (BN statistics)
+        d_step(ctx, x, y, conditioned=False)
+        if ctx.cfg.schedule.phase_a_encoder_pass:
+            with torch.no_grad(), ctx.autocast():
+                ctx.nets.multitask.features(x)
+        g_step(ctx, x, y, conditioned=False)
+
+
+def mgm_step(ctx: StepContext, batch: dict) -> None:
+    """Phase B: one MGM joint-training step on a labelled batch (mgm_method.md 3.2, steps 1-6).
+
+    Per batch: 3 multi_opt steps, 4 encoder_opt steps, 1 post_opt step, gan_iters steps each of
+    D_opt, G_opt and middle_opt.
+    """
+    x, y = batch["rgb"], batch["scene"]
+    nets = ctx.nets
+
+    # 1. Supervised multi-task loss -> multi_opt (encoder + decoders).
+    supervised_step(ctx, batch)
+
+    # 2. Refinement on real images: L_ref(x, y) -> post_opt (R) and encoder_opt (E).
+    trainable(ctx, "encoder", "refine")
+    with ctx.autocast():
+        loss = refine_loss(ctx, x, y)
+    update(ctx, loss, "post", "encoder")
+    ctx.log("ref/real", loss)
+
+    # 3. SimCLR on real images: L_clr -> multi_opt (encoder + SimCLR head).
+    trainable(ctx, "encoder", "clr")
+    with ctx.autocast():
+        loss = simclr_loss(ctx, x)
+    update(ctx, loss, "multi")
+    ctx.log("clr/real", loss)
+
+    # 4. Encoder-conditioned GAN, gan_iters x: (a) D_opt; (b) G_opt + encoder_opt + middle_opt.
+    for _ in range(ctx.cfg.schedule.gan_iters):
+        d_step(ctx, x, y, conditioned=True)
+        g_step(ctx, x, y, conditioned=True)
+
+    # 5. Refinement on a detached synthesized batch labelled with the real scene labels:
+    #    L_ref(x~, y) -> encoder_opt only (R and the decoders are not updated, G gets nothing).
+    with torch.no_grad(), ctx.autocast():
+        fake = nets.generator(latent(ctx, x, x.shape[0], x.device), y).float()
+    trainable(ctx, "encoder")
+    with ctx.autocast():
+        loss = refine_loss(ctx, fake, y)
+    update(ctx, loss, "encoder")
+    ctx.log("ref/synth", loss)
+
+    # 6. SimCLR on the synthesized batch: L_clr -> multi_opt (encoder + SimCLR head).
+    trainable(ctx, "encoder", "clr")
+    with ctx.autocast():
+        loss = simclr_loss(ctx, fake)
+    update(ctx, loss, "multi")
+    ctx.log("clr/synth", loss)
+
+
+def mgm_light_step(ctx: StepContext, batch: dict, weak: dict) -> None:
+    """MGM-light (mgm_method.md 3.3): steps 1-3 on the labelled batch, then on a weakly
+    labelled real batch (scene labels only) L_ref -> encoder_opt and L_clr -> multi_opt."""
+    x, y = batch["rgb"], batch["scene"]
+    supervised_step(ctx, batch)
+
+    trainable(ctx, "encoder", "refine")
+    with ctx.autocast():
+        loss = refine_loss(ctx, x, y)
+    update(ctx, loss, "post", "encoder")
+    ctx.log("ref/real", loss)
+
+    trainable(ctx, "encoder", "clr")
+    with ctx.autocast():
+        loss = simclr_loss(ctx, x)
+    update(ctx, loss, "multi")
+    ctx.log("clr/real", loss)
+
+    xw, yw = weak["rgb"], weak["scene"]
+    trainable(ctx, "encoder")
+    with ctx.autocast():
+        loss = refine_loss(ctx, xw, yw)
+    update(ctx, loss, "encoder")
+    ctx.log("ref/weak", loss)
+
+    trainable(ctx, "encoder", "clr")
+    with ctx.autocast():
+        loss = simclr_loss(ctx, xw)
+    update(ctx, loss, "multi")
+    ctx.log("clr/weak", loss)
+
+
+def run_steps(step_fn, ctx: StepContext, batches: Iterable[dict]) -> None:
+    """Apply ``step_fn(ctx, batch)`` to every batch (convenience for tests and tools)."""
+    for batch in batches:
+        step_fn(ctx, batch)
