@@ -8,6 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 DEPS_STAMP := $(VENV)/.deps-installed
 CMAKE_BUILD ?= build-cmake
 PYTEST_ARGS ?=
+TRAIN_ARGS ?=
 
 .PHONY: setup build train info lint native-test test bench clean
 
@@ -24,7 +25,7 @@ build: setup
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 
 train: build
-	$(BIN)/python -m mgm_fast.info
+	$(BIN)/python -m mgm_fast.train $(TRAIN_ARGS)
 
 info: build
 	$(BIN)/python -m mgm_fast.info

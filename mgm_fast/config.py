@@ -163,6 +163,13 @@ class ScheduleConfig:
     """What is trained, from which loss, in which order (engine/schedule.py)."""
 
     batch_size: int = 32
+    gan_epochs: int = 500
+    """Phase A (GAN pre-training) epochs over the labelled set (MGM only)."""
+    epochs: int = 300
+    """Joint-training epochs (MGM phase B, MGM-light, and the MT / ST baselines)."""
+    max_steps: int = 0
+    """If > 0, stop every phase after this many steps (quick runs; the epoch counts still set
+    the order of the data)."""
     gan_iters: int = 2
     """D and G updates per batch, in GAN pre-training and in MGM step 4."""
     instance_noise_std: float = 0.01
@@ -217,7 +224,9 @@ def tiny_model() -> ModelConfig:
 
 PRESETS = {
     "paper": lambda: Config(preset="paper", model=ModelConfig()),
-    "tiny": lambda: Config(preset="tiny", model=tiny_model(), schedule=ScheduleConfig(batch_size=8)),
+    "tiny": lambda: Config(
+        preset="tiny", model=tiny_model(), schedule=ScheduleConfig(batch_size=8, gan_epochs=6, epochs=10)
+    ),
 }
 
 
