@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -59,6 +58,7 @@ from typing import Any
 import torch
 
 from mgm_fast.config import ModelConfig, default_d_channel_mults, default_g_channel_mults
+from mgm_fast.engine.checkpoint import atomic_torch_save
 
 # (released prefix, our prefix), in the released checkpoint's order.
 PREFIX_MAP: tuple[tuple[str, str], ...] = (
@@ -355,33 +355,6 @@ def export_released(nets: Any) -> OrderedDict[str, torch.Tensor]:
         raise CheckpointError("\n".join(["tensors without a released name:", *unmapped[:_MAX_LISTED]]))
     rows.sort(key=lambda row: (row[0], row[1]))
     return OrderedDict((released, value.detach().to("cpu", copy=True)) for _, _, released, value in rows)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file in the target folder, fsync it, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def save_released(nets: Any, path: str | os.PathLike) -> Path:
