@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from mgm_fast.data.loader import make_loader
 from mgm_fast.data.registry import SPEC_FORMS, open_dataset
 from mgm_fast.data.splits import Split, make_split
 from mgm_fast.engine import schedule
+from mgm_fast.engine.checkpoint import CheckpointManager, RestoreReport, capture_rng, restore
 from mgm_fast.metrics import MultiTaskEvaluator, format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
 
@@ -70,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision (fp16 uses a GradScaler)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--log-every", type=int, default=10, help="log the mean losses every N steps")
+    p.add_argument("--ckpt-every", type=int, default=200,
+                   help="checkpoint every N steps and at the end of every phase (0: phase ends only)")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept besides the best")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its latest complete checkpoint "
+                        "(its own options are reused; other options are ignored)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="checkpoint and stop after this global step (continue with --resume)")
     p.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-r<regime>-s<seed>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.refine_logit_relu=false")
@@ -103,6 +113,10 @@ def parse_tasks(text: str) -> tuple[str, ...]:
 # Run state.
 
 
+class StopRequested(Exception):
+    """--stop-at reached: the run was checkpointed and can be continued with --resume."""
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -115,6 +129,9 @@ class Run:
     split: Split
     step: int = 0
     metrics_file: object = None
+    manager: CheckpointManager | None = None
+    resumed: RestoreReport | None = None
+    resume_ckpt: dict | None = None
 
     def record(self, **row) -> None:
         row = {"time": round(time.time(), 3), **row}
@@ -145,19 +162,31 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
     )
 
 
-def phase(run: Run, name: str, ctx: schedule.StepContext, step_fn, loader, epochs: int, weak=None) -> None:
+def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, loader, epochs: int,
+          weak=None, results: dict | None = None) -> None:
     """Run ``step_fn`` over ``epochs`` epochs of ``loader`` (or ``max_steps``), with a progress bar
-    (mean losses of the last log window, images/s, ETA) and a metrics.jsonl row every log window."""
+    (mean losses of the last log window, images/s, ETA), a metrics.jsonl row every log window and
+    a checkpoint every ``--ckpt-every`` steps and at the end. ``index`` orders the phases of a
+    run: a resumed run skips the phases its checkpoint finished and continues the one it was in.
+    """
     cfg = run.cfg
     steps_per_epoch = len(loader)
     total = steps_per_epoch * epochs
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
-    if total == 0:
+    done = 0
+    if run.resume_ckpt is not None:
+        extra = run.resume_ckpt["extra"]
+        if extra["phase_index"] > index:
+            return  # finished before the interruption
+        if extra["phase_index"] == index:
+            done = resume_into(run, ctx, loader, weak)
+    if done >= total:
         return
     weak_iter = _forever(weak) if weak is not None else None
-    bar = tqdm(total=total, desc=name, unit="step", disable=run.args.quiet, dynamic_ncols=True, file=sys.stdout)
-    images, t0, done = 0, time.perf_counter(), 0
+    bar = tqdm(total=total, initial=done, desc=name, unit="step", disable=run.args.quiet,
+               dynamic_ncols=True, file=sys.stdout)
+    images, t0 = 0, time.perf_counter()
     while done < total:
         for batch in loader:
             if weak_iter is not None:
@@ -170,18 +199,57 @@ def phase(run: Run, name: str, ctx: schedule.StepContext, step_fn, loader, epoch
             bar.update(1)
             if done % run.args.log_every == 0 or done == total:
                 means = {k: float(v) for k, v in ctx.pop_means().items()}  # one sync per window
-                for key, value in means.items():
-                    if not torch.isfinite(torch.tensor(value)):
-                        raise FloatingPointError(
-                            f"{name}: loss {key} is {value} at step {run.step}; the run stops here"
-                        )
+                bad = [k for k, v in means.items() if not math.isfinite(v)]
+                if bad:
+                    last = run.manager.last_saved if run.manager else None
+                    raise FloatingPointError(
+                        f"{name}: loss {', '.join(bad)} is not finite at step {run.step}; the run stops "
+                        f"here (last good checkpoint: {last})"
+                    )
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 run.record(phase=name, step=run.step, epoch=done // steps_per_epoch, images_per_s=rate, **means)
                 bar.set_postfix({**{k.split("/")[-1] if k.startswith("mt/") else k: f"{v:.3f}"
                                     for k, v in means.items()}, "img/s": f"{rate:.0f}"})
+            stop = run.args.stop_at is not None and run.step >= run.args.stop_at
+            every = run.args.ckpt_every
+            if done == total or stop or (every and run.step % every == 0):
+                save(run, index, name, done, ctx, loader, weak, results)
+            if stop:
+                bar.close()
+                raise StopRequested(run.step)
             if done >= total:
                 break
     bar.close()
+
+
+def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results) -> None:
+    """Checkpoint everything needed to continue bit-exactly: nets, the six optimisers, scaler,
+    RNG states (global + augmentation generator), loader positions, unlogged loss sums."""
+    data_state = {"labelled": loader.state_dict()}
+    if weak is not None:
+        data_state["weak"] = weak.state_dict()
+    run.manager.save(
+        step=run.step, epoch=done // max(len(loader), 1), phase=name, config=to_dict(run.cfg),
+        modules={"nets": ctx.nets}, optimizers=ctx.optimizers, scaler=ctx.scaler,
+        rng=capture_rng({"augment": ctx.aug_generator}), data_state=data_state,
+        extra={"phase_index": index, "phase_done": done, "run_step": run.step,
+               "totals": dict(ctx.totals), "counts": dict(ctx.counts), "results": results or {}},
+    )
+
+
+def resume_into(run: Run, ctx, loader, weak) -> int:
+    """Restore the checkpoint into this phase's objects; returns the steps already done."""
+    ckpt = run.resume_ckpt
+    report = restore(ckpt, {"nets": ctx.nets}, ctx.optimizers, ctx.scaler, {"augment": ctx.aug_generator})
+    loader.load_state_dict(report.data_state["labelled"])
+    if weak is not None:
+        weak.load_state_dict(report.data_state["weak"])
+    extra = report.extra
+    ctx.totals, ctx.counts = dict(extra["totals"]), dict(extra["counts"])
+    run.step = extra["run_step"]
+    run.resumed = report
+    run.resume_ckpt = None  # consumed: later phases start fresh
+    return extra["phase_done"]
 
 
 def _forever(loader):
@@ -243,6 +311,16 @@ def default_out(args) -> Path:
 
 
 def setup(args: argparse.Namespace) -> Run:
+    resume_ckpt = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["args"]
+        stop_at = args.stop_at
+        args = argparse.Namespace(**{**saved, "resume": str(run_dir), "out": str(run_dir), "stop_at": stop_at,
+                                     "split": str(run_dir / "split.json")})
+        resume_ckpt = CheckpointManager(run_dir / "checkpoints").load_latest()
+        if resume_ckpt is None:
+            raise SystemExit(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
     cfg = resolve_config(args)
     tasks = parse_tasks(args.tasks)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -256,12 +334,18 @@ def setup(args: argparse.Namespace) -> Run:
         split = make_split(ids, args.seed, val_fraction=args.val_fraction, labelled_fraction=args.regime)
     out = Path(args.out) if args.out else default_out(args)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {"method": args.method, "tasks": list(tasks), "data": args.data, "seed": args.seed,
-                "regime": args.regime, "precision": args.precision, "config": to_dict(cfg)}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    split.to_json(out / "split.json")
-    run = Run(cfg, args, out, device, tasks, dataset, info, split)
+    if resume_ckpt is None:
+        saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at")}
+        resolved = {"method": args.method, "tasks": list(tasks), "data": args.data, "seed": args.seed,
+                    "regime": args.regime, "precision": args.precision, "args": saved_args,
+                    "config": to_dict(cfg)}
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        split.to_json(out / "split.json")
+    run = Run(cfg, args, out, device, tasks, dataset, info, split, resume_ckpt=resume_ckpt)
+    run.manager = CheckpointManager(out / "checkpoints", keep_last=args.keep_last, keep_best=False)
     run.metrics_file = open(out / "metrics.jsonl", "a")  # closed in main()
+    if resume_ckpt is not None:
+        print(f"resuming {out} from {resume_ckpt['_path']} (step {resume_ckpt['step']})", flush=True)
     return run
 
 
@@ -286,24 +370,28 @@ def train(run: Run) -> dict[str, float]:
         return nets
 
     results: dict[str, dict[str, float]] = {}
+    if run.resume_ckpt is not None:
+        results = dict(run.resume_ckpt["extra"]["results"])
     if args.method == "st":
-        for task in run.tasks:
+        for index, task in enumerate(run.tasks):
+            if f"st-{task}" in results:
+                continue  # trained and evaluated before the interruption
             nets = build_models(cfg.model, (task,)).to(run.device)
             ctx = make_context(run, nets)
-            phase(run, f"st-{task}", ctx, schedule.supervised_step, labelled, s.epochs)
+            phase(run, index, f"st-{task}", ctx, schedule.supervised_step, labelled, s.epochs, results=results)
             results[f"st-{task}"] = evaluate(run, nets, val, with_scene=False)
         metrics = {k: v for r in results.values() for k, v in r.items()}
     else:
         nets = build()
         ctx = make_context(run, nets)
         if args.method == "mgm":
-            phase(run, "gan-pretrain", ctx, schedule.gan_pretrain_step, labelled, s.gan_epochs)
-            phase(run, "mgm", ctx, schedule.mgm_step, labelled, s.epochs)
+            phase(run, 0, "gan-pretrain", ctx, schedule.gan_pretrain_step, labelled, s.gan_epochs)
+            phase(run, 1, "mgm", ctx, schedule.mgm_step, labelled, s.epochs)
         elif args.method == "mgm-light":
             weak = loader_for(run.split.train_weak, keys=("rgb", "scene"))
-            phase(run, "mgm-light", ctx, schedule.mgm_light_step, labelled, s.epochs, weak=weak)
+            phase(run, 0, "mgm-light", ctx, schedule.mgm_light_step, labelled, s.epochs, weak=weak)
         else:
-            phase(run, "mt", ctx, schedule.supervised_step, labelled, s.epochs)
+            phase(run, 0, "mt", ctx, schedule.supervised_step, labelled, s.epochs)
         metrics = evaluate(run, nets, val, with_scene=args.method in ("mgm", "mgm-light"))
         if args.method == "mgm":
             write_samples(run, nets, val, run.out / "samples" / "final.png")
@@ -322,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     run = setup(args)
     try:
         train(run)
+    except StopRequested as stop:
+        print(f"stopped after step {stop.args[0]}; continue with: python -m mgm_fast.train --resume {run.out}")
     finally:
         run.metrics_file.close()
     return 0

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from mgm_fast import train
@@ -62,3 +63,37 @@ def test_bad_arguments_are_reported():
         train.main(["--tasks", "seg,colour"])
     with pytest.raises(KeyError, match="unknown config field"):
         train.main(["--set", "schedule.nope=1", "--quiet"])
+
+
+def _weights(out):
+    return torch.load(out / "final_weights.pt", weights_only=True)["nets"]
+
+
+def _loss_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if "/" in k} for r in rows if r["phase"] != "eval"}
+
+
+@pytest.mark.parametrize("method, stop_at", [("mgm", 3), ("mgm-light", 2)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, method, stop_at):
+    common = ["--method", method, "--data", "synthetic:40", "--steps", "4", "--log-every", "1", "--quiet",
+              "--set", "schedule.batch_size=4", "--ckpt-every", "0"]
+    straight = tmp_path / "straight"
+    assert train.main([*common, "--out", str(straight)]) == 0
+    interrupted = tmp_path / "interrupted"
+    assert train.main([*common, "--out", str(interrupted), "--stop-at", str(stop_at)]) == 0
+    assert not (interrupted / "final_weights.pt").exists()
+    assert train.main(["--resume", str(interrupted), "--quiet"]) == 0
+    a, b = _weights(straight), _weights(interrupted)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _loss_rows(straight) == _loss_rows(interrupted)
+    assert json.loads((straight / "eval.json").read_text()) == json.loads((interrupted / "eval.json").read_text())
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump({"args": vars(train.build_parser().parse_args([]))}))
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        train.main(["--resume", str(out)])
