@@ -35,7 +35,8 @@ from mgm_fast.data.registry import SPEC_FORMS, open_dataset
 from mgm_fast.data.splits import Split, make_split
 from mgm_fast.engine import schedule
 from mgm_fast.engine.checkpoint import CheckpointManager, RestoreReport, capture_rng, restore
-from mgm_fast.metrics import MultiTaskEvaluator, format_table
+from mgm_fast.evaluate import evaluate_nets
+from mgm_fast.metrics import format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
 
 METHODS = ("mgm", "mgm-light", "mt", "st")
@@ -261,23 +262,10 @@ def _forever(loader):
 # Evaluation and samples.
 
 
-@torch.no_grad()
 def evaluate(run: Run, nets: MGMNets, loader, with_scene: bool) -> dict[str, float]:
-    """Metrics of the multi-task network (and the scene accuracy of the refinement net) on the
-    validation split, in eval mode (BatchNorm running statistics)."""
-    nets.eval()
-    tasks = (*nets.tasks, "scene") if with_scene else nets.tasks
-    evaluator = MultiTaskEvaluator(tasks, run.info.num_seg_classes, run.info.num_scenes)
-    for batch in loader:
-        pred = nets.multitask(batch["rgb"])
-        out = {k: v.float() for k, v in pred.items()}
-        if with_scene:
-            out["scene"] = nets.refine(**pred)
-        if "normal" in out and run.cfg.schedule.normal_target == "released01":
-            out["normal"] = out["normal"] * 2 - 1
-        evaluator.update(out, batch)
-    nets.train()
-    return evaluator.compute()
+    """Metrics on the validation split (mgm_fast.evaluate.evaluate_nets)."""
+    return evaluate_nets(nets, loader, run.info.num_seg_classes, run.info.num_scenes, with_scene,
+                         run.cfg.schedule.normal_target)
 
 
 @torch.no_grad()
