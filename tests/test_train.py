@@ -1,6 +1,7 @@
 """The training CLI end to end on tiny synthetic data: every method runs and leaves its run folder."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -97,3 +98,19 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (out / "config.yaml").write_text(yaml.safe_dump({"args": vars(train.build_parser().parse_args([]))}))
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         train.main(["--resume", str(out)])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_and_channels_last_train_on_cpu(tmp_path, precision):
+    out = _run(tmp_path, "--method", "mt", "--precision", precision, "--channels-last")
+    rows = _loss_rows(out)
+    assert rows and all(math.isfinite(v) for row in rows.values() for v in row.values())
+
+
+def test_precision_context_really_autocasts():
+    ctx = train.precision_context("bf16", torch.device("cpu"))
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with ctx():
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
+    with train.precision_context("fp32", torch.device("cpu"))():
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
