@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -270,18 +271,25 @@ def evaluate(run: Run, nets: MGMNets, loader, with_scene: bool) -> dict[str, flo
 
 @torch.no_grad()
 def write_samples(run: Run, nets: MGMNets, loader, path: Path, per_scene: int = 6) -> None:
-    """One row of generated images per scene class, G in eval mode, latent z + Mid(E(x)) with x
-    real validation images (the phase-B conditioning)."""
+    """One row of generated images per scene class; latent z + Mid(E(x)) with x real validation
+    images (the phase-B conditioning), E and Mid in eval mode.
+
+    G runs on a copy in training mode (batch statistics): its conditional BatchNorms use the
+    released momentum 0.001, so their running statistics are still close to their initial
+    values after a short run and eval-mode samples would not show what G has learnt. The copy
+    keeps the run's own BN statistics and spectral-norm vectors untouched.
+    """
     from PIL import Image
 
     nets.eval()
+    generator = copy.deepcopy(nets.generator).train()
     real = next(iter(loader))["rgb"]
     rows = []
     for scene in range(run.info.num_scenes):
         x = real[torch.arange(per_scene) % real.shape[0]]
         y = torch.full((per_scene,), scene, dtype=torch.long, device=run.device)
         z = torch.randn(per_scene, run.cfg.model.z_dim, device=run.device)
-        img = nets.generator(z + nets.bridge(nets.multitask.features(x)), y)
+        img = generator(z + nets.bridge(nets.multitask.features(x)), y)
         rows.append(torch.cat(list(img), dim=2))  # (3, H, per_scene * W)
     nets.train()
     grid = ((torch.cat(rows, dim=1) + 1) * 127.5).clamp(0, 255).round().byte().permute(1, 2, 0).cpu()
