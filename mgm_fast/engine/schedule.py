@@ -242,6 +242,24 @@ def supervised_step(ctx: StepContext, batch: dict) -> None:
         ctx.log(f"mt/{name}", value)
 
 
+def refine_step(ctx: StepContext, x: Tensor, y: Tensor, tag: str, update_refine: bool = True) -> None:
+    """L_ref(x, y) on real images -> post_opt (R, when ``update_refine``) and encoder_opt (E)."""
+    trainable(ctx, *(("encoder", "refine") if update_refine else ("encoder",)))
+    with ctx.autocast():
+        loss = refine_loss(ctx, x, y)
+    update(ctx, loss, *(("post", "encoder") if update_refine else ("encoder",)))
+    ctx.log(f"ref/{tag}", loss)
+
+
+def simclr_step(ctx: StepContext, images: Tensor, tag: str) -> None:
+    """L_clr on two views of ``images`` -> multi_opt (encoder + SimCLR head)."""
+    trainable(ctx, "encoder", "clr")
+    with ctx.autocast():
+        loss = simclr_loss(ctx, images)
+    update(ctx, loss, "multi")
+    ctx.log(f"clr/{tag}", loss)
+
+
 def gan_pretrain_step(ctx: StepContext, batch: dict) -> None:
     """Phase A: gan_iters x (D step, G step) on the real batch, latent z only."""
     x, y = batch["rgb"], batch["scene"]
@@ -269,18 +287,10 @@ def mgm_step(ctx: StepContext, batch: dict) -> None:
     supervised_step(ctx, batch)
 
     # 2. Refinement on real images: L_ref(x, y) -> post_opt (R) and encoder_opt (E).
-    trainable(ctx, "encoder", "refine")
-    with ctx.autocast():
-        loss = refine_loss(ctx, x, y)
-    update(ctx, loss, "post", "encoder")
-    ctx.log("ref/real", loss)
+    refine_step(ctx, x, y, "real")
 
     # 3. SimCLR on real images: L_clr -> multi_opt (encoder + SimCLR head).
-    trainable(ctx, "encoder", "clr")
-    with ctx.autocast():
-        loss = simclr_loss(ctx, x)
-    update(ctx, loss, "multi")
-    ctx.log("clr/real", loss)
+    simclr_step(ctx, x, "real")
 
     # 4. Encoder-conditioned GAN, gan_iters x: (a) D_opt; (b) G_opt + encoder_opt + middle_opt.
     for _ in range(ctx.cfg.schedule.gan_iters):
@@ -291,18 +301,10 @@ def mgm_step(ctx: StepContext, batch: dict) -> None:
     #    L_ref(x~, y) -> encoder_opt only (R and the decoders are not updated, G gets nothing).
     with torch.no_grad(), ctx.autocast():
         fake = nets.generator(latent(ctx, x, x.shape[0], x.device), y).float()
-    trainable(ctx, "encoder")
-    with ctx.autocast():
-        loss = refine_loss(ctx, fake, y)
-    update(ctx, loss, "encoder")
-    ctx.log("ref/synth", loss)
+    refine_step(ctx, fake, y, "synth", update_refine=False)
 
     # 6. SimCLR on the synthesized batch: L_clr -> multi_opt (encoder + SimCLR head).
-    trainable(ctx, "encoder", "clr")
-    with ctx.autocast():
-        loss = simclr_loss(ctx, fake)
-    update(ctx, loss, "multi")
-    ctx.log("clr/synth", loss)
+    simclr_step(ctx, fake, "synth")
 
 
 def mgm_light_step(ctx: StepContext, batch: dict, weak: dict) -> None:
@@ -310,31 +312,10 @@ def mgm_light_step(ctx: StepContext, batch: dict, weak: dict) -> None:
     labelled real batch (scene labels only) L_ref -> encoder_opt and L_clr -> multi_opt."""
     x, y = batch["rgb"], batch["scene"]
     supervised_step(ctx, batch)
-
-    trainable(ctx, "encoder", "refine")
-    with ctx.autocast():
-        loss = refine_loss(ctx, x, y)
-    update(ctx, loss, "post", "encoder")
-    ctx.log("ref/real", loss)
-
-    trainable(ctx, "encoder", "clr")
-    with ctx.autocast():
-        loss = simclr_loss(ctx, x)
-    update(ctx, loss, "multi")
-    ctx.log("clr/real", loss)
-
-    xw, yw = weak["rgb"], weak["scene"]
-    trainable(ctx, "encoder")
-    with ctx.autocast():
-        loss = refine_loss(ctx, xw, yw)
-    update(ctx, loss, "encoder")
-    ctx.log("ref/weak", loss)
-
-    trainable(ctx, "encoder", "clr")
-    with ctx.autocast():
-        loss = simclr_loss(ctx, xw)
-    update(ctx, loss, "multi")
-    ctx.log("clr/weak", loss)
+    refine_step(ctx, x, y, "real")
+    simclr_step(ctx, x, "real")
+    refine_step(ctx, weak["rgb"], weak["scene"], "weak", update_refine=False)
+    simclr_step(ctx, weak["rgb"], "weak")
 
 
 def run_steps(step_fn, ctx: StepContext, batches: Iterable[dict]) -> None:
