@@ -70,6 +70,7 @@ pybind11::dict build_info() {
 #endif
   pybind11::list ops;
   ops.append("multitask_loss");
+  ops.append("simclr_views");
   info["ops"] = ops;
   return info;
 }
@@ -85,6 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "How this extension was built: compiler, OpenMP, torch version, CUDA sources.");
   mgm_fast::bindings::register_multitask_loss(m);
+  mgm_fast::bindings::register_simclr_views(m);
 #ifdef MGM_FAST_WITH_CUDA
   mgm_fast::bindings::register_multitask_loss_cuda(m);
 #endif

@@ -10,6 +10,9 @@ namespace bindings {
 /// csrc/bindings/multitask_loss.cpp: multitask_loss_cpu
 void register_multitask_loss(pybind11::module_& m);
 
+/// csrc/bindings/simclr_views.cpp: simclr_views_cpu
+void register_simclr_views(pybind11::module_& m);
+
 #ifdef MGM_FAST_WITH_CUDA
 /// csrc/bindings/cuda/multitask_loss_cuda.cpp: multitask_loss_cuda, multitask_loss_scale_grad_cuda
 void register_multitask_loss_cuda(pybind11::module_& m);

@@ -2,6 +2,7 @@
 backends (reference / triton / cpp / cuda) are chosen with ``impl=`` ("auto" by default)."""
 
 from mgm_fast.ops import multitask_loss as _multitask_loss  # noqa: F401  (registers the op)
+from mgm_fast.ops import simclr_views as _simclr_views  # noqa: F401  (registers the op)
 from mgm_fast.ops._dispatch import REGISTRY, Backend, BackendUnavailable, FusedOp
 
 __all__ = ["REGISTRY", "Backend", "BackendUnavailable", "FusedOp"]

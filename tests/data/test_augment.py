@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from mgm_fast import _native
 from mgm_fast.data.augment import (
     BRIGHTNESS,
     CONTRAST,
@@ -24,7 +25,16 @@ from mgm_fast.data.augment import (
     rgb_to_hsv,
 )
 
-MODES = ("index", "where")
+MODES = ("index", "where", "cpp")
+"""Paths of SimCLRAugment.apply: the torch path (impl="reference") with either select mode, and
+the fused C++ kernel (impl="cpp", skipped when the extension is not built)."""
+HAS_CPP = _native.cpp_reason() is None
+AVAILABLE_MODES = tuple(m for m in MODES if m != "cpp" or HAS_CPP)
+MODE_PARAMS = [
+    "index",
+    "where",
+    pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")),
+]
 
 
 def _images(b, h, w, seed=0):
@@ -36,8 +46,17 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _aug(mode, **kwargs):
+    """SimCLRAugment on the path ``mode`` (one of MODES)."""
+    return SimCLRAugment(impl="cpp" if mode == "cpp" else "reference", **kwargs)
+
+
+def _select(mode):
+    return "auto" if mode == "cpp" else mode
+
+
 def _check_twin(aug, x, params, mode, atol):
-    out = aug.apply(x, params, select=mode)
+    out = aug.apply(x, params, select=_select(mode))
     assert out.shape[0] == x.shape[0] and out.dtype == x.dtype
     for n in range(x.shape[0]):
         ref = aug.reference(x[n], params_for_sample(params, n))
@@ -54,14 +73,14 @@ def _only(params, batch, height, width, **keep):
 
 
 # -- determinism, shapes -------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_same_seed_same_views_and_different_seeds_differ(mode):
-    aug = SimCLRAugment()
+    aug = _aug(mode)
     x = _images(6, 32, 32)
-    a1, a2 = aug.two_views(x, _gen(5), select=mode)
-    b1, b2 = aug.two_views(x, _gen(5), select=mode)
+    a1, a2 = aug.two_views(x, _gen(5), select=_select(mode))
+    b1, b2 = aug.two_views(x, _gen(5), select=_select(mode))
     assert torch.equal(a1, b1) and torch.equal(a2, b2)
-    c1, c2 = aug.two_views(x, _gen(6), select=mode)
+    c1, c2 = aug.two_views(x, _gen(6), select=_select(mode))
     assert not torch.equal(a1, c1) and not torch.equal(a2, c2)
     assert not torch.equal(a1, a2)  # the two views of an image are independent
 
@@ -90,11 +109,11 @@ def test_two_views_params_reproducible_and_batch_independent():
         (2, 30, 20, (12, 44), (12, 44)),
     ],
 )
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_shape_range_and_odd_sizes(b, h, w, out_size, expect, mode):
-    aug = SimCLRAugment(out_size=out_size)
+    aug = _aug(mode, out_size=out_size)
     x = _images(b, h, w)
-    v1, v2 = aug.two_views(x, _gen(0), select=mode)
+    v1, v2 = aug.two_views(x, _gen(0), select=_select(mode))
     for v in (v1, v2):
         assert v.shape == (b, 3, *expect) and v.dtype == torch.float32
         assert v.is_contiguous() and torch.isfinite(v).all()
@@ -109,11 +128,11 @@ def test_dtype_preserved():
     assert aug(x, _gen(0)).dtype == torch.float64
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_identity_params_return_input(mode):
-    aug = SimCLRAugment()
+    aug = _aug(mode)
     x = _images(4, 19, 26)
-    out = aug.apply(x, identity_params(4, 19, 26), select=mode)
+    out = aug.apply(x, identity_params(4, 19, 26), select=_select(mode))
     torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
 
 
@@ -131,13 +150,13 @@ def test_outputs_are_fresh_tensors():
 
 
 # -- each transform against the reference ---------------------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize("shape", [(12, 3, 23, 31), (1, 3, 16, 16)])
 def test_crop_resize_flip_matches_interpolate(mode, shape):
     b, _, h, w = shape
     x = _images(*[b, h, w])
     for out_size in (None, (h + 5, w - 3), (8, 8)):
-        aug = SimCLRAugment(out_size=out_size)
+        aug = _aug(mode, out_size=out_size)
         p = aug.sample_params(b, h, w, _gen(11))
         p["flip"] = torch.arange(b) % 2 == 0
         _check_twin(aug, x, _only(p, b, h, w, crop=True, flip=True), mode, atol=1e-5)
@@ -155,12 +174,12 @@ def test_crop_edge_cases():
     torch.testing.assert_close(out[2], x[2].flip(-1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize("op", [BRIGHTNESS, CONTRAST, SATURATION, HUE])
 def test_single_jitter_op_matches_reference(mode, op):
     b, h, w = 16, 21, 18
     x = _images(b, h, w, seed=op)
-    aug = SimCLRAugment(hue=0.5)
+    aug = _aug(mode, hue=0.5)
     p = aug.sample_params(b, h, w, _gen(op))
     factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(b, 1)
     factors[:, op] = p["factors"][:, op]
@@ -173,11 +192,11 @@ def test_single_jitter_op_matches_reference(mode, op):
     torch.testing.assert_close(out[0], x[0], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_jitter_in_random_order_matches_reference(mode):
     b, h, w = 48, 15, 22
     x = _images(b, h, w, seed=3)
-    aug = SimCLRAugment(jitter_p=0.9)
+    aug = _aug(mode, jitter_p=0.9)
     p = aug.sample_params(b, h, w, _gen(4))
     assert len({tuple(o) for o in p["order"].tolist()}) > 10  # many different orders
     _check_twin(aug, x, _only(p, b, h, w, jitter=True, order=True, factors=True), mode, atol=1e-5)
@@ -186,7 +205,6 @@ def test_jitter_in_random_order_matches_reference(mode):
 def test_extreme_jitter_factors_and_hue_zero():
     b, h, w = 6, 9, 9
     x = _images(b, h, w, seed=8)
-    aug = SimCLRAugment()
     factors = torch.tensor(
         [
             [0.0, 0.0, 0.0, 0.5],
@@ -199,8 +217,8 @@ def test_extreme_jitter_factors_and_hue_zero():
     )
     order = torch.stack([torch.randperm(4, generator=_gen(k)) for k in range(b)])
     p = _only({}, b, h, w, jitter=torch.ones(b, dtype=torch.bool), order=order, factors=factors)
-    for mode in MODES:
-        _check_twin(aug, x, p, mode, atol=1e-5)
+    for mode in AVAILABLE_MODES:
+        _check_twin(_aug(mode), x, p, mode, atol=1e-5)
 
 
 def test_hue_on_known_colours():
@@ -209,12 +227,11 @@ def test_hue_on_known_colours():
         [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [0.2, 0.4, 0.8], [1.0, 0.0, 1.0]]
     )
     x = (colours.T.reshape(1, 3, 1, 6).expand(3, 3, 2, 6) * 2 - 1).contiguous()
-    aug = SimCLRAugment()
     shifts = [1 / 3, 2 / 3 - 1, 0.25]
     p = _only({}, 3, 2, 6, jitter=torch.ones(3, dtype=torch.bool), order=torch.tensor([[3, 0, 1, 2]] * 3))
     p["factors"] = torch.tensor([[1.0, 1.0, 1.0, s] for s in shifts])
-    for mode in MODES:
-        out = (aug.apply(x, p, select=mode) + 1) / 2
+    for mode in AVAILABLE_MODES:
+        out = (_aug(mode).apply(x, p, select=_select(mode)) + 1) / 2
         for n, s in enumerate(shifts):
             for k, rgb in enumerate(colours.tolist()):
                 hh, ss, vv = colorsys.rgb_to_hsv(*rgb)
@@ -238,11 +255,11 @@ def test_reference_hsv_against_colorsys():
     torch.testing.assert_close(hsv_to_rgb(hsv), rgb, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_grayscale_matches_reference(mode):
     b, h, w = 10, 13, 17
     x = _images(b, h, w, seed=5)
-    aug = SimCLRAugment()
+    aug = _aug(mode)
     gray = torch.tensor([True, False] * 5)
     out = _check_twin(aug, x, _only({}, b, h, w, gray=gray), mode, atol=1e-5)
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # affine in [-1, 1] too
@@ -250,14 +267,14 @@ def test_grayscale_matches_reference(mode):
     torch.testing.assert_close(out[~gray], x[~gray], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize(
     ("kernel", "sigma"), [(3, (0.01, 1.0)), (5, (0.1, 2.0)), (13, (0.1, 2.0)), (1, (0.5, 1.0))]
 )
 def test_blur_matches_conv2d(mode, kernel, sigma):
     b, h, w = 8, 20, 15
     x = _images(b, h, w, seed=kernel)
-    aug = SimCLRAugment(blur_kernel=kernel, blur_sigma=sigma)
+    aug = _aug(mode, blur_kernel=kernel, blur_sigma=sigma)
     p = aug.sample_params(b, h, w, _gen(kernel))
     blur = torch.ones(b, dtype=torch.bool)
     blur[3] = False
@@ -273,22 +290,23 @@ def test_gaussian_kernel_matches_formula():
     assert k[2].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize(("b", "h", "w"), [(24, 32, 32), (7, 19, 33), (1, 8, 8)])
 def test_full_pipeline_matches_reference(mode, b, h, w):
     x = _images(b, h, w, seed=b)
-    aug = SimCLRAugment()
+    aug = _aug(mode)
     p = aug.sample_params(b, h, w, _gen(b + 1))
     _check_twin(aug, x, p, mode, atol=2e-5)
 
 
 def test_modes_agree():
     x = _images(32, 24, 24, seed=9)
-    aug = SimCLRAugment()
+    aug = SimCLRAugment(impl="reference")
     p = aug.sample_params(32, 24, 24, _gen(9))
-    torch.testing.assert_close(
-        aug.apply(x, p, select="index"), aug.apply(x, p, select="where"), atol=1e-6, rtol=0
-    )
+    index = aug.apply(x, p, select="index")
+    torch.testing.assert_close(index, aug.apply(x, p, select="where"), atol=1e-6, rtol=0)
+    if HAS_CPP:
+        torch.testing.assert_close(SimCLRAugment(impl="cpp").apply(x, p), index, atol=1e-5, rtol=0)
 
 
 def test_pil_baseline_follows_the_same_steps():
