@@ -29,24 +29,12 @@
 #include <omp.h>
 #endif
 
+#include "kernels/cpu/isa.h"
+
 namespace mgm_fast {
 namespace cpu {
 namespace {
 
-// Same ISA clones as multitask_loss.cpp (see the comment there): vector width and FMA
-// contraction may change the last bits between machines, never between thread counts.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__) && \
-    !defined(MGM_FAST_NO_TARGET_CLONES)
-#define MGM_FAST_ISA_CLONES \
-  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define MGM_FAST_ISA_CLONES
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define MGM_FAST_INLINE inline __attribute__((always_inline))
-#else
-#define MGM_FAST_INLINE inline
-#endif
 
 // ITU-R 601-2 luma weights (augment.GRAY_WEIGHTS), as float32 like torch's scalar arithmetic.
 constexpr float kGrayR = 0.299f;
