@@ -170,6 +170,36 @@ def ntxent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torc
     return (torch.logsumexp(sim, dim=1) - sim[torch.arange(2 * b, device=u.device), pos]).mean()
 
 
+def ntxent_rows(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent of some rows against all columns (the form used across torchrun ranks).
+
+    Args:
+        rows: (R, D) projections whose losses are summed (e.g. this rank's 2b views).
+        cols: (2N, D) projections of all 2N views, ordered [view 1 of N images; view 2 of the
+            same N images] (e.g. gathered from every rank).
+        row_index: (R,) int64, the index of each row among ``cols`` (its self column).
+        temperature: tau.
+
+    Returns the SUM over rows of -s(i, pos(i)) + log sum_{k != self(i)} exp(s(i, k)), with s
+    the cosine similarity over tau and pos(i) = (row_index[i] + N) mod 2N; so
+    ``ntxent(z1, z2) == ntxent_rows(u, u, arange(2B)) / 2B`` with u = cat(z1, z2).
+    """
+    if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1] or cols.shape[0] % 2:
+        raise ValueError(
+            f"ntxent_rows: expected rows (R, D) and cols (2N, D), got {tuple(rows.shape)} and {tuple(cols.shape)}"
+        )
+    if row_index.shape != rows.shape[:1]:
+        raise ValueError(f"ntxent_rows: row_index must have shape ({rows.shape[0]},), got {tuple(row_index.shape)}")
+    n2 = cols.shape[0]
+    q = F.normalize(rows.float(), dim=1)
+    k = F.normalize(cols.float(), dim=1)
+    sim = q @ k.t() / temperature
+    ar = torch.arange(rows.shape[0], device=rows.device)
+    sim = sim.index_put((ar, row_index), torch.tensor(float("-inf"), device=sim.device))
+    pos = (row_index + n2 // 2) % n2
+    return (torch.logsumexp(sim, dim=1) - sim[ar, pos]).sum()
+
+
 def instance_noise(
     x: torch.Tensor, std: float = 0.01, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -11,13 +11,15 @@ Methods (``--method``):
   mgm-light  steps 1-3 on labelled data + refinement/SimCLR on weakly labelled real images
   mt         multi-task baseline: shared encoder, equal loss weights (step 1 only)
   st         single-task baselines: one network per task, each trained alone
+
+Several processes (data parallel): torchrun --nproc_per_node=N -m mgm_fast.train ...
+(NCCL on GPUs, gloo on the CPU; --batch-size is the global batch, split over the ranks).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import sys
@@ -34,10 +36,18 @@ from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.data.loader import make_loader
 from mgm_fast.data.registry import SPEC_FORMS, open_dataset
 from mgm_fast.data.splits import Split, make_split
-from mgm_fast.engine import schedule
-from mgm_fast.engine.checkpoint import CheckpointManager, RestoreReport, capture_rng, restore
+from mgm_fast.engine import distributed, schedule
+from mgm_fast.engine.checkpoint import (
+    CheckpointManager,
+    RestoreReport,
+    capture_rng,
+    load_checkpoint,
+    restore,
+    restore_rng,
+)
+from mgm_fast.engine.distributed import World
 from mgm_fast.evaluate import evaluate_nets
-from mgm_fast.metrics import format_table
+from mgm_fast.metrics import METRIC_DIRECTIONS, delta_m, format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
 
 METHODS = ("mgm", "mgm-light", "mt", "st")
@@ -66,17 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="joint-training epochs (default: preset)")
     p.add_argument("--gan-epochs", type=int, default=None, help="GAN pre-training epochs (mgm)")
     p.add_argument("--steps", type=int, default=None, help="stop every phase after this many steps")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: preset)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size, split over the torchrun ranks (default: preset)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--loader", default="auto", choices=("auto", "memory", "dali", "torch"),
                    help="data loader (auto: on-device memory when the data fits)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast precision (fp16 uses a GradScaler)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every network (first steps are slower while compiling)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="torchrun: BatchNorm statistics over the global batch (default: per rank)")
+    p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
+                   help="a NaN/inf loss stops the run (checked every log window) or skips that "
+                        "sub-step's update (one host sync per sub-step)")
     p.add_argument("--log-every", type=int, default=10, help="log the mean losses every N steps")
     p.add_argument("--ckpt-every", type=int, default=200,
                    help="checkpoint every N steps and at the end of every phase (0: phase ends only)")
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept besides the best")
+    p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                   help="evaluate the validation split every N steps of joint training and keep "
+                        "checkpoints/best.pt by delta-m (0: evaluate at the end only)")
+    p.add_argument("--baseline", default=None, metavar="RUN_DIR_OR_JSON",
+                   help="single-task run (folder or eval.json) that delta-m is measured against "
+                        "(default: the run's first evaluation)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its latest complete checkpoint "
                         "(its own options are reused; other options are ignored)")
@@ -130,15 +154,24 @@ class Run:
     info: object
     split: Split
     step: int = 0
+    world: World = distributed.SINGLE
     metrics_file: object = None
     manager: CheckpointManager | None = None
     resumed: RestoreReport | None = None
     resume_ckpt: dict | None = None
+    baseline: dict | None = None
 
     def record(self, **row) -> None:
+        """Append a row to metrics.jsonl (rank 0 only; other ranks have no file)."""
+        if self.metrics_file is None:
+            return
         row = {"time": round(time.time(), 3), **row}
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
+
+    def say(self, text: str) -> None:
+        if self.world.is_main:
+            print(text, flush=True)
 
 
 def precision_context(precision: str, device: torch.device):
@@ -152,7 +185,7 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
     scaler = None
     if run.args.precision == "fp16":
         scaler = torch.amp.GradScaler(run.device.type)
-    gen = torch.Generator(device="cpu").manual_seed(run.args.seed + 1)
+    gen = torch.Generator(device="cpu").manual_seed(run.world.seed_for(run.args.seed + 1))
     return schedule.StepContext(
         cfg=run.cfg,
         nets=nets,
@@ -161,15 +194,20 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         aug_generator=gen,
         autocast=precision_context(run.args.precision, run.device),
         scaler=scaler,
+        world=run.world,
+        on_nonfinite=run.args.on_nonfinite,
     )
 
 
 def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, loader, epochs: int,
-          weak=None, results: dict | None = None) -> None:
+          weak=None, results: dict | None = None, validate=None) -> bool:
     """Run ``step_fn`` over ``epochs`` epochs of ``loader`` (or ``max_steps``), with a progress bar
     (mean losses of the last log window, images/s, ETA), a metrics.jsonl row every log window and
     a checkpoint every ``--ckpt-every`` steps and at the end. ``index`` orders the phases of a
     run: a resumed run skips the phases its checkpoint finished and continues the one it was in.
+    ``validate()`` (rank 0), when given, runs every ``--eval-every`` steps and at the end; its
+    metrics rank the checkpoint saved there (best.pt by delta-m). Returns False when the phase
+    was skipped (a resumed run had finished it).
     """
     cfg = run.cfg
     steps_per_epoch = len(loader)
@@ -180,14 +218,14 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
     if run.resume_ckpt is not None:
         extra = run.resume_ckpt["extra"]
         if extra["phase_index"] > index:
-            return  # finished before the interruption
+            return False  # finished before the interruption
         if extra["phase_index"] == index:
             done = resume_into(run, ctx, loader, weak)
     if done >= total:
-        return
+        return True
     weak_iter = _forever(weak) if weak is not None else None
-    bar = tqdm(total=total, initial=done, desc=name, unit="step", disable=run.args.quiet,
-               dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=total, initial=done, desc=name, unit="step",
+               disable=run.args.quiet or not run.world.is_main, dynamic_ncols=True, file=sys.stdout)
     images, t0 = 0, time.perf_counter()
     while done < total:
         for batch in loader:
@@ -197,10 +235,11 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
                 step_fn(ctx, batch)
             done += 1
             run.step += 1
-            images += batch["rgb"].shape[0]
+            images += batch["rgb"].shape[0] * run.world.world_size
             bar.update(1)
             if done % run.args.log_every == 0 or done == total:
-                means = {k: float(v) for k, v in ctx.pop_means().items()}  # one sync per window
+                # One host sync per window (and one all-reduce across ranks).
+                means = {k: float(v) for k, v in distributed.average_scalars(ctx.pop_means(), run.world).items()}
                 bad = [k for k, v in means.items() if not math.isfinite(v)]
                 if bad:
                     last = run.manager.last_saved if run.manager else None
@@ -209,45 +248,85 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
                         f"here (last good checkpoint: {last})"
                     )
                 rate = images / max(time.perf_counter() - t0, 1e-9)
-                run.record(phase=name, step=run.step, epoch=done // steps_per_epoch, images_per_s=rate, **means)
+                skipped = {"skipped": dict(ctx.skipped)} if ctx.skipped else {}
+                run.record(phase=name, step=run.step, epoch=done // steps_per_epoch, images_per_s=rate,
+                           **means, **skipped)
                 bar.set_postfix({**{k.split("/")[-1] if k.startswith("mt/") else k: f"{v:.3f}"
                                     for k, v in means.items()}, "img/s": f"{rate:.0f}"})
             stop = run.args.stop_at is not None and run.step >= run.args.stop_at
-            every = run.args.ckpt_every
-            if done == total or stop or (every and run.step % every == 0):
-                save(run, index, name, done, ctx, loader, weak, results)
+            every, eval_every = run.args.ckpt_every, run.args.eval_every
+            scores = None
+            if validate is not None and (done == total or (eval_every and run.step % eval_every == 0)):
+                scores = validation(run, name, validate)
+            if scores is not None or done == total or stop or (every and run.step % every == 0):
+                save(run, index, name, done, ctx, loader, weak, results, scores)
             if stop:
                 bar.close()
                 raise StopRequested(run.step)
             if done >= total:
                 break
     bar.close()
+    return True
 
 
-def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results) -> None:
+def validation(run: Run, name: str, validate) -> dict | None:
+    """Evaluate on rank 0 (the other ranks wait), log the metrics and their delta-m.
+
+    delta-m is measured against ``--baseline`` (a single-task run) when given, else against the
+    run's first evaluation; only the metrics both sides have count. Returns the metrics with
+    ``delta_m`` on rank 0, None on the others."""
+    scores = None
+    if run.world.is_main:
+        metrics = validate()
+        if run.baseline is None:
+            run.baseline = dict(metrics)
+        keys = [k for k in metrics if k in run.baseline and k in METRIC_DIRECTIONS and run.baseline[k] != 0]
+        scores = {**metrics, "delta_m": delta_m(metrics, run.baseline, keys=keys)}
+        run.record(phase=f"{name}/val", step=run.step, **scores)
+    distributed.barrier(run.world)
+    return scores
+
+
+def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results, scores=None) -> None:
     """Checkpoint everything needed to continue bit-exactly: nets, the six optimisers, scaler,
-    RNG states (global + augmentation generator), loader positions, unlogged loss sums."""
+    RNG states (global + augmentation generator, of every rank), loader positions, unlogged loss
+    sums. Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
     data_state = {"labelled": loader.state_dict()}
     if weak is not None:
         data_state["weak"] = weak.state_dict()
+    rng = capture_rng({"augment": ctx.aug_generator})
+    rng_per_rank = distributed.gather_objects(distributed.to_cpu(rng), run.world)
+    if not run.world.is_main:
+        return
     run.manager.save(
         step=run.step, epoch=done // max(len(loader), 1), phase=name, config=to_dict(run.cfg),
         modules={"nets": ctx.nets}, optimizers=ctx.optimizers, scaler=ctx.scaler,
-        rng=capture_rng({"augment": ctx.aug_generator}), data_state=data_state,
+        rng=rng, data_state=data_state, metrics=scores,
         extra={"phase_index": index, "phase_done": done, "run_step": run.step,
-               "totals": dict(ctx.totals), "counts": dict(ctx.counts), "results": results or {}},
+               "totals": dict(ctx.totals), "counts": dict(ctx.counts), "skipped": dict(ctx.skipped),
+               "results": results or {}, "world_size": run.world.world_size,
+               "rng_per_rank": rng_per_rank if run.world.enabled else [],
+               "baseline": run.baseline},
     )
 
 
 def resume_into(run: Run, ctx, loader, weak) -> int:
     """Restore the checkpoint into this phase's objects; returns the steps already done."""
     ckpt = run.resume_ckpt
+    saved_world = ckpt["extra"].get("world_size", 1)
+    if saved_world != run.world.world_size:
+        raise SystemExit(f"--resume: the checkpoint was written by {saved_world} process(es); resume it "
+                         f"with the same number (now {run.world.world_size})")
     report = restore(ckpt, {"nets": ctx.nets}, ctx.optimizers, ctx.scaler, {"augment": ctx.aug_generator})
+    if run.world.enabled:
+        restore_rng(report.extra["rng_per_rank"][run.world.rank], {"augment": ctx.aug_generator})
     loader.load_state_dict(report.data_state["labelled"])
     if weak is not None:
         weak.load_state_dict(report.data_state["weak"])
     extra = report.extra
     ctx.totals, ctx.counts = dict(extra["totals"]), dict(extra["counts"])
+    ctx.skipped = dict(extra.get("skipped", {}))
+    run.baseline = run.baseline or extra.get("baseline")
     run.step = extra["run_step"]
     run.resumed = report
     run.resume_ckpt = None  # consumed: later phases start fresh
@@ -282,7 +361,7 @@ def write_samples(run: Run, nets: MGMNets, loader, path: Path, per_scene: int = 
     from PIL import Image
 
     nets.eval()
-    generator = copy.deepcopy(nets.generator).train()
+    generator = distributed.local_copy(nets.generator).train()
     real = next(iter(loader))["rgb"]
     rows = []
     for scene in range(run.info.num_scenes):
@@ -306,20 +385,41 @@ def default_out(args) -> Path:
     return Path("runs") / f"{args.method}-{data}-r{args.regime:g}-s{args.seed}"
 
 
-def setup(args: argparse.Namespace) -> Run:
+def load_baseline(spec: str) -> dict[str, float]:
+    """Metrics of a single-task run: its folder (eval.json inside) or an eval.json file."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "eval.json"
+    if not path.is_file():
+        raise SystemExit(f"--baseline {spec}: no such run folder or eval.json ({path} does not exist)")
+    return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     resume_ckpt = None
     if args.resume:
         run_dir = Path(args.resume)
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())["args"]
         stop_at = args.stop_at
-        args = argparse.Namespace(**{**saved, "resume": str(run_dir), "out": str(run_dir), "stop_at": stop_at,
+        args = argparse.Namespace(**{**_new_option_defaults(), **saved, "resume": str(run_dir),
+                                     "out": str(run_dir), "stop_at": stop_at,
                                      "split": str(run_dir / "split.json")})
-        resume_ckpt = CheckpointManager(run_dir / "checkpoints").load_latest()
-        if resume_ckpt is None:
+        # Rank 0 picks the checkpoint (and may finish an interrupted best.pt update); the
+        # other ranks load the same file.
+        path = None
+        if world.is_main:
+            resume_ckpt = CheckpointManager(run_dir / "checkpoints").load_latest()
+            path = None if resume_ckpt is None else resume_ckpt["_path"]
+        path = distributed.gather_objects(path, world)[0]
+        if path is None:
             raise SystemExit(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+        if resume_ckpt is None:
+            resume_ckpt = load_checkpoint(path)
     cfg = resolve_config(args)
     tasks = parse_tasks(args.tasks)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.schedule.batch_size % world.world_size:
+        raise SystemExit(f"--batch-size {cfg.schedule.batch_size} (global) is not divisible by the "
+                         f"{world.world_size} torchrun processes")
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
     override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])
@@ -329,41 +429,68 @@ def setup(args: argparse.Namespace) -> Run:
     else:
         split = make_split(ids, args.seed, val_fraction=args.val_fraction, labelled_fraction=args.regime)
     out = Path(args.out) if args.out else default_out(args)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume_ckpt is None:
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume_ckpt is None and world.is_main:
         saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at")}
         resolved = {"method": args.method, "tasks": list(tasks), "data": args.data, "seed": args.seed,
                     "regime": args.regime, "precision": args.precision, "args": saved_args,
                     "config": to_dict(cfg)}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         split.to_json(out / "split.json")
-    run = Run(cfg, args, out, device, tasks, dataset, info, split, resume_ckpt=resume_ckpt)
-    run.manager = CheckpointManager(out / "checkpoints", keep_last=args.keep_last, keep_best=False)
-    run.metrics_file = open(out / "metrics.jsonl", "a")  # closed in main()
+    run = Run(cfg, args, out, device, tasks, dataset, info, split, world=world, resume_ckpt=resume_ckpt)
+    if args.baseline:
+        run.baseline = load_baseline(args.baseline)
+    if world.is_main:
+        run.manager = CheckpointManager(out / "checkpoints", keep_last=args.keep_last,
+                                        keep_best=args.eval_every > 0)
+        run.metrics_file = open(out / "metrics.jsonl", "a")  # closed in main()
     if resume_ckpt is not None:
-        print(f"resuming {out} from {resume_ckpt['_path']} (step {resume_ckpt['step']})", flush=True)
+        run.say(f"resuming {out} from {resume_ckpt['_path']} (step {resume_ckpt['step']})")
     return run
 
 
-def train(run: Run) -> dict[str, float]:
-    cfg, args, s = run.cfg, run.args, run.cfg.schedule
-    bs = s.batch_size
+def _new_option_defaults() -> dict:
+    """Defaults of every option, for resuming runs whose config.yaml predates some of them."""
+    return vars(build_parser().parse_args([]))
 
-    def loader_for(ids, shuffle=True, drop_last=True, keys=None):
+
+def train(run: Run) -> dict[str, float]:
+    cfg, args, s, world = run.cfg, run.args, run.cfg.schedule, run.world
+    bs = s.batch_size // world.world_size  # per rank
+
+    def loader_for(ids, shuffle=True, drop_last=True, keys=None, sharded=True):
         kw = {"keys": keys} if keys else {}
-        return make_loader(run.dataset, ids, bs, run.device, args.seed, loader=args.loader,
-                           shuffle=shuffle, drop_last=drop_last, **kw)
+        if sharded:
+            kw.update(rank=world.rank, world_size=world.world_size)
+        return make_loader(run.dataset, ids, bs if sharded else s.batch_size, run.device, args.seed,
+                           loader=args.loader, shuffle=shuffle, drop_last=drop_last, **kw)
 
     labelled = loader_for(run.split.train_labelled)
-    val = loader_for(run.split.val, shuffle=False, drop_last=False)
-    print(f"run folder {run.out} | data {args.data}: {run.split.counts()} | loader {labelled.kind} | "
-          f"device {run.device} | method {args.method}", flush=True)
+    val = loader_for(run.split.val, shuffle=False, drop_last=False, sharded=False)
+    ranks = f" | {world.world_size} processes x batch {bs}" if world.enabled else ""
+    run.say(f"run folder {run.out} | data {args.data}: {run.split.counts()} | loader {labelled.kind} | "
+            f"device {run.device} | method {args.method}{ranks}")
 
-    def build():
-        nets = build_models(cfg.model, run.tasks).to(run.device)
+    def build(tasks=run.tasks):
+        """The networks, identical on every rank (broadcast from rank 0), then this rank's
+        own random stream (seed offset per rank)."""
+        nets = build_models(cfg.model, tasks).to(run.device)
         if args.channels_last:
             nets = nets.to(memory_format=torch.channels_last)
+        if args.sync_bn:
+            distributed.convert_sync_batchnorm(nets, world)
+        distributed.broadcast_module(nets, world)
+        if world.rank > 0:
+            torch.manual_seed(world.seed_for(args.seed))
+        if args.compile:
+            compile_nets(nets)
         return nets
+
+    def validate_fn(nets, with_scene):
+        if args.eval_every <= 0 and args.baseline is None:
+            return None  # only the final evaluation
+        return lambda: evaluate(run, nets, val, with_scene)
 
     results: dict[str, dict[str, float]] = {}
     if run.resume_ckpt is not None:
@@ -372,44 +499,74 @@ def train(run: Run) -> dict[str, float]:
         for index, task in enumerate(run.tasks):
             if f"st-{task}" in results:
                 continue  # trained and evaluated before the interruption
-            nets = build_models(cfg.model, (task,)).to(run.device)
+            nets = build((task,))
             ctx = make_context(run, nets)
             phase(run, index, f"st-{task}", ctx, schedule.supervised_step, labelled, s.epochs, results=results)
-            results[f"st-{task}"] = evaluate(run, nets, val, with_scene=False)
+            results[f"st-{task}"] = evaluate(run, nets, val, with_scene=False) if world.is_main else {}
         metrics = {k: v for r in results.values() for k, v in r.items()}
     else:
         nets = build()
         ctx = make_context(run, nets)
+        with_scene = args.method in ("mgm", "mgm-light")
+        validate = validate_fn(nets, with_scene)
         if args.method == "mgm":
-            phase(run, 0, "gan-pretrain", ctx, schedule.gan_pretrain_step, labelled, s.gan_epochs)
-            phase(run, 1, "mgm", ctx, schedule.mgm_step, labelled, s.epochs)
+            ran = phase(run, 0, "gan-pretrain", ctx, schedule.gan_pretrain_step, labelled, s.gan_epochs)
+            if ran and world.is_main:
+                write_samples(run, nets, val, run.out / "samples" / "gan-pretrain.png")
+            phase(run, 1, "mgm", ctx, schedule.mgm_step, labelled, s.epochs, validate=validate)
         elif args.method == "mgm-light":
             weak = loader_for(run.split.train_weak, keys=("rgb", "scene"))
-            phase(run, 0, "mgm-light", ctx, schedule.mgm_light_step, labelled, s.epochs, weak=weak)
+            phase(run, 0, "mgm-light", ctx, schedule.mgm_light_step, labelled, s.epochs, weak=weak,
+                  validate=validate)
         else:
-            phase(run, 0, "mt", ctx, schedule.supervised_step, labelled, s.epochs)
-        metrics = evaluate(run, nets, val, with_scene=args.method in ("mgm", "mgm-light"))
+            phase(run, 0, "mt", ctx, schedule.supervised_step, labelled, s.epochs, validate=validate)
+        if not world.is_main:
+            distributed.barrier(world)  # rank 0 evaluates and writes
+            return {}
+        metrics = evaluate(run, nets, val, with_scene=with_scene)
         if args.method == "mgm":
             write_samples(run, nets, val, run.out / "samples" / "final.png")
         torch.save({"config": to_dict(cfg), "step": run.step, "nets": nets.state_dict()},
                    run.out / "final_weights.pt")
+    if not world.is_main:
+        distributed.barrier(world)
+        return {}
     run.record(phase="eval", step=run.step, **metrics)
     (run.out / "eval.json").write_text(json.dumps(metrics, indent=2))
     table = format_table({args.method: metrics}, percent=True)
     (run.out / "eval.md").write_text(table + "\n")
     print(table)
+    distributed.barrier(world)
     return metrics
+
+
+def compile_nets(nets: MGMNets) -> None:
+    """torch.compile each network in place (``Module.compile``: state-dict keys unchanged, so
+    checkpoints are the same as without it). Every network is compiled on its own because the
+    schedule calls them separately, with different parameters trainable per sub-step."""
+    mt = nets.multitask
+    for module in [mt.encoder, *mt.decoders.values(), mt.clr_head, nets.refine, nets.bridge,
+                   nets.generator, nets.discriminator]:
+        module.compile()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = setup(args)
+    world, device = distributed.init_from_env(args.device)
     try:
-        train(run)
-    except StopRequested as stop:
-        print(f"stopped after step {stop.args[0]}; continue with: python -m mgm_fast.train --resume {run.out}")
+        run = setup(args, world, device)
+        try:
+            train(run)
+        except StopRequested as stop:
+            run.say(f"stopped after step {stop.args[0]}; continue with: python -m mgm_fast.train --resume {run.out}")
+        except FloatingPointError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+        finally:
+            if run.metrics_file is not None:
+                run.metrics_file.close()
     finally:
-        run.metrics_file.close()
+        distributed.shutdown(world)
     return 0
 
 

@@ -114,3 +114,59 @@ def test_precision_context_really_autocasts():
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
     with train.precision_context("fp32", torch.device("cpu"))():
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
+
+
+def test_compile_trains_like_eager(tmp_path):
+    """--compile (torch.compile of every network, inductor C++ on the CPU) gives the eager
+    losses up to the float reassociation of the compiled kernels."""
+    eager = _run(tmp_path / "eager", "--method", "mt", "--steps", "1")
+    compiled = _run(tmp_path / "compiled", "--method", "mt", "--steps", "1", "--compile")
+    a, b = _loss_rows(eager), _loss_rows(compiled)
+    assert a.keys() == b.keys()
+    for step, row in a.items():
+        for key, value in row.items():
+            assert b[step][key] == pytest.approx(value, rel=1e-4), key
+    assert _weights(eager).keys() == _weights(compiled).keys()  # no _orig_mod prefixes
+
+
+_EXPLODE = ["--method", "mt", "--steps", "3", "--set", "optim.multi_lr=1e30"]  # step 2's loss is inf/NaN
+
+
+def test_nonfinite_loss_stops_naming_step_loss_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", "synthetic:40", "--log-every", "1", "--quiet", "--out", str(out), "--ckpt-every", "1",
+            "--set", "schedule.batch_size=4", *_EXPLODE]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "mt/seg" in err and "not finite at step 2" in err and "ckpt-00000001.pt" in err
+    assert not (out / "final_weights.pt").exists()
+
+
+def test_nonfinite_loss_skip_policy_skips_the_update(tmp_path):
+    skipped = _run(tmp_path / "skip", *_EXPLODE, "--on-nonfinite", "skip")
+    one_step = _run(tmp_path / "one", *_EXPLODE[:2], "--steps", "1", "--set", "optim.multi_lr=1e30")
+    rows = [json.loads(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-2]["skipped"] == {"mt": 2} and "mt/seg" not in rows[-2]
+    # The parameters are those after step 1: the later updates were skipped.
+    a, b = _weights(skipped), _weights(one_step)
+    params = dict(train.build_models(train.preset("tiny").model, ("seg", "depth", "normal")).named_parameters())
+    for key in params:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_every_keeps_best_by_delta_m_against_a_baseline(tmp_path):
+    st = _run(tmp_path / "st", "--method", "st", "--tasks", "seg,depth,normal", "--steps", "2")
+    out = _run(tmp_path / "mt", "--method", "mt", "--steps", "4", "--eval-every", "2", "--baseline", str(st))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["phase"] == "mt/val"]
+    assert [r["step"] for r in val] == [2, 4]
+    baseline = json.loads((st / "eval.json").read_text())
+    for r in val:
+        keys = [k for k in r if k in baseline and k in train.METRIC_DIRECTIONS and baseline[k] != 0]
+        assert len(keys) >= 5
+        assert r["delta_m"] == pytest.approx(train.delta_m(r, baseline, keys=keys))
+    best = max(val, key=lambda r: r["delta_m"])
+    ckpt = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["step"] == best["step"] and ckpt["metrics"]["delta_m"] == pytest.approx(best["delta_m"])
+    with pytest.raises(SystemExit, match="no such run folder"):
+        _run(tmp_path / "bad", "--method", "mt", "--baseline", str(tmp_path / "missing"))

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from mgm_fast import losses
 from mgm_fast.config import Config
 from mgm_fast.data.augment import SimCLRAugment
+from mgm_fast.engine import distributed
+from mgm_fast.engine.distributed import SINGLE, World
 from mgm_fast.models import MGMNets
 from mgm_fast.ops.multitask_loss import multitask_loss as fused_multitask_loss
 
@@ -78,7 +80,12 @@ class StepContext:
 
     ``autocast`` is a factory of the precision context (``contextlib.nullcontext`` for fp32);
     ``scaler`` a GradScaler for fp16 or None; ``aug_generator`` the seeded generator of the
-    SimCLR views; ``totals`` the on-device running sums of every logged loss.
+    SimCLR views; ``totals`` the on-device running sums of every logged loss; ``world`` this
+    process's place in a torchrun job (gradients are averaged over ranks before every
+    optimiser step); ``on_nonfinite`` what a non-finite loss does: ``"stop"`` (the caller
+    checks the logged means every log window and stops) or ``"skip"`` (the sub-step is skipped:
+    no backward, no optimiser step; one host synchronisation per sub-step), ``skipped`` the
+    count of skipped sub-steps per loss name.
     """
 
     cfg: Config
@@ -88,8 +95,11 @@ class StepContext:
     aug_generator: torch.Generator
     autocast: callable = contextlib.nullcontext
     scaler: torch.amp.GradScaler | None = None
+    world: World = SINGLE
+    on_nonfinite: str = "stop"
     totals: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def log(self, name: str, value: Tensor) -> None:
         value = value.detach().float()
@@ -129,20 +139,29 @@ def trainable(ctx: StepContext, *names: str) -> None:
                 p.requires_grad_(flag)
 
 
-def update(ctx: StepContext, loss: Tensor, *optimizers: str) -> None:
-    """zero_grad (set_to_none) of the named optimisers, backward, step each in the given order."""
+def update(ctx: StepContext, loss: Tensor, *optimizers: str, name: str = "") -> bool:
+    """zero_grad (set_to_none) of the named optimisers, backward, average the gradients over
+    the ranks (torchrun), step each optimiser in the given order. Returns False when the
+    sub-step was skipped (``on_nonfinite="skip"`` and a non-finite loss on any rank)."""
     opts = [ctx.optimizers[name] for name in optimizers]
     for opt in opts:
         opt.zero_grad(set_to_none=True)
+    if ctx.on_nonfinite == "skip" and not distributed.all_finite(loss, ctx.world):
+        ctx.skipped[name] = ctx.skipped.get(name, 0) + 1
+        return False
+    params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
     if ctx.scaler is None:
         loss.backward()
+        distributed.all_reduce_grads(params, ctx.world)
         for opt in opts:
             opt.step()
     else:
         ctx.scaler.scale(loss).backward()
+        distributed.all_reduce_grads(params, ctx.world)
         for opt in opts:
             ctx.scaler.step(opt)
         ctx.scaler.update()
+    return True
 
 
 def _normal_target(ctx: StepContext, normal: Tensor) -> Tensor:
@@ -175,12 +194,32 @@ def dense_losses(ctx: StepContext, pred: dict[str, Tensor], batch: dict) -> dict
 
 
 def simclr_loss(ctx: StepContext, images: Tensor) -> Tensor:
-    """NT-Xent between the projections of two augmented views (two encoder passes, as released)."""
+    """NT-Xent between the projections of two augmented views (two encoder passes, as released).
+
+    Under torchrun the negatives are the views of the whole global batch: this rank's 2b rows
+    against the 2N gathered columns, averaged over the local rows (the scaling convention of
+    :mod:`mgm_fast.engine.distributed`), so the averaged gradients equal those of one process
+    with the global batch."""
     v1, v2 = ctx.augment.two_views(images, ctx.aug_generator)
     mt = ctx.nets.multitask
     z1 = mt.project(mt.features(v1))
     z2 = mt.project(mt.features(v2))
-    return losses.ntxent(z1, z2, ctx.cfg.schedule.ntxent_temperature)
+    return ntxent_across_ranks(z1, z2, ctx.cfg.schedule.ntxent_temperature, ctx.world)
+
+
+def ntxent_across_ranks(z1: Tensor, z2: Tensor, tau: float, world: World) -> Tensor:
+    """NT-Xent of this rank's (b, D) view projections with the negatives of all ranks.
+
+    One process: :func:`losses.ntxent`. Under torchrun: this rank's 2b rows against the 2N
+    gathered columns (N = b * world_size), averaged over the local rows -- the local-mean
+    convention of :mod:`mgm_fast.engine.distributed`, so the averaged gradients equal those of
+    one process computing NT-Xent over the global batch."""
+    if not world.enabled:
+        return losses.ntxent(z1, z2, tau)
+    b, n = z1.shape[0], z1.shape[0] * world.world_size
+    cols = torch.cat([distributed.all_gather_cat(z1, world), distributed.all_gather_cat(z2, world)])
+    local = torch.arange(world.rank * b, (world.rank + 1) * b, device=z1.device)
+    return losses.ntxent_rows(torch.cat([z1, z2]), cols, torch.cat([local, local + n]), tau) / (2 * b)
 
 
 def refine_loss(ctx: StepContext, images: Tensor, scenes: Tensor) -> Tensor:
@@ -207,8 +246,8 @@ def d_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
         d_real = nets.discriminator(losses.instance_noise(x, std), y)
         d_fake = nets.discriminator(losses.instance_noise(fake, std), y)
         loss = losses.hinge_d(d_real, d_fake)
-    update(ctx, loss, "D")
-    ctx.log("gan/d", loss)
+    if update(ctx, loss, "D", name="gan/d"):
+        ctx.log("gan/d", loss)
 
 
 def g_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
@@ -222,8 +261,8 @@ def g_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
     with ctx.autocast():
         fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y)
         loss = losses.hinge_g(nets.discriminator(losses.instance_noise(fake, std), y))
-    update(ctx, loss, *(("G", "encoder", "middle") if conditioned else ("G",)))
-    ctx.log("gan/g", loss)
+    if update(ctx, loss, *(("G", "encoder", "middle") if conditioned else ("G",)), name="gan/g"):
+        ctx.log("gan/g", loss)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,9 +276,9 @@ def supervised_step(ctx: StepContext, batch: dict) -> None:
     with ctx.autocast():
         parts = dense_losses(ctx, ctx.nets.multitask(batch["rgb"]), batch)
         loss = sum(parts.values())
-    update(ctx, loss, "multi")
-    for name, value in parts.items():
-        ctx.log(f"mt/{name}", value)
+    if update(ctx, loss, "multi", name="mt"):
+        for name, value in parts.items():
+            ctx.log(f"mt/{name}", value)
 
 
 def refine_step(ctx: StepContext, x: Tensor, y: Tensor, tag: str, update_refine: bool = True) -> None:
@@ -247,8 +286,8 @@ def refine_step(ctx: StepContext, x: Tensor, y: Tensor, tag: str, update_refine:
     trainable(ctx, *(("encoder", "refine") if update_refine else ("encoder",)))
     with ctx.autocast():
         loss = refine_loss(ctx, x, y)
-    update(ctx, loss, *(("post", "encoder") if update_refine else ("encoder",)))
-    ctx.log(f"ref/{tag}", loss)
+    if update(ctx, loss, *(("post", "encoder") if update_refine else ("encoder",)), name=f"ref/{tag}"):
+        ctx.log(f"ref/{tag}", loss)
 
 
 def simclr_step(ctx: StepContext, images: Tensor, tag: str) -> None:
@@ -256,8 +295,8 @@ def simclr_step(ctx: StepContext, images: Tensor, tag: str) -> None:
     trainable(ctx, "encoder", "clr")
     with ctx.autocast():
         loss = simclr_loss(ctx, images)
-    update(ctx, loss, "multi")
-    ctx.log(f"clr/{tag}", loss)
+    if update(ctx, loss, "multi", name=f"clr/{tag}"):
+        ctx.log(f"clr/{tag}", loss)
 
 
 def gan_pretrain_step(ctx: StepContext, batch: dict) -> None:
