@@ -9,6 +9,8 @@ DEPS_STAMP := $(VENV)/.deps-installed
 CMAKE_BUILD ?= build-cmake
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
+BENCH_DEVICE ?= cpu-2core-epyc
+BENCH_DIR := benchmarks/results/$(BENCH_DEVICE)
 
 .PHONY: setup build train info lint native-test test bench clean
 
@@ -43,8 +45,12 @@ native-test: setup
 test: build lint native-test
 	$(BIN)/python -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
+# pytest-benchmark JSON, the environment and the generated report in benchmarks/results/$(BENCH_DEVICE)/
 bench: build
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only
+	mkdir -p $(BENCH_DIR)
+	$(BIN)/python -m pytest -q benchmarks --benchmark-only --benchmark-json=$(BENCH_DIR)/benchmarks.json
+	$(BIN)/python -m mgm_fast.bench env --out $(BENCH_DIR)/env.json > /dev/null
+	$(BIN)/python -m mgm_fast.bench report $(BENCH_DIR) --plots
 
 clean:
 	rm -rf $(CMAKE_BUILD) build mgm_fast/_C*.so *.egg-info
