@@ -33,8 +33,15 @@ def evaluate_nets(nets, loader, num_seg_classes: int, num_scenes: int, with_scen
 
     ``normal_target`` says how the normal decoder was trained: "released01" predictions are in
     the (n + 1) / 2 encoding and are decoded with 2p - 1 before the angles are measured.
-    The networks are put back in training mode afterwards.
+    The networks are put back in training mode afterwards. ``loader`` must be at the start of
+    an epoch (every sample is evaluated exactly once).
     """
+    position = getattr(loader, "position", 0)
+    if position:
+        raise RuntimeError(
+            f"evaluate_nets: the loader is {position} batches into an epoch; the evaluation would "
+            "miss those samples (iterate a fresh loader, or finish the epoch first)"
+        )
     was_training = nets.training
     nets.eval()
     tasks = (*nets.tasks, "scene") if with_scene else tuple(nets.tasks)

@@ -36,7 +36,7 @@ from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.data.loader import make_loader
 from mgm_fast.data.registry import SPEC_FORMS, open_dataset
 from mgm_fast.data.splits import Split, make_split
-from mgm_fast.engine import distributed, schedule
+from mgm_fast.engine import distributed, engines, schedule
 from mgm_fast.engine.checkpoint import (
     CheckpointManager,
     RestoreReport,
@@ -79,11 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size, split over the torchrun ranks (default: preset)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--loader", default="auto", choices=("auto", "memory", "dali", "torch"),
-                   help="data loader (auto: on-device memory when the data fits)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="autocast precision (fp16 uses a GradScaler)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--engine", default="fast", choices=list(engines.ENGINES),
+                   help="how steps execute, never what they compute: fast (default: fused kernels, "
+                        "on-device data and views, no per-step host syncs, bf16 + channels_last on "
+                        "CUDA), reference (the released code's execution), or fast-<ingredient> "
+                        "(fast with that ingredient as in reference); see mgm_fast/engine/engines.py")
+    p.add_argument("--loader", default=None, choices=("auto", "memory", "dali", "torch"),
+                   help="data loader (default: the engine's; auto = on-device memory when the data fits)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision, fp16 with a GradScaler (default: the engine's)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: the engine's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every network (first steps are slower while compiling)")
     p.add_argument("--sync-bn", action="store_true",
@@ -115,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     cfg = preset(args.preset)
-    overrides = list(args.set)
+    overrides = engines.get(getattr(args, "engine", "fast")).config_overrides() + list(args.set)
     if args.batch_size is not None:
         overrides.append(f"schedule.batch_size={args.batch_size}")
     if args.epochs is not None:
@@ -196,6 +202,8 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         scaler=scaler,
         world=run.world,
         on_nonfinite=run.args.on_nonfinite,
+        views=engines.get(run.args.engine).views,
+        readback=engines.get(run.args.engine).readback,
     )
 
 
@@ -349,7 +357,7 @@ def evaluate(run: Run, nets: MGMNets, loader, with_scene: bool) -> dict[str, flo
 
 
 @torch.no_grad()
-def write_samples(run: Run, nets: MGMNets, loader, path: Path, per_scene: int = 6) -> None:
+def write_samples(run: Run, nets: MGMNets, path: Path, per_scene: int = 6) -> None:
     """One row of generated images per scene class; latent z + Mid(E(x)) with x real validation
     images (the phase-B conditioning), E and Mid in eval mode.
 
@@ -362,7 +370,10 @@ def write_samples(run: Run, nets: MGMNets, loader, path: Path, per_scene: int = 
 
     nets.eval()
     generator = distributed.local_copy(nets.generator).train()
-    real = next(iter(loader))["rgb"]
+    # A loader of its own: pulling a batch from the shared validation loader would leave it
+    # mid-epoch and the next evaluation would see only the rest of the split.
+    first = loader_for(run, run.split.val[:per_scene], shuffle=False, drop_last=False, sharded=False)
+    real = next(iter(first))["rgb"]
     rows = []
     for scene in range(run.info.num_scenes):
         x = real[torch.arange(per_scene) % real.shape[0]]
@@ -420,6 +431,13 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     if cfg.schedule.batch_size % world.world_size:
         raise SystemExit(f"--batch-size {cfg.schedule.batch_size} (global) is not divisible by the "
                          f"{world.world_size} torchrun processes")
+    engine = engines.get(args.engine)
+    if args.loader is None:
+        args.loader = engine.loader
+    if args.precision is None:
+        args.precision = engine.resolved_precision(device)
+    if args.channels_last is None:
+        args.channels_last = engine.resolved_channels_last(device)
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
     override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])
@@ -434,7 +452,8 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     if resume_ckpt is None and world.is_main:
         saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at")}
         resolved = {"method": args.method, "tasks": list(tasks), "data": args.data, "seed": args.seed,
-                    "regime": args.regime, "precision": args.precision, "args": saved_args,
+                    "regime": args.regime, "engine": args.engine, "precision": args.precision,
+                    "loader": args.loader, "channels_last": args.channels_last, "args": saved_args,
                     "config": to_dict(cfg)}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         split.to_json(out / "split.json")
@@ -455,37 +474,43 @@ def _new_option_defaults() -> dict:
     return vars(build_parser().parse_args([]))
 
 
+def loader_for(run: Run, ids, shuffle=True, drop_last=True, keys=None, sharded=True):
+    """A loader over ``ids`` of the run's dataset: this rank's shard of the global batch
+    (``sharded``), or the whole batch on every rank (validation)."""
+    s, world = run.cfg.schedule, run.world
+    kw = {"keys": keys} if keys else {}
+    if sharded:
+        kw.update(rank=world.rank, world_size=world.world_size)
+    batch = s.batch_size // world.world_size if sharded else s.batch_size
+    return make_loader(run.dataset, ids, batch, run.device, run.args.seed, loader=run.args.loader,
+                       shuffle=shuffle, drop_last=drop_last, **kw)
+
+
+def build_nets(run: Run, tasks: tuple[str, ...] | None = None) -> MGMNets:
+    """The networks on the run's device and memory format, identical on every rank (broadcast
+    from rank 0), then this rank's own random stream (seed offset per rank)."""
+    args, world = run.args, run.world
+    nets = build_models(run.cfg.model, tasks or run.tasks).to(run.device)
+    if args.channels_last:
+        nets = nets.to(memory_format=torch.channels_last)
+    if args.sync_bn:
+        distributed.convert_sync_batchnorm(nets, world)
+    distributed.broadcast_module(nets, world)
+    if world.rank > 0:
+        torch.manual_seed(world.seed_for(args.seed))
+    if args.compile:
+        compile_nets(nets)
+    return nets
+
+
 def train(run: Run) -> dict[str, float]:
     cfg, args, s, world = run.cfg, run.args, run.cfg.schedule, run.world
-    bs = s.batch_size // world.world_size  # per rank
-
-    def loader_for(ids, shuffle=True, drop_last=True, keys=None, sharded=True):
-        kw = {"keys": keys} if keys else {}
-        if sharded:
-            kw.update(rank=world.rank, world_size=world.world_size)
-        return make_loader(run.dataset, ids, bs if sharded else s.batch_size, run.device, args.seed,
-                           loader=args.loader, shuffle=shuffle, drop_last=drop_last, **kw)
-
-    labelled = loader_for(run.split.train_labelled)
-    val = loader_for(run.split.val, shuffle=False, drop_last=False, sharded=False)
-    ranks = f" | {world.world_size} processes x batch {bs}" if world.enabled else ""
+    labelled = loader_for(run, run.split.train_labelled)
+    val = loader_for(run, run.split.val, shuffle=False, drop_last=False, sharded=False)
+    ranks = f" | {world.world_size} processes x batch {s.batch_size // world.world_size}" if world.enabled else ""
     run.say(f"run folder {run.out} | data {args.data}: {run.split.counts()} | loader {labelled.kind} | "
-            f"device {run.device} | method {args.method}{ranks}")
-
-    def build(tasks=run.tasks):
-        """The networks, identical on every rank (broadcast from rank 0), then this rank's
-        own random stream (seed offset per rank)."""
-        nets = build_models(cfg.model, tasks).to(run.device)
-        if args.channels_last:
-            nets = nets.to(memory_format=torch.channels_last)
-        if args.sync_bn:
-            distributed.convert_sync_batchnorm(nets, world)
-        distributed.broadcast_module(nets, world)
-        if world.rank > 0:
-            torch.manual_seed(world.seed_for(args.seed))
-        if args.compile:
-            compile_nets(nets)
-        return nets
+            f"device {run.device} | method {args.method} | engine {args.engine} ({args.precision}"
+            f"{', channels_last' if args.channels_last else ''}){ranks}")
 
     def validate_fn(nets, with_scene):
         if args.eval_every <= 0 and args.baseline is None:
@@ -499,23 +524,23 @@ def train(run: Run) -> dict[str, float]:
         for index, task in enumerate(run.tasks):
             if f"st-{task}" in results:
                 continue  # trained and evaluated before the interruption
-            nets = build((task,))
+            nets = build_nets(run, (task,))
             ctx = make_context(run, nets)
             phase(run, index, f"st-{task}", ctx, schedule.supervised_step, labelled, s.epochs, results=results)
             results[f"st-{task}"] = evaluate(run, nets, val, with_scene=False) if world.is_main else {}
         metrics = {k: v for r in results.values() for k, v in r.items()}
     else:
-        nets = build()
+        nets = build_nets(run)
         ctx = make_context(run, nets)
         with_scene = args.method in ("mgm", "mgm-light")
         validate = validate_fn(nets, with_scene)
         if args.method == "mgm":
             ran = phase(run, 0, "gan-pretrain", ctx, schedule.gan_pretrain_step, labelled, s.gan_epochs)
             if ran and world.is_main:
-                write_samples(run, nets, val, run.out / "samples" / "gan-pretrain.png")
+                write_samples(run, nets, run.out / "samples" / "gan-pretrain.png")
             phase(run, 1, "mgm", ctx, schedule.mgm_step, labelled, s.epochs, validate=validate)
         elif args.method == "mgm-light":
-            weak = loader_for(run.split.train_weak, keys=("rgb", "scene"))
+            weak = loader_for(run, run.split.train_weak, keys=("rgb", "scene"))
             phase(run, 0, "mgm-light", ctx, schedule.mgm_light_step, labelled, s.epochs, weak=weak,
                   validate=validate)
         else:
@@ -525,7 +550,7 @@ def train(run: Run) -> dict[str, float]:
             return {}
         metrics = evaluate(run, nets, val, with_scene=with_scene)
         if args.method == "mgm":
-            write_samples(run, nets, val, run.out / "samples" / "final.png")
+            write_samples(run, nets, run.out / "samples" / "final.png")
         torch.save({"config": to_dict(cfg), "step": run.step, "nets": nets.state_dict()},
                    run.out / "final_weights.pt")
     if not world.is_main:

@@ -45,3 +45,21 @@ def test_released_checkpoint_through_the_importer(run_dir, tmp_path, capsys):
     assert evaluate.main([str(run_dir / "final_weights.pt"), "--data", "synthetic:40", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)
     assert released == ours  # same weights, same numbers
+
+
+def test_evaluation_refuses_a_loader_in_mid_epoch():
+    from mgm_fast.config import preset
+    from mgm_fast.data.loader import make_loader
+    from mgm_fast.data.registry import open_dataset
+    from mgm_fast.evaluate import evaluate_nets
+    from mgm_fast.models import build_models
+
+    cfg = preset("tiny").model
+    dataset, info = open_dataset("synthetic:12", cfg.image_size)
+    loader = make_loader(dataset, list(range(12)), 4, "cpu", seed=0, shuffle=False, drop_last=False)
+    nets = build_models(cfg)
+    full = evaluate_nets(nets, loader, info.num_seg_classes, info.num_scenes, with_scene=False)
+    assert evaluate_nets(nets, loader, info.num_seg_classes, info.num_scenes, with_scene=False) == full
+    next(iter(loader))
+    with pytest.raises(RuntimeError, match="1 batches into an epoch"):
+        evaluate_nets(nets, loader, info.num_seg_classes, info.num_scenes, with_scene=False)

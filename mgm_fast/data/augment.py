@@ -731,6 +731,22 @@ class SimCLRAugment:
         views = (out[:b], out[b:])
         return (*views, p1, p2) if return_params else views
 
+    def two_views_per_sample(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Two views made the released way: the images copied to the CPU and augmented one at
+        a time with PIL (:func:`pil_views`), then copied back to ``x``'s device. The parameters
+        are drawn exactly as in :meth:`two_views` (same generator, same order), so the two
+        differ only by PIL's uint8 rounding; this is the reference engine's speed baseline.
+
+        Returns:
+            (v1, v2), each (B, 3, oh, ow) float32 in [-1, 1] on ``x``'s device.
+        """
+        _check_images(x)
+        b, _, h, w = x.shape
+        cpu = x.detach().to("cpu")
+        p1 = self.sample_params(b, h, w, generator, "cpu")
+        p2 = self.sample_params(b, h, w, generator, "cpu")
+        return tuple(self.apply_pil(cpu, p).to(x.device) for p in (p1, p2))
+
     def _apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], src: torch.Tensor, select: str):
         """Views of ``x[src[n]]`` through :func:`mgm_fast.ops.simclr_views` with ``self.impl``."""
         return simclr_views(

@@ -19,7 +19,9 @@ Scene model (all units metres, world frame y up)
 Sample format (the project's one format; ``H = W = image_size``)
     ``rgb``          float32 (3, H, W) in [-1, 1]: Lambertian shading (one point light, one
                      directional light, hemispherical ambient, fake corner occlusion), procedural
-                     textures (planks, tiles, stripes, panels), mild fixed-pattern noise, gamma 2.
+                     textures (planks, tiles, stripes, panels), mild fixed-pattern noise, gamma 2;
+                     quantised to 8 bits per channel (``2 * p / 255 - 1``, p in 0..255) as a
+                     camera image is, so storing it as uint8 or PNG loses nothing.
     ``seg``          int64 (H, W) in [0, num_seg_classes). Every pixel of a synthetic image hits
                      a labelled surface, so ``IGNORE_INDEX`` never occurs here: like NYUv2, labels
                      are dense even where the depth sensor has holes. ``IGNORE_INDEX`` is the
@@ -1424,7 +1426,9 @@ def _render_chunk(pk: _Packed, size: int, out: dict, b0: int, pairs: list) -> No
         c = np.sqrt(np.clip(c / (1 + f32(0.25) * c), 0, 1))  # soft highlight roll-off, gamma 2
         c += f32(0.015) * noise[pk.offsets + 5 * ch]
         np.clip(c, 0, 1, out=c)
-        rgb[:, ch] = c * 2 - 1
+        # On the 8-bit grid like a camera image, with the file loaders' float32 formula: every
+        # loader (memory uint8 store, PNG export, DataLoader) then yields bit-identical RGB.
+        rgb[:, ch] = np.rint(c * f32(255)) * f32(1 / 255) * f32(2) - f32(1)
 
     # Masks. Discontinuity: a 4-neighbour on another surface more than 4 % (+2 cm) away.
     d_img = depth.reshape(bsz, size, size)

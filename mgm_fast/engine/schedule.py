@@ -85,7 +85,9 @@ class StepContext:
     optimiser step); ``on_nonfinite`` what a non-finite loss does: ``"stop"`` (the caller
     checks the logged means every log window and stops) or ``"skip"`` (the sub-step is skipped:
     no backward, no optimiser step; one host synchronisation per sub-step), ``skipped`` the
-    count of skipped sub-steps per loss name.
+    count of skipped sub-steps per loss name. ``views`` and ``readback`` are execution
+    choices of the engine (:mod:`mgm_fast.engine.engines`): SimCLR views in one batched pass or
+    per sample with PIL; losses read back once per log window or after every sub-step.
     """
 
     cfg: Config
@@ -97,12 +99,16 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     world: World = SINGLE
     on_nonfinite: str = "stop"
+    views: str = "batched"
+    readback: str = "window"
     totals: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
 
     def log(self, name: str, value: Tensor) -> None:
         value = value.detach().float()
+        if self.readback == "step":  # the released code's per-step .item() (a host sync)
+            value = torch.tensor(value.item())
         self.totals[name] = self.totals[name] + value if name in self.totals else value.clone()
         self.counts[name] = self.counts.get(name, 0) + 1
 
@@ -200,7 +206,10 @@ def simclr_loss(ctx: StepContext, images: Tensor) -> Tensor:
     against the 2N gathered columns, averaged over the local rows (the scaling convention of
     :mod:`mgm_fast.engine.distributed`), so the averaged gradients equal those of one process
     with the global batch."""
-    v1, v2 = ctx.augment.two_views(images, ctx.aug_generator)
+    if ctx.views == "per-sample":
+        v1, v2 = ctx.augment.two_views_per_sample(images, ctx.aug_generator)
+    else:
+        v1, v2 = ctx.augment.two_views(images, ctx.aug_generator)
     mt = ctx.nets.multitask
     z1 = mt.project(mt.features(v1))
     z2 = mt.project(mt.features(v2))

@@ -1,0 +1,99 @@
+"""End to end: MGM joint-training steps (mgm_method.md 3.2, steps 1-6) per engine, data loading
+and SimCLR views included, with the same seed and config for every engine.
+
+Rows: ``reference`` (the released code's execution, the baseline), ``fast``, and the ablations
+``fast-<ingredient>`` (fast with that one ingredient as in reference), so the report shows what
+each ingredient is worth. One timed round = ``STEPS`` consecutive steps pulled from the
+engine's own loader, ending with one read-back of the logged losses (the work is finished when
+the round ends; on CUDA run with ``--benchmark-timer mgm_fast.benchtools.synced_timer``).
+
+CPU: tiny preset, batch 8, 64x64. CUDA: paper preset, batch 32, 128x128. ``flops`` in the
+report is the model FLOPs of one step counted on the reference engine (torch's FLOP counter:
+convolutions and matmuls, forward and backward), so MFU compares engines on the same work.
+
+    pytest benchmarks/test_bench_train_step.py --benchmark-group-by=group
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import pytest
+import torch
+
+from benchmarks.conftest import record_rate
+from mgm_fast import train
+from mgm_fast.engine import engines, schedule
+from mgm_fast.engine.distributed import SINGLE
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+PRESET, BATCH = ("paper", 32) if CUDA else ("tiny", 8)
+STEPS = 4
+ROWS = list(engines.ENGINES)
+
+
+def _prepare(engine: str, out, disabled: bool):
+    args = train.build_parser().parse_args([
+        "--engine", engine, "--preset", PRESET, "--data", f"synthetic:{BATCH * 12}", "--batch-size", str(BATCH),
+        "--device", DEVICE, "--quiet", "--out", str(out), "--regime", "1.0",
+    ])
+    run = train.setup(args, SINGLE, torch.device(DEVICE))
+    run.metrics_file.close()
+    run.metrics_file = None
+    nets = train.build_nets(run)
+    ctx = train.make_context(run, nets)
+    loader = train.loader_for(run, run.split.train_labelled)
+    return run, ctx, _forever(loader)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _steps(ctx: schedule.StepContext, batches, count: int) -> float:
+    for _ in range(count):
+        schedule.mgm_step(ctx, next(batches))
+    means = ctx.pop_means()
+    return float(sum(means.values()))  # one read-back: the round's work is done
+
+
+@functools.cache
+def _model_flops(tmp_root: str) -> int:
+    """FLOPs of one MGM step (reference engine), from torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, ctx, batches = _prepare("reference", f"{tmp_root}/flops", disabled=True)
+    _steps(ctx, batches, 1)  # first step allocates optimiser state
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _steps(ctx, batches, 1)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("engine", ROWS)
+def test_bench_mgm_step(benchmark, engine, tmp_path, tmp_path_factory):
+    disabled = benchmark.disabled
+    if disabled and engine not in ("reference", "fast"):
+        pytest.skip("ablation rows run only when benchmarking (CI runs reference and fast once)")
+    run, ctx, batches = _prepare(engine, tmp_path / engine, disabled)
+    steps = 1 if disabled else STEPS
+    if not disabled:
+        _steps(ctx, batches, 1)  # warm-up: optimiser state, Triton/cuDNN autotuning, allocator
+    benchmark.group = f"MGM step end to end, {DEVICE}, {PRESET} preset, batch {BATCH}, {STEPS} steps/round"
+    value = benchmark.pedantic(_steps, args=(ctx, batches, steps), rounds=1 if disabled else 3, iterations=1)
+    assert value == value, "non-finite losses"  # NaN check: the engines must train
+    extra = dict(engine=engine, baseline=engine == "reference", device=DEVICE, preset=PRESET, batch=BATCH,
+                 precision=run.args.precision, channels_last=run.args.channels_last, loader=run.args.loader,
+                 **{k: getattr(engines.get(engine), k) for k in ("views", "readback", "adam", "loss_impl",
+                                                                   "genblock_impl")})
+    if not disabled:
+        extra["flops"] = _model_flops(str(tmp_path_factory.mktemp("flops"))) * STEPS
+    record_rate(benchmark, BATCH * steps, "images", **extra)
+
+
+def test_engine_rows_cover_every_engine():
+    assert ROWS[:2] == ["reference", "fast"] and len(ROWS) == 2 + len(engines.differing_ingredients())
+    assert isinstance(train.build_parser().parse_args(["--engine", "fast-views"]), argparse.Namespace)

@@ -1,0 +1,102 @@
+"""Engines: how a training step is executed, never what it computes.
+
+Both engines run the same schedule (:mod:`mgm_fast.engine.schedule`) with the same config; they
+differ only in the ingredients below, so comparing them measures the implementation alone:
+
+* ``reference`` -- our faithful plain-PyTorch rendering of the released code's execution:
+  torch DataLoader, SimCLR views made one image at a time with PIL on the CPU (as released),
+  every loss read back to the host after every sub-step (the released ``.item()`` calls),
+  reference losses and GenBlocks, for-loop Adam, fp32, NCHW.
+* ``fast`` -- on-device memory loader (or DALI / DataLoader when the data does not fit),
+  batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, fused
+  losses and GenBlocks (``impl="auto"``), foreach (CPU) / fused (CUDA) Adam, bf16 autocast and
+  channels_last on CUDA (fp32, NCHW on the CPU).
+
+``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
+(the ablation rows of the end-to-end benchmark). Explicit command-line options (``--loader``,
+``--precision``, ``--channels-last``) and ``--set`` overrides win over the engine's choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+INGREDIENTS = ("loader", "views", "readback", "adam", "loss_impl", "genblock_impl", "precision",
+               "channels_last")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The execution ingredients of a training run.
+
+    Attributes:
+        loader: ``make_loader`` kind ("auto" | "memory" | "dali" | "torch").
+        views: "batched" (one batched pass through ops.simclr_views on the images' device) or
+            "per-sample" (PIL, one image at a time on the CPU, then copied to the device).
+        readback: "window" (losses stay on the device, read once per log window) or "step"
+            (every logged loss is read back to the host right after its sub-step).
+        adam: ``OptimConfig.implementation``.
+        loss_impl: ``ScheduleConfig.loss_impl``.
+        genblock_impl: ``ModelConfig.genblock_impl``.
+        precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
+        channels_last: True / False, or None: on CUDA only.
+    """
+
+    name: str
+    loader: str
+    views: str
+    readback: str
+    adam: str
+    loss_impl: str
+    genblock_impl: str
+    precision: str | None
+    channels_last: bool | None
+
+    def resolved_precision(self, device: torch.device) -> str:
+        if self.precision is not None:
+            return self.precision
+        return "bf16" if device.type == "cuda" else "fp32"
+
+    def resolved_channels_last(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.channels_last is None else self.channels_last
+
+    def config_overrides(self) -> list[str]:
+        """``--set`` style overrides of the config fields this engine chooses."""
+        return [
+            f"optim.implementation={self.adam}",
+            f"schedule.loss_impl={self.loss_impl}",
+            f"model.genblock_impl={self.genblock_impl}",
+        ]
+
+
+REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", adam="for-loop",
+                   loss_impl="reference", genblock_impl="reference", precision="fp32", channels_last=False)
+FAST = Engine("fast", loader="auto", views="batched", readback="window", adam="auto", loss_impl="auto",
+              genblock_impl="reference", precision=None, channels_last=None)
+
+
+def differing_ingredients() -> list[str]:
+    """The ingredients in which ``fast`` differs from ``reference``."""
+    return [f for f in INGREDIENTS if getattr(FAST, f) != getattr(REFERENCE, f)]
+
+
+def _ablations() -> dict[str, Engine]:
+    out = {}
+    for field in differing_ingredients():
+        name = f"fast-{field.replace('_', '-')}"
+        out[name] = dataclasses.replace(FAST, name=name, **{field: getattr(REFERENCE, field)})
+    return out
+
+
+ENGINES: dict[str, Engine] = {"reference": REFERENCE, "fast": FAST, **_ablations()}
+"""Every engine by name: reference, fast, and fast-<ingredient> (that ingredient as in reference)."""
+
+
+def get(name: str) -> Engine:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}") from None

@@ -1,0 +1,96 @@
+"""Engines change how a step executes, never what it computes."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+
+from mgm_fast import train
+from mgm_fast.data.augment import SimCLRAugment
+from mgm_fast.engine import engines
+
+
+def test_ablations_differ_from_fast_in_exactly_one_ingredient():
+    fast, ref = engines.FAST, engines.REFERENCE
+    differing = engines.differing_ingredients()
+    assert {"loader", "views", "readback", "adam", "loss_impl", "precision", "channels_last"} <= set(differing)
+    assert len(engines.ENGINES) == 2 + len(differing)
+    for field in differing:
+        engine = engines.get(f"fast-{field.replace('_', '-')}")
+        changed = [f for f in engines.INGREDIENTS if getattr(engine, f) != getattr(fast, f)]
+        assert changed == [field] and getattr(engine, field) == getattr(ref, field)
+    with pytest.raises(ValueError, match="unknown engine"):
+        engines.get("turbo")
+
+
+def test_engine_defaults_depend_on_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engines.FAST.resolved_precision(cpu) == "fp32" and engines.FAST.resolved_precision(cuda) == "bf16"
+    assert not engines.FAST.resolved_channels_last(cpu) and engines.FAST.resolved_channels_last(cuda)
+    assert engines.REFERENCE.resolved_precision(cuda) == "fp32"
+    fields = dict(o.split("=") for o in engines.REFERENCE.config_overrides())
+    assert fields == {"optim.implementation": "for-loop", "schedule.loss_impl": "reference",
+                      "model.genblock_impl": "reference"}
+
+
+def test_per_sample_views_use_the_same_parameters_as_batched_views():
+    aug = SimCLRAugment()
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    a = aug.two_views(x, torch.Generator().manual_seed(3))
+    b = aug.two_views_per_sample(x, torch.Generator().manual_seed(3))
+    for batched, pil in zip(a, b, strict=True):
+        assert pil.shape == batched.shape and pil.dtype == torch.float32
+        assert (pil - batched).abs().mean() < 0.03  # PIL's uint8 rounding between steps
+    c = aug.two_views_per_sample(x, torch.Generator().manual_seed(4))
+    assert (c[0] - b[0]).abs().mean() > 0.1  # a different draw is really different
+
+
+def _run(tmp_path, engine, method, steps=2, *extra):
+    out = tmp_path / engine
+    argv = ["--engine", engine, "--method", method, "--data", "synthetic:40", "--steps", str(steps),
+            "--log-every", "1", "--quiet", "--out", str(out), "--set", "schedule.batch_size=4", *extra]
+    assert train.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, [r for r in rows if r["phase"] == method]
+
+
+def test_reference_and_fast_engines_compute_the_same_losses(tmp_path):
+    """Same seed, same config, first step (later steps start from weights that Adam's
+    first updates, lr * g / (|g| + eps), have moved by rounding-level differences): every loss
+    agrees to float rounding; with batched views the SimCLR losses differ only through PIL's
+    uint8 rounding of the views, and with the released per-sample views (``fast-views``) they
+    agree too."""
+    ref_out, ref = _run(tmp_path, "reference", "mgm-light", 1)
+    _, fast = _run(tmp_path, "fast", "mgm-light", 1)
+    _, fast_views = _run(tmp_path, "fast-views", "mgm-light", 1)
+    before_views = ("mt/seg", "mt/depth", "mt/normal", "ref/real")
+    for key in before_views:
+        assert fast[0][key] == pytest.approx(ref[0][key], rel=1e-5), key
+    for key in ("clr/real", "clr/weak"):
+        assert fast[0][key] == pytest.approx(ref[0][key], rel=0.05), key
+    for key in (*before_views, "clr/real", "ref/weak", "clr/weak"):
+        assert fast_views[0][key] == pytest.approx(ref[0][key], rel=1e-4), key
+    cfg = yaml.safe_load((ref_out / "config.yaml").read_text())
+    assert (cfg["engine"], cfg["loader"], cfg["precision"], cfg["channels_last"]) == ("reference", "torch", "fp32", False)
+    assert cfg["config"]["optim"]["implementation"] == "for-loop"
+    assert cfg["config"]["schedule"]["loss_impl"] == "reference"
+
+
+def test_explicit_options_win_over_the_engine(tmp_path):
+    out, rows = _run(tmp_path, "reference", "mt", 1, "--loader", "memory", "--set", "schedule.loss_impl=auto")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["loader"] == "memory" and cfg["config"]["schedule"]["loss_impl"] == "auto"
+    assert rows
+
+
+def test_step_readback_logs_the_same_values():
+    from mgm_fast.engine.schedule import StepContext
+
+    ctx = StepContext(cfg=None, nets=None, optimizers={}, augment=None, aug_generator=None)
+    step = dataclasses.replace(ctx, readback="step")
+    for c in (ctx, step):
+        c.log("a", torch.tensor(1.5))
+        c.log("a", torch.tensor(2.5))
+    assert float(ctx.pop_means()["a"]) == float(step.pop_means()["a"]) == 2.0
