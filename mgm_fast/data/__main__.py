@@ -1,4 +1,4 @@
-"""Command line for datasets: ``python -m mgm_fast.data {export,check,show} ...``.
+"""Command line for datasets: ``python -m mgm_fast.data {export,check,show,prepare-nyuv2} ...``.
 
 export --synthetic N --out DIR --layout official|mtan [--size 64] [--seed 0]
     write N procedural scenes in a file layout, so the file loaders can be exercised (and
@@ -7,6 +7,9 @@ check DIR --layout official|mtan|taskonomy [--size N]
     decode and validate every sample, print a summary; exit status 1 on any problem.
 show DIR_OR_SPEC --out sheet.png [--layout ...] [-n 8]
     contact sheet (RGB | segmentation | depth | normals) of the first samples.
+prepare-nyuv2 nyu_depth_v2_labeled.mat --out DIR [--splits splits.mat] [--layout official|mtan]
+              [--size 128|288x384|native] [--classes 40|13] [--scene-set 27|10] [--check] ...
+    convert the NYUv2 labelled release into a dataset folder (mgm_fast.data.nyuv2).
 """
 
 from __future__ import annotations
@@ -111,6 +114,46 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_prepare_nyuv2(args) -> int:
+    from mgm_fast.data.nyuv2 import prepare_nyuv2
+
+    summary = prepare_nyuv2(
+        args.mat,
+        args.out,
+        splits=args.splits,
+        layout=args.layout,
+        size=args.size,
+        classes=args.classes,
+        scene_set=args.scene_set,
+        depth=args.depth,
+        crop=args.crop,
+        normals=args.normals,
+        limit=args.limit,
+        labelled_fraction=args.labelled_fraction,
+        split_seed=args.split_seed,
+        allow_invalid_depth=args.allow_invalid_depth,
+        check_names=not args.skip_names_check,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    if not args.check:
+        return 0
+    from mgm_fast.data.check import check_dataset, format_summary
+
+    status = 0
+    parts = [None] if args.layout == "official" else ["train", "val"]
+    for part in parts:
+        spec = f"official:{args.out}" if part is None else f"mtan:{args.out}:{part}"
+        result = check_dataset(spec, image_size=None, raise_on_error=False)
+        print(f"check {spec}:")
+        print(format_summary(result))
+        if result["num_problems"] or result["num_ok"] != (
+            summary["frames"] if part is None else summary["frames_per_split"][part]
+        ):
+            status = 1
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mgm_fast.data",
@@ -118,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Dataset specs: synthetic[:N] | official:DIR | mtan:DIR[:train|val] | taskonomy:DIR",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{export,check,show}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{export,check,show,prepare-nyuv2}")
 
     e = sub.add_parser(
         "export",
@@ -198,6 +241,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-scenes", action="store_true", help="mtan/taskonomy: load without scene labels")
     s.set_defaults(func=cmd_show)
+
+    n = sub.add_parser(
+        "prepare-nyuv2",
+        help="convert the NYUv2 labelled release (nyu_depth_v2_labeled.mat) into a dataset folder",
+        description="Read nyu_depth_v2_labeled.mat (MATLAB v7.3 / HDF5, needs h5py) and the optional "
+        "official split (splits.mat), map the 894 raw labels to the 40 (Gupta et al.) or 13 (Couprie "
+        "et al.) classes and the scene types to 27 or 10 scene classes, compute surface normals from the "
+        "depth (or take precomputed ones), resize, and write the official folder layout or the MTAN "
+        "layout with a manifest. Tables, intrinsics and methods: mgm_fast/data/nyuv2.py.",
+    )
+    n.add_argument("mat", metavar="MAT", help="nyu_depth_v2_labeled.mat")
+    n.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
+    n.add_argument(
+        "--splits", metavar="SPLITS_MAT", help="official split file splits.mat (trainNdxs/testNdxs)"
+    )
+    n.add_argument(
+        "--layout", choices=("official", "mtan"), default="official", help="output layout (default official)"
+    )
+    n.add_argument(
+        "--size", default="128", help="output size: N (N x N), HxW (e.g. 288x384) or native (default 128)"
+    )
+    n.add_argument("--classes", type=int, choices=(40, 13), default=40, help="class set (default 40)")
+    n.add_argument(
+        "--scene-set", type=int, choices=(27, 10), default=27, help="27 scene types or the 10-type grouping"
+    )
+    n.add_argument(
+        "--depth",
+        choices=("filled", "raw"),
+        default="filled",
+        help="depth map: filled (in-painted 'depths', default) or raw ('rawDepths', holes masked)",
+    )
+    n.add_argument(
+        "--crop",
+        choices=("none", "toolbox"),
+        default="none",
+        help="none (full 480x640, default) or toolbox (427x561 region of get_projection_mask.m)",
+    )
+    n.add_argument(
+        "--normals",
+        metavar="PATH",
+        help="precomputed normals: folder of <frame>.npy/.png (0001 = frame 1) or one (N, H, W, 3) .npy",
+    )
+    n.add_argument("--limit", type=int, default=None, help="convert only frames 1..LIMIT (a quick trial)")
+    n.add_argument(
+        "--labelled-fraction",
+        type=float,
+        default=1.0,
+        help="split.json: labelled fraction of the train frames (default 1.0)",
+    )
+    n.add_argument("--split-seed", type=int, default=0, help="split.json: seed of the labelled subset")
+    n.add_argument(
+        "--allow-invalid-depth", action="store_true", help="mask NaN / negative depth instead of failing"
+    )
+    n.add_argument(
+        "--skip-names-check",
+        action="store_true",
+        help="do not check the file's raw class names against the 894 -> 40 table",
+    )
+    n.add_argument(
+        "--workers", type=int, default=None, help="frames processed in parallel (default min(4, CPUs))"
+    )
+    n.add_argument("--check", action="store_true", help="run the check command on the output afterwards")
+    n.add_argument("--quiet", action="store_true", help="no progress bar")
+    n.set_defaults(func=cmd_prepare_nyuv2)
     return p
 
 
