@@ -441,7 +441,7 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
     override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])
-    ids = [dataset.sample_id(i) if hasattr(dataset, "sample_id") else dataset[i]["id"] for i in range(len(dataset))]
+    ids = [dataset.sample_id(i) for i in range(len(dataset))]
     if args.split:
         split = Split.from_json(args.split, dataset_ids=ids)
     else:

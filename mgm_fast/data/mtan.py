@@ -232,6 +232,10 @@ class MTANDataset(torch.utils.data.Dataset):
     def files(self, i: int) -> dict[str, Path]:
         return {mod: self.dir / mod / f"{i}.npy" for mod in _MODS}
 
+    def sample_id(self, i: int) -> str:
+        """``<split>/<index>``, the id :meth:`__getitem__` gives sample ``i`` (no file read)."""
+        return f"{self.split}/{i}"
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(f"MTANDataset: index {i} out of range for {self.n} samples")
@@ -292,7 +296,7 @@ class MTANDataset(torch.utils.data.Dataset):
             normal=normal,
             normal_valid=normal_valid,
             scene=scene,
-            sample_id=f"{self.split}/{i}",
+            sample_id=self.sample_id(i),
             size=self.size,
             source=source,
         )

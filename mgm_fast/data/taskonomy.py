@@ -452,8 +452,13 @@ class TaskonomyDataset(torch.utils.data.Dataset):
     def files(self, i: int) -> dict[str, Path]:
         return dict(self.records[i][3])
 
+    def sample_id(self, i: int) -> str:
+        """``<building>/point_<p>_view_<v>``, the id :meth:`__getitem__` gives sample ``i``."""
+        b, p, v, _ = self.records[i]
+        return f"{b}/point_{p}_view_{v}"
+
     def __getitem__(self, i: int) -> dict:
-        b, p, v, paths = self.records[i]
+        paths = self.records[i][3]
         rgb01 = image_to_rgb01(read_image(paths["rgb"], "RGB image"), paths["rgb"])
         seg_img = read_image(paths["segment_semantic"], "segment_semantic")
         if seg_img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
@@ -483,7 +488,7 @@ class TaskonomyDataset(torch.utils.data.Dataset):
         scene = self._scene_of(paths["class_scene"]) if self.use_scenes else -1
         if self.use_scenes and scene < 0:  # only reachable in drop mode if files changed after indexing
             raise DataError(f"{paths['class_scene']}: scene is outside scene_classes (the file changed?)")
-        sid = f"{b}/point_{p}_view_{v}"
+        sid = self.sample_id(i)
         source = f"{self.root}: view {sid} ({paths['rgb']})"
         sample = make_sample(
             rgb01=rgb01,

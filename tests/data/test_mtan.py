@@ -56,7 +56,7 @@ def test_round_trip(written):
         assert ds.info.scene_names == tuple(SCENES)
         for i, want in enumerate(data):
             got = ds[i]
-            assert got["id"] == f"{split}/{i}"
+            assert got["id"] == f"{split}/{i}" == ds.sample_id(i)
             assert torch.equal(got["seg"], want["seg"])
             assert torch.equal(got["depth"], want["depth"]) and torch.equal(
                 got["depth_mask"], want["depth_mask"]

@@ -132,6 +132,7 @@ def test_round_trip_both_layouts_and_omnitools_level(tmp_path):
         ds = TaskonomyDataset(root, image_size=None)
         assert ds.folder_layout == layout and ds.buildings == ["allensville", "beechwood"]
         got = {ds[i]["id"]: ds[i] for i in range(len(ds))}
+        assert list(got) == [ds.sample_id(i) for i in range(len(ds))]
         for b, items in data.items():
             start = 0 if b == "allensville" else 10
             for k, want in enumerate(items):
