@@ -71,6 +71,9 @@ pybind11::dict build_info() {
   pybind11::list ops;
   ops.append("multitask_loss");
   ops.append("simclr_views");
+  ops.append("ntxent");
+  ops.append("gan_noise");
+  ops.append("genblock");
   info["ops"] = ops;
   return info;
 }
@@ -87,7 +90,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How this extension was built: compiler, OpenMP, torch version, CUDA sources.");
   mgm_fast::bindings::register_multitask_loss(m);
   mgm_fast::bindings::register_simclr_views(m);
+  mgm_fast::bindings::register_ntxent(m);
+  mgm_fast::bindings::register_gan_noise(m);
+  mgm_fast::bindings::register_genblock(m);
 #ifdef MGM_FAST_WITH_CUDA
   mgm_fast::bindings::register_multitask_loss_cuda(m);
+  mgm_fast::bindings::register_ntxent_cuda(m);
+  mgm_fast::bindings::register_genblock_cuda(m);
 #endif
 }

@@ -13,9 +13,25 @@ void register_multitask_loss(pybind11::module_& m);
 /// csrc/bindings/simclr_views.cpp: simclr_views_cpu
 void register_simclr_views(pybind11::module_& m);
 
+/// csrc/bindings/genblock.cpp: cbn_relu_conv_{forward,backward}_cpu, genblock_{forward,backward}_cpu
+void register_genblock(pybind11::module_& m);
+
+/// csrc/bindings/ntxent.cpp: ntxent_rows_cpu_forward, ntxent_rows_cpu_backward
+void register_ntxent(pybind11::module_& m);
+
+/// csrc/bindings/gan_noise.cpp: instance_noise_cpu
+void register_gan_noise(pybind11::module_& m);
+
 #ifdef MGM_FAST_WITH_CUDA
+/// csrc/bindings/cuda/ntxent_cuda.cpp: ntxent_rows_cuda_forward, ntxent_rows_cuda_backward
+void register_ntxent_cuda(pybind11::module_& m);
+
 /// csrc/bindings/cuda/multitask_loss_cuda.cpp: multitask_loss_cuda, multitask_loss_scale_grad_cuda
 void register_multitask_loss_cuda(pybind11::module_& m);
+
+/// csrc/bindings/cuda/genblock_cuda.cpp: cbn_relu_conv_{forward,backward}_cuda,
+/// genblock_{forward,backward}_cuda
+void register_genblock_cuda(pybind11::module_& m);
 #endif
 
 }  // namespace bindings

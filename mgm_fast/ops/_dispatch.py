@@ -39,6 +39,8 @@ class Backend:
         availability: returns why the backend cannot run at all in this process (extension not
             built, no GPU, Triton missing), or None when it can.
         extra_check: optional per-input check returning further reasons.
+        auto_exclusion: why ``impl="auto"`` must not pick this backend although it can run
+            (e.g. Triton kernels on the CPU interpreter, a correctness tool), or None.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     availability: Callable[[], str | None] = lambda: None
     extra_check: Callable[..., list[str]] | None = None
+    auto_exclusion: Callable[[], str | None] = lambda: None
 
     def unavailable_reason(self) -> str | None:
         return self.availability()
@@ -96,6 +99,9 @@ class FusedOp:
                 if backend is None:
                     continue
                 why = backend.not_supported_reasons(*args, **kwargs)
+                excluded = backend.auto_exclusion()
+                if excluded:
+                    why = [*why, excluded]
                 if not why:
                     return backend
                 reasons[name] = why
@@ -151,4 +157,24 @@ def triton_reason() -> str | None:
         return None
     if not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_devices() -> tuple[str, ...]:
+    """Tensor devices Triton kernels accept in this process: CPU tensors under the
+    interpreter, CUDA tensors otherwise."""
+    return ("cpu",) if triton_interpreting() else ("cuda",)
+
+
+def triton_auto_exclusion() -> str | None:
+    """Under the interpreter a Triton backend runs only when forced: ``auto`` never picks it."""
+    if triton_interpreting():
+        return "Triton runs on the CPU interpreter here (TRITON_INTERPRET=1): only when forced"
     return None

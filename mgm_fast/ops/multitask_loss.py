@@ -1,8 +1,8 @@
 """Fused MGM dense losses: segmentation CE + depth L1 + normal L1 in one call.
 
 ``multitask_loss(...)`` has the signature and semantics of :func:`mgm_fast.losses.multitask_loss`
-(the plain-PyTorch reference) plus ``impl="auto" | "reference" | "cpp" | "cuda"``, and returns the
-tuple ``(seg, depth, normal)`` of 0-dim float32 losses (L_mt = seg + depth + normal).
+(the plain-PyTorch reference) plus ``impl="auto" | "reference" | "triton" | "cpp" | "cuda"``, and
+returns the tuple ``(seg, depth, normal)`` of 0-dim float32 losses (L_mt = seg + depth + normal).
 
 Shapes: B batch, C classes, H x W pixels.
 
@@ -42,6 +42,12 @@ gradients by grad_output:
   multitask_loss call once the GPU has finished the faulty one (non-blocking check), or by
   :func:`check_cuda_label_errors`; set ``MGM_FAST_SYNC_LABEL_CHECK=1`` to check right after
   every call (one host synchronisation per call).
+* ``triton`` -- the same design as ``cuda`` in Triton (mgm_fast/ops/_triton/multitask_loss.py):
+  float32/float16/bfloat16, tiles of pixels x all classes, float32 unscaled buffers rescaled on
+  the device in backward, deterministic float64 reductions, no host synchronisation; label
+  errors are reported like ``cuda`` on the GPU (immediately on CPU tensors). It runs on CUDA
+  tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (then only when forced: ``auto``
+  never picks the interpreter).
 * ``reference`` -- :func:`mgm_fast.losses.multitask_loss`, any device and float dtype.
 
 The fused backends differentiate w.r.t. the three predictions only; inputs where a target or
@@ -59,7 +65,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mgm_fast import _native
-from mgm_fast.ops._dispatch import Backend, FusedOp, register_op
+from mgm_fast.ops._dispatch import (
+    Backend,
+    FusedOp,
+    register_op,
+    triton_auto_exclusion,
+    triton_devices,
+    triton_reason,
+)
 
 __all__ = ["OP", "check_cuda_label_errors", "multitask_loss"]
 
@@ -186,14 +199,16 @@ class _LabelErrorWatch:
     def __init__(self) -> None:
         self._pending: collections.deque = collections.deque()
 
-    def submit(self, record: torch.Tensor, shape: tuple, ignore_index: int | None) -> None:
+    def submit(
+        self, record: torch.Tensor, shape: tuple, ignore_index: int | None, backend: str = "cuda"
+    ) -> None:
         if torch.cuda.is_current_stream_capturing():
             return  # inside a CUDA graph only the NaN loss reports it
         host = torch.empty(2, dtype=torch.int64, pin_memory=True)
         host.copy_(record, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending.append((event, host, shape, ignore_index))
+        self._pending.append((event, host, shape, ignore_index, backend))
         if os.environ.get("MGM_FAST_SYNC_LABEL_CHECK") == "1":
             self.check(block=True)
         elif len(self._pending) > self.max_pending:
@@ -201,7 +216,7 @@ class _LabelErrorWatch:
 
     def check(self, block: bool, at_least_one: bool = False) -> None:
         while self._pending:
-            event, host, shape, ignore_index = self._pending[0]
+            event, host, shape, ignore_index, backend = self._pending[0]
             if not (block or at_least_one) and not event.query():
                 return
             event.synchronize()
@@ -218,7 +233,7 @@ class _LabelErrorWatch:
                     else "(no ignore_index is set)"
                 )
                 raise ValueError(
-                    f"multitask_loss (cuda backend): seg_target held label {label} at "
+                    f"multitask_loss ({backend} backend): seg_target held label {label} at "
                     f"(b={b}, h={h}, w={w}), outside the class range [0, {classes}) {why}; "
                     "the segmentation loss of that call is NaN (detected after the call "
                     "returned; MGM_FAST_SYNC_LABEL_CHECK=1 checks at every call)"
@@ -229,8 +244,8 @@ _LABEL_WATCH = _LabelErrorWatch()
 
 
 def check_cuda_label_errors() -> None:
-    """Waits for every pending CUDA multitask_loss call and raises ValueError if one of them
-    met a label outside [0, C) that is not the ignore index."""
+    """Waits for every pending CUDA multitask_loss call (cuda and triton backends) and raises
+    ValueError if one of them met a label outside [0, C) that is not the ignore index."""
     _LABEL_WATCH.check(block=True)
 
 
@@ -294,6 +309,33 @@ def _cuda(*args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
+# triton
+
+
+def _triton_record(record: torch.Tensor, shape: tuple, ignore_index: int | None) -> None:
+    """Label errors of the triton backend: reported without blocking on CUDA, at once on CPU."""
+    if record.is_cuda:
+        _LABEL_WATCH.check(block=False)
+        _LABEL_WATCH.submit(record, shape, ignore_index, backend="triton")
+        return
+    pixel, label = (int(v) for v in record)
+    if pixel >= 0:
+        _, classes, height, width = shape
+        b, h, w = pixel // (height * width), (pixel // width) % height, pixel % width
+        why = f"and is not the ignore_index {ignore_index}" if ignore_index is not None else "(no ignore_index is set)"
+        raise ValueError(
+            f"multitask_loss (triton backend): seg_target holds label {label} at (b={b}, h={h}, w={w}), "
+            f"outside the class range [0, {classes}) {why}"
+        )
+
+
+def _triton(*args, **kwargs):
+    from mgm_fast.ops._triton.multitask_loss import TritonMultitaskLoss
+
+    return TritonMultitaskLoss.apply(*_ordered(_bind(args, kwargs)), _triton_record)
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 
 
@@ -354,6 +396,19 @@ OP.register(
 )
 
 
+OP.register(
+    Backend(
+        name="triton",
+        fn=_triton,
+        devices=triton_devices(),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        availability=triton_reason,
+        extra_check=_fused_reasons,
+        auto_exclusion=triton_auto_exclusion,
+    )
+)
+
+
 def multitask_loss(
     seg_logits: torch.Tensor,
     depth_pred: torch.Tensor,
@@ -370,8 +425,8 @@ def multitask_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(seg, depth, normal) 0-dim float32 losses; see the module docstring for the formulas.
 
-    ``impl="auto"`` takes the first of cuda, cpp, reference that supports the inputs; a forced
-    backend that cannot run them raises :class:`~mgm_fast.ops.BackendUnavailable` with why.
+    ``impl="auto"`` takes the first of cuda, triton, cpp, reference that supports the inputs (never
+    Triton on the CPU interpreter); a forced backend that cannot run them raises :class:`~mgm_fast.ops.BackendUnavailable` with why.
     """
     return OP(
         seg_logits,

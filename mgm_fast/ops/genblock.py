@@ -1,0 +1,751 @@
+"""The fused SAGAN GenBlock and its building piece, with reference / cpp / cuda / triton backends.
+
+A GenBlock (mgm_method.md 1.4) maps x (B, Cin, H, W) and scene labels y (B,) int64 to
+(B, Cout, 2H, 2W)::
+
+    main     = conv3x3_2( relu( CBN2( conv3x3_1( up2( relu( CBN1(x, y) ) ) ), y ) ) )
+    shortcut = conv1x1_0( up2(x) )
+    out      = main + shortcut
+
+CBN(t, y) = gamma[y] * BN(t) + beta[y]: BatchNorm2d without affine (batch statistics in training,
+running statistics in eval), then per-sample rows gamma = embed[y, :C], beta = embed[y, C:] of a
+plain Embedding(num_classes, 2C). up2 is nearest-neighbour upsampling x2. The ops take the
+*effective* weights: spectral normalisation (W / sigma and its power iteration) stays in the
+modules (:mod:`mgm_fast.models.layers`); gradients reach ``weight_orig`` through autograd.
+
+Public functions:
+
+* :func:`genblock` -- the whole block (op ``genblock``).
+* :func:`cbn_relu_conv3x3` -- one piece, ``conv3x3(up2_if(relu(gamma * BN(x) + beta))) (+ residual)``
+  with per-sample gamma/beta (B, C) (op ``cbn_relu_conv3x3``); a GenBlock is two pieces, and the
+  generator's output head (BatchNorm2d, ReLU, conv3x3) is one (gamma/beta = the BN affine
+  parameters expanded to (B, C)).
+* :func:`phase_weights`, :func:`up2_conv3x3`, :func:`up2_conv1x1` -- the exact rewrites below in
+  plain torch (the fused backends implement them in their kernels; tests check the identities).
+
+Exact rewrites used by the fused backends (DESIGN.md principle 4):
+
+1. **Nearest-2x then 3x3 conv = four phase-wise 2x2 convs on the low-resolution input.** With
+   u = up2(a), u[Y, X] = a[Y // 2, X // 2], and zero padding 1, output pixel (2i+p, 2j+q) reads
+   u rows 2i+p-1 .. 2i+p+1, i.e. low-resolution rows i-1+p+r for r in {0, 1}, where the 3x3 row
+   taps group as ``G(p=0) = [{0}, {1, 2}]`` and ``G(p=1) = [{0, 1}, {2}]`` (columns alike, with q).
+   So ``out[2i+p, 2j+q] = sum_{r,s} Wpq[r, s] . a[i-1+p+r, j-1+q+s]`` with
+   ``Wpq[r, s] = sum_{ky in G(p)[r], kx in G(q)[s]} W[ky, kx]`` (zero padding of a stays exact:
+   padded rows of u are exactly the rows -1 and H of a). One 2x2 conv with padding 1 and
+   4*Cout output channels ``Wp[(2p+q)*Cout + o]`` gives P (B, 4*Cout, H+1, W+1), and
+   ``out[:, o, 2i+p, 2j+q] = P[:, (2p+q)*Cout + o, i+p, j+q]``. That is 16 instead of 36 taps
+   per output pixel (2.25x fewer FLOPs), and the upsampled tensor is never written.
+2. **A 1x1 conv commutes with nearest upsampling**: ``conv1x1(up2(x)) = up2(conv1x1(x))``, 4x
+   fewer FLOPs; the fused backends add the low-resolution shortcut in the epilogue of the second
+   conv, reading each value for its 2x2 output block.
+3. **Prologue fusion**: ``relu(gamma * (x - mean) * rstd + beta) = relu(x * scale + shift)`` with
+   ``scale = gamma * rstd``, ``shift = beta - mean * scale`` (B, C), applied while the conv input
+   is loaded; batch statistics come from one fused reduction (the statistics of h are computed
+   in the epilogue that writes h).
+
+Semantics kept exactly (all backends): training mode uses batch statistics (biased variance) in
+the forward and differentiates through them; the running statistics are updated as
+``torch.nn.BatchNorm2d`` does -- ``num_batches_tracked += 1``, ``r = (1 - m) r + m * stat`` with
+the unbiased variance, m = ``momentum`` (released: 0.001 for CBN, 1e-4 for the output BN) or
+1 / num_batches_tracked when ``momentum`` is None. Eval mode normalises with the running
+statistics, which are constants. Training needs more than one value per channel (B*H*W > 1).
+
+Backward (cpp / cuda / triton): dx through the batch statistics, dW, dbias of every conv,
+dgamma/dbeta -- for :func:`genblock` scattered into the embedding rows of y -- using
+``dz = dact * [act > 0]``, ``xhat = (x - mean) * rstd``, ``dbeta = sum_hw dz``,
+``dgamma = sum_hw dz * xhat``, ``dx = rstd * (gamma dz - mean_bhw(gamma dz) - xhat * mean_bhw(gamma dz xhat))``
+(eval: ``dx = scale * dz``). The fused backends are once-differentiable (no double backward).
+
+Backends (``impl=``; ``"auto"`` takes cuda, triton, cpp, reference in that order, the first that
+supports the inputs; ``auto`` never takes the Triton interpreter):
+
+* ``reference`` -- plain PyTorch, exactly the released computation (upsample, then convs), any
+  device and float dtype. :func:`mgm_fast.models.gan.genblock_reference` is its module twin.
+* ``cpp`` -- CPU, float32/float64: oneDNN convs on channels_last buffers with rewrites 1 and 2,
+  and the C++ kernels of csrc/kernels/cpu/genblock.* for statistics, prologue, epilogues (bias,
+  interleave, residual, fused statistics) and the backward reductions; bit-reproducible for any
+  thread count. Not under CPU autocast (it computes in the input dtype).
+* ``cuda`` -- CUDA, float32/float16/bfloat16 (fp32 statistics and accumulation): cuDNN convs
+  on channels_last buffers with the same rewrites and CUDA kernels (csrc/kernels/cuda/genblock.*)
+  for the same pieces. Under CUDA autocast, x and the conv weights/biases are cast to the
+  autocast dtype (gamma/beta and the statistics stay float32).
+* ``triton`` -- batch statistics in torch (differentiable), then
+  ``mgm_fast.ops._triton.genblock.fused_cbn_relu_conv`` (prologue + phase conv + residual
+  epilogue in one kernel) twice. Under ``TRITON_INTERPRET=1`` it also runs CPU tensors (tests).
+
+Layouts: inputs may be NCHW or channels_last; outputs and gradients keep x's memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mgm_fast import _native
+from mgm_fast.ops._dispatch import (
+    Backend,
+    FusedOp,
+    register_op,
+    triton_auto_exclusion,
+    triton_devices,
+    triton_reason,
+)
+
+__all__ = [
+    "OP",
+    "PIECE_OP",
+    "cbn_relu_conv3x3",
+    "genblock",
+    "phase_weights",
+    "up2_conv1x1",
+    "up2_conv3x3",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# exact rewrites in plain torch
+
+# _TAPS[p, r, k] = 1 if 3x3 tap k lands on low-resolution offset r for output phase p.
+_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def phase_weights(weight: Tensor) -> Tensor:
+    """The 2x2 phase kernels of a 3x3 kernel for nearest-2x input (rewrite 1 above).
+
+    weight (Cout, Cin, 3, 3) -> (4 * Cout, Cin, 2, 2), phase (p, q) in rows
+    ``(2p + q) * Cout : (2p + q + 1) * Cout``. Differentiable (a fixed linear map).
+    """
+    g = torch.tensor(_TAPS, dtype=weight.dtype, device=weight.device)  # (p, r, ky)
+    # wp[p, q, o, c, r, s] = sum_{ky, kx} g[p, r, ky] g[q, s, kx] w[o, c, ky, kx]
+    wp = torch.einsum("prk,qsl,ockl->pqocrs", g, g, weight)
+    cout, cin = weight.shape[:2]
+    return wp.reshape(4 * cout, cin, 2, 2)
+
+
+def up2_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``conv2d(up2(x), weight, bias, padding=1)`` computed as one 2x2 conv with 4*Cout outputs
+    on the low-resolution x, then interleaved (rewrite 1). x (B, Cin, H, W) -> (B, Cout, 2H, 2W)."""
+    b, _, h, w = x.shape
+    cout = weight.shape[0]
+    p = F.conv2d(x, phase_weights(weight), None, padding=1)  # (B, 4*Cout, H+1, W+1)
+    p = p.view(b, 2, 2, cout, h + 1, w + 1)
+    rows = []
+    for pr in range(2):
+        cols = [p[:, pr, q, :, pr : pr + h, q : q + w] for q in range(2)]
+        rows.append(torch.stack(cols, dim=-1))  # (B, Cout, H, W, 2): column phase last
+    out = torch.stack(rows, dim=3).reshape(b, cout, 2 * h, 2 * w)  # (B, Cout, H, 2, W, 2)
+    return out if bias is None else out + bias[:, None, None]
+
+
+def up2_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``conv2d(up2(x), weight, bias)`` for a 1x1 weight, computed before upsampling (rewrite 2)."""
+    return _up2(F.conv2d(x, weight, bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (plain torch, the released computation)
+
+
+def _up2(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def _batch_norm(x, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+    """``nn.BatchNorm2d(affine=False).forward`` on explicit buffers (same update, same kernel)."""
+    factor = 0.0
+    if training:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor = 1.0 / float(num_batches_tracked)
+        else:
+            factor = momentum
+    return F.batch_norm(x, running_mean, running_var, None, None, training, factor, eps)
+
+
+def _reference_piece(
+    x,
+    gamma,
+    beta,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    num_batches_tracked=None,
+    residual=None,
+    *,
+    training=True,
+    momentum=0.001,
+    eps=1e-5,
+    upsample=True,
+):
+    a = _batch_norm(x, running_mean, running_var, num_batches_tracked, training, momentum, eps)
+    a = F.relu(gamma[:, :, None, None] * a + beta[:, :, None, None])
+    if upsample:
+        a = _up2(a)
+    out = F.conv2d(a, weight, bias, padding=1)
+    if residual is not None:
+        out = out + (residual if residual.shape[-2:] == out.shape[-2:] else _up2(residual))
+    return out
+
+
+def _reference_genblock(
+    x,
+    y,
+    embed1,
+    weight1,
+    bias1,
+    embed2,
+    weight2,
+    bias2,
+    weight0,
+    bias0,
+    running_mean1,
+    running_var1,
+    running_mean2,
+    running_var2,
+    num_batches_tracked1=None,
+    num_batches_tracked2=None,
+    *,
+    training=True,
+    momentum=0.001,
+    eps=1e-5,
+):
+    # The released order, op for op as mgm_fast.models.gan.genblock_reference (same result bits).
+    gamma1, beta1 = F.embedding(y, embed1).chunk(2, dim=1)
+    h = _batch_norm(x, running_mean1, running_var1, num_batches_tracked1, training, momentum, eps)
+    h = _up2(F.relu(gamma1[:, :, None, None] * h + beta1[:, :, None, None]))
+    h = F.conv2d(h, weight1, bias1, padding=1)
+    gamma2, beta2 = F.embedding(y, embed2).chunk(2, dim=1)
+    h = _batch_norm(h, running_mean2, running_var2, num_batches_tracked2, training, momentum, eps)
+    h = F.relu(gamma2[:, :, None, None] * h + beta2[:, :, None, None])
+    h = F.conv2d(h, weight2, bias2, padding=1)
+    return h + F.conv2d(_up2(x), weight0, bias0)
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp / cuda: the C++ composition (csrc/bindings/genblock_impl.h) behind autograd.Functions
+
+
+def _ext_fn(name: str, device: str):
+    return getattr(_native.extension(), f"{name}_{device}")
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    """The memory format the C++ side gives outputs and gradients of t (genblock_impl.h)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+class _NativePiece(torch.autograd.Function):
+    """One piece on the C++ kernels; saves x, the prologue activation and per-channel vectors."""
+
+    @staticmethod
+    def forward(
+        ctx, device, x, gamma, beta, weight, bias, residual, running_mean, running_var,
+        num_batches_tracked, training, momentum, eps, upsample,
+    ):
+        out, xs, act, mean, rstd, scale, _, _ = _ext_fn("cbn_relu_conv_forward", device)(
+            x, gamma, beta, weight, bias, residual, running_mean, running_var,
+            num_batches_tracked, training, momentum, eps, upsample,
+        )
+        ctx.device, ctx.training, ctx.upsample = device, training, upsample
+        ctx.x_channels_last = _is_channels_last(x)
+        ctx.has_bias = bias is not None
+        if residual is None:
+            ctx.residual_mode = 0
+        else:
+            ctx.residual_mode = 1 if residual.shape[-2:] == out.shape[-2:] else 2
+        ctx.save_for_backward(xs, act, weight, gamma, scale, mean, rstd)  # xs: x, channels_last
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, act, weight, gamma, scale, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dgamma, dbeta, dweight, dbias, dres = _ext_fn("cbn_relu_conv_backward", ctx.device)(
+            grad, x, act, weight, gamma, scale, mean, rstd, ctx.training, ctx.upsample,
+            ctx.has_bias, ctx.residual_mode, need[1], need[2] or need[3], ctx.x_channels_last,
+        )
+        return (None, dx, dgamma, dbeta, dweight, dbias, dres, None, None, None, None, None, None, None)
+
+
+class _NativeGenBlock(torch.autograd.Function):
+    """A whole GenBlock on the C++ kernels: one forward and one backward call, one graph node."""
+
+    @staticmethod
+    def forward(
+        ctx, device, x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0,
+        running_mean1, running_var1, running_mean2, running_var2, num_batches_tracked1,
+        num_batches_tracked2, training, momentum, eps,
+    ):
+        out, *saved = _ext_fn("genblock_forward", device)(
+            x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0,
+            running_mean1, running_var1, num_batches_tracked1, running_mean2, running_var2,
+            num_batches_tracked2, training, momentum, eps,
+        )
+        ctx.device, ctx.training = device, training
+        ctx.x_channels_last = _is_channels_last(x)
+        ctx.save_for_backward(y, *saved, embed1, weight1, embed2, weight2, weight0)  # saved[0]: x, channels_last
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, xs, *saved, embed1, weight1, embed2, weight2, weight0 = ctx.saved_tensors
+        dx, de1, dw1, db1, de2, dw2, db2, dw0, db0 = _ext_fn("genblock_backward", ctx.device)(
+            grad, xs, y, *saved, embed1, weight1, embed2, weight2, weight0, ctx.training,
+            ctx.needs_input_grad[1], ctx.x_channels_last,
+        )
+        return (None, dx, None, de1, dw1, db1, de2, dw2, db2, dw0, db0, *([None] * 9))
+
+
+_CONV_TENSORS = ("weight1", "bias1", "weight2", "bias2", "weight0", "bias0")
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype for x's device when autocast is on there, else None."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _native_genblock(device: str, a: dict) -> Tensor:
+    dt = _autocast_dtype(a["x"])
+    if dt is not None:  # like custom_fwd(cast_inputs=...): activations and conv params in dt
+        a = {**a, "x": a["x"].to(dt), **{k: a[k].to(dt) for k in _CONV_TENSORS}}
+    with torch.autocast(a["x"].device.type, enabled=False):
+        return _NativeGenBlock.apply(device, *(a[k] for k in _GENBLOCK_ARGS[:16]), a["training"],
+                                     a["momentum"], a["eps"])
+
+
+def _native_piece(device: str, a: dict) -> Tensor:
+    dt = _autocast_dtype(a["x"])
+    if dt is not None:
+        a = {**a, **{k: a[k].to(dt) for k in ("x", "weight", "bias", "residual") if a[k] is not None}}
+    with torch.autocast(a["x"].device.type, enabled=False):
+        return _NativePiece.apply(
+            device, a["x"], a["gamma"], a["beta"], a["weight"], a["bias"], a["residual"],
+            a["running_mean"], a["running_var"], a["num_batches_tracked"], a["training"],
+            a["momentum"], a["eps"], a["upsample"],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# triton: statistics in torch, prologue + conv + epilogue in mgm_fast.ops._triton.genblock
+
+
+def _triton_module():
+    """mgm_fast.ops._triton.genblock, imported on first use (Triton is optional)."""
+    from mgm_fast.ops._triton import genblock as tg
+
+    return tg
+
+
+def _triton_reason() -> str | None:
+    reason = triton_reason()
+    if reason:
+        return reason
+    try:
+        tg = _triton_module()
+    except ImportError as err:
+        return f"not implemented yet (mgm_fast.ops._triton.genblock: {err})"
+    missing = [n for n in ("fused_cbn_relu_conv", "triton_supported_reasons") if not hasattr(tg, n)]
+    if missing:
+        return f"not implemented yet (mgm_fast.ops._triton.genblock lacks {', '.join(missing)})"
+    return None
+
+
+def _torch_scale_shift(x, gamma, beta, running_mean, running_var, num_batches_tracked, training,
+                       momentum, eps):
+    """float32 (B, C) scale/shift of the prologue; batch statistics differentiable in training,
+    running statistics updated like BatchNorm2d."""
+    if training:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if count <= 1:
+            raise ValueError(f"genblock: expected more than 1 value per channel when training, got x of size {tuple(x.shape)}")
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        with torch.no_grad():
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            m = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+            running_mean.mul_(1 - m).add_(mean.detach().to(running_mean.dtype), alpha=m)
+            unbiased = var.detach() * (count / (count - 1))
+            running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype), alpha=m)
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    scale = gamma.float() * torch.rsqrt(var + eps)
+    shift = beta.float() - mean * scale
+    return scale, shift
+
+
+def _triton_piece(x, gamma, beta, weight, bias, running_mean, running_var, num_batches_tracked=None,
+                  residual=None, *, training=True, momentum=0.001, eps=1e-5, upsample=True):
+    tg = _triton_module()
+    dt = _autocast_dtype(x)
+    if dt is not None:
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        residual = None if residual is None else residual.to(dt)
+    with torch.autocast(x.device.type, enabled=False):
+        scale, shift = _torch_scale_shift(x, gamma, beta, running_mean, running_var,
+                                          num_batches_tracked, training, momentum, eps)
+        return tg.fused_cbn_relu_conv(x, scale, shift, weight, bias, upsample=upsample, residual=residual)
+
+
+def _triton_genblock(x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0,
+                     running_mean1, running_var1, running_mean2, running_var2,
+                     num_batches_tracked1=None, num_batches_tracked2=None, *, training=True,
+                     momentum=0.001, eps=1e-5):
+    tg = _triton_module()
+    dt = _autocast_dtype(x)
+    if dt is not None:
+        x, weight1, bias1, weight2, bias2, weight0, bias0 = (
+            t.to(dt) for t in (x, weight1, bias1, weight2, bias2, weight0, bias0)
+        )
+    with torch.autocast(x.device.type, enabled=False):
+        gamma1, beta1 = F.embedding(y, embed1).chunk(2, dim=1)
+        scale1, shift1 = _torch_scale_shift(x, gamma1, beta1, running_mean1, running_var1,
+                                            num_batches_tracked1, training, momentum, eps)
+        h = tg.fused_cbn_relu_conv(x, scale1, shift1, weight1, bias1, upsample=True)
+        gamma2, beta2 = F.embedding(y, embed2).chunk(2, dim=1)
+        scale2, shift2 = _torch_scale_shift(h, gamma2, beta2, running_mean2, running_var2,
+                                            num_batches_tracked2, training, momentum, eps)
+        shortcut = F.conv2d(x, weight0, bias0)  # 1x1 at low resolution; upsampled in the epilogue
+        return tg.fused_cbn_relu_conv(h, scale2, shift2, weight2, bias2, upsample=False, residual=shortcut)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument handling and validation
+
+_GENBLOCK_ARGS = (
+    "x", "y", "embed1", "weight1", "bias1", "embed2", "weight2", "bias2", "weight0", "bias0",
+    "running_mean1", "running_var1", "running_mean2", "running_var2", "num_batches_tracked1",
+    "num_batches_tracked2", "training", "momentum", "eps",
+)
+_GENBLOCK_DEFAULTS = {
+    "num_batches_tracked1": None, "num_batches_tracked2": None, "training": True,
+    "momentum": 0.001, "eps": 1e-5,
+}
+_PIECE_ARGS = (
+    "x", "gamma", "beta", "weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+    "residual", "training", "momentum", "eps", "upsample",
+)
+_PIECE_DEFAULTS = {
+    "num_batches_tracked": None, "residual": None, "training": True, "momentum": 0.001,
+    "eps": 1e-5, "upsample": True,
+}
+
+
+def _bind(names, defaults, op, args, kwargs) -> dict:
+    if len(args) > len(names):
+        raise TypeError(f"{op}: too many positional arguments")
+    a = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"{op}: unexpected argument {k!r}")
+        if k in a:
+            raise TypeError(f"{op}: argument {k!r} given twice")
+        a[k] = v
+    for k in names:
+        if k not in a:
+            if k not in defaults:
+                raise TypeError(f"{op}: missing argument {k!r}")
+            a[k] = defaults[k]
+    return a
+
+
+def _shape_error(op, name, t, want) -> ValueError:
+    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+    return ValueError(f"{op}: {name} must have shape {want}, got {got}")
+
+
+def _expect(op, name, t, shape) -> None:
+    """t is a floating tensor of this shape (None entries: any size)."""
+    if (
+        isinstance(t, Tensor)
+        and t.dim() == len(shape)
+        and all(s is None or s == d for s, d in zip(shape, t.shape))
+        and t.is_floating_point()
+    ):
+        return
+    if isinstance(t, Tensor) and t.dim() == len(shape) and not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    raise _shape_error(op, name, t, want)
+
+
+def _check_x(op, x, training) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be a 4-d (B, C, H, W) floating tensor, got {got}")
+    b, _, h, w = x.shape
+    if min(b, h, w) < 1:
+        raise ValueError(f"{op}: x must have B, H, W >= 1, got {tuple(x.shape)}")
+    if training and b * h * w < 2:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, got x of size {tuple(x.shape)}"
+        )
+
+
+def _check_stats(op, a, suffix, channels) -> None:
+    for name in (f"running_mean{suffix}", f"running_var{suffix}"):
+        _expect(op, name, a[name], (channels,))
+    nbt = a[f"num_batches_tracked{suffix}"]
+    if nbt is not None and (not isinstance(nbt, Tensor) or nbt.numel() != 1):
+        raise ValueError(f"{op}: num_batches_tracked{suffix} must be a one-element tensor or None")
+    if a["momentum"] is None and nbt is None:
+        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked{suffix}")
+
+
+def _validate_genblock(a: dict) -> None:
+    op = "genblock"
+    x, y = a["x"], a["y"]
+    _check_x(op, x, a["training"])
+    b, cin = x.shape[:2]
+    w1 = a["weight1"]
+    _expect(op, "weight1", w1, (None, cin, 3, 3))
+    cout = w1.shape[0]
+    _expect(op, "bias1", a["bias1"], (cout,))
+    _expect(op, "weight2", a["weight2"], (cout, cout, 3, 3))
+    _expect(op, "bias2", a["bias2"], (cout,))
+    _expect(op, "weight0", a["weight0"], (cout, cin, 1, 1))
+    _expect(op, "bias0", a["bias0"], (cout,))
+    _expect(op, "embed1", a["embed1"], (None, 2 * cin))
+    classes = a["embed1"].shape[0]
+    _expect(op, "embed2", a["embed2"], (classes, 2 * cout))
+    _check_stats(op, a, "1", cin)
+    _check_stats(op, a, "2", cout)
+    if not isinstance(y, Tensor) or y.shape != (b,) or y.dtype != torch.int64:
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{op}: y must be a (B,) = ({b},) int64 tensor of labels, got {got}")
+    if y.device.type == "cpu":  # elsewhere the check would synchronise the host
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"{op}: y holds label {lo if lo < 0 else hi}, outside [0, {classes}) (embed1 has {classes} rows)")
+
+
+def _validate_piece(a: dict) -> None:
+    op = "cbn_relu_conv3x3"
+    x = a["x"]
+    _check_x(op, x, a["training"])
+    b, c, h, w = x.shape
+    _expect(op, "gamma", a["gamma"], (b, c))
+    _expect(op, "beta", a["beta"], (b, c))
+    _expect(op, "weight", a["weight"], (None, c, 3, 3))
+    cout = a["weight"].shape[0]
+    if a["bias"] is not None:
+        _expect(op, "bias", a["bias"], (cout,))
+    _check_stats(op, a, "", c)
+    res = a["residual"]
+    if res is not None:
+        ho, wo = (2 * h, 2 * w) if a["upsample"] else (h, w)
+        full, half = (b, cout, ho, wo), (b, cout, ho // 2, wo // 2)
+        if not isinstance(res, Tensor) or tuple(res.shape) not in (full, half) or (
+            tuple(res.shape) == half and (ho % 2 or wo % 2)
+        ):
+            raise _shape_error(op, "residual", res, f"{full} or {half}")
+
+
+# ---------------------------------------------------------------------------------------------
+# backend conditions
+
+_NATIVE_SAME_DTYPE = {
+    "genblock": ("weight1", "bias1", "weight2", "bias2", "weight0", "bias0"),
+    "cbn_relu_conv3x3": ("weight", "bias", "residual"),
+}
+
+
+def _dtype_reasons(op: str, a: dict) -> list[str]:
+    x = a["x"]
+    if _autocast_dtype(x) is not None:
+        return []  # the conv tensors are cast to the autocast dtype first
+    return [
+        f"{name} is {a[name].dtype} but x is {x.dtype}"
+        for name in _NATIVE_SAME_DTYPE[op]
+        if isinstance(a.get(name), Tensor) and a[name].dtype != x.dtype
+    ]
+
+
+def _cpp_reasons(op: str, a: dict) -> list[str]:
+    reasons = []
+    if torch.is_autocast_enabled("cpu"):
+        reasons.append("CPU autocast is active (the cpp backend computes in the input dtype)")
+    return reasons + _dtype_reasons(op, a)
+
+
+def _cuda_availability() -> str | None:
+    reason = _native.cuda_reason()
+    if reason is None and not hasattr(_native.extension(), "genblock_forward_cuda"):
+        return "mgm_fast._C has no CUDA genblock kernels (rebuild the extension)"
+    return reason
+
+
+def _triton_reasons(op: str, a: dict) -> list[str]:
+    tg = _triton_module()
+    x = a["x"]
+    if op != "genblock":
+        return tg.triton_supported_reasons(x, a["weight"])
+    # The second conv reads h (B, Cout, 2H, 2W): a storage-free stand-in carries its metadata.
+    b, _, h, w = x.shape
+    hh = x.new_empty(1).as_strided((b, a["weight1"].shape[0], 2 * h, 2 * w), (0, 0, 0, 0))
+    reasons = [f"weight1: {r}" for r in tg.triton_supported_reasons(x, a["weight1"])]
+    return reasons + [f"weight2: {r}" for r in tg.triton_supported_reasons(hh, a["weight2"])]
+
+
+def _make_op(name: str, summary: str, names, defaults, reference, native, triton) -> FusedOp:
+    def bound(fn):
+        def call(*args, **kwargs):
+            return fn(_bind(names, defaults, name, args, kwargs))
+        return call
+
+    def check(extra):
+        def reasons(*args, **kwargs):
+            try:
+                a = _bind(names, defaults, name, args, kwargs)
+            except TypeError as err:
+                return [f"bad arguments: {err}"]
+            return extra(name, a)
+        return reasons
+
+    op = register_op(FusedOp(name=name, summary=summary))
+    op.register(Backend(
+        name="reference",
+        fn=reference,
+        devices=("cpu", "cuda", "mps", "xpu"),
+        dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    ))
+    op.register(Backend(
+        name="cpp",
+        fn=bound(lambda a: native("cpu", a)),
+        devices=("cpu",),
+        dtypes=(torch.float32, torch.float64),
+        availability=_native.cpp_reason,
+        extra_check=check(_cpp_reasons),
+    ))
+    op.register(Backend(
+        name="cuda",
+        fn=bound(lambda a: native("cuda", a)),
+        devices=("cuda",),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        availability=_cuda_availability,
+        extra_check=check(_dtype_reasons),
+    ))
+    op.register(Backend(
+        name="triton",
+        fn=triton,
+        devices=triton_devices(),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        availability=_triton_reason,
+        extra_check=check(_triton_reasons),
+        auto_exclusion=triton_auto_exclusion,
+    ))
+    return op
+
+
+OP = _make_op(
+    "genblock",
+    "SAGAN GenBlock: CBN-ReLU-up2-conv3x3, CBN-ReLU-conv3x3, + conv1x1 shortcut (phase convs)",
+    _GENBLOCK_ARGS,
+    _GENBLOCK_DEFAULTS,
+    _reference_genblock,
+    _native_genblock,
+    _triton_genblock,
+)
+PIECE_OP = _make_op(
+    "cbn_relu_conv3x3",
+    "conditional BN + ReLU (+ nearest x2) + conv3x3 (+ residual), prologue/epilogue fused",
+    _PIECE_ARGS,
+    _PIECE_DEFAULTS,
+    _reference_piece,
+    _native_piece,
+    _triton_piece,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def genblock(
+    x: Tensor,
+    y: Tensor,
+    embed1: Tensor,
+    weight1: Tensor,
+    bias1: Tensor,
+    embed2: Tensor,
+    weight2: Tensor,
+    bias2: Tensor,
+    weight0: Tensor,
+    bias0: Tensor,
+    running_mean1: Tensor,
+    running_var1: Tensor,
+    running_mean2: Tensor,
+    running_var2: Tensor,
+    num_batches_tracked1: Tensor | None = None,
+    num_batches_tracked2: Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float | None = 0.001,
+    eps: float = 1e-5,
+    impl: str = "auto",
+) -> Tensor:
+    """A GenBlock forward (see the module docstring), differentiable w.r.t. x, the embeddings,
+    the weights and the biases; updates the running statistics in place when ``training``.
+
+    Shapes: x (B, Cin, H, W); y (B,) int64 in [0, K); embed1 (K, 2*Cin) = [gamma | beta] rows of
+    CBN1, embed2 (K, 2*Cout) of CBN2; weight1 (Cout, Cin, 3, 3), weight2 (Cout, Cout, 3, 3),
+    weight0 (Cout, Cin, 1, 1) -- the effective (spectrally normalised) weights -- and their
+    biases (Cout,); running_mean1/var1 (Cin,), running_mean2/var2 (Cout,), num_batches_tracked
+    one-element int64 tensors (or None). Returns (B, Cout, 2H, 2W) in x's dtype and memory format.
+    ``impl``: "auto" | "reference" | "cpp" | "cuda" | "triton"; a forced backend that cannot run
+    the inputs raises :class:`~mgm_fast.ops.BackendUnavailable` with the reasons.
+    """
+    a = dict(
+        x=x, y=y, embed1=embed1, weight1=weight1, bias1=bias1, embed2=embed2, weight2=weight2,
+        bias2=bias2, weight0=weight0, bias0=bias0, running_mean1=running_mean1,
+        running_var1=running_var1, running_mean2=running_mean2, running_var2=running_var2,
+        num_batches_tracked1=num_batches_tracked1, num_batches_tracked2=num_batches_tracked2,
+        training=training, momentum=momentum, eps=eps,
+    )
+    _validate_genblock(a)
+    return OP(**a, impl=impl)
+
+
+def cbn_relu_conv3x3(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None = None,
+    residual: Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float | None = 0.001,
+    eps: float = 1e-5,
+    upsample: bool = True,
+    impl: str = "auto",
+) -> Tensor:
+    """``conv2d(up2_if(relu(gamma * BN(x) + beta)), weight, bias, padding=1) (+ residual)``.
+
+    x (B, C, H, W); gamma, beta (B, C) per-sample affine rows (e.g. ``embed[y]`` halves, or a
+    BatchNorm2d's weight/bias expanded to (B, C)); weight (Cout, C, 3, 3); bias (Cout,) or None;
+    running_mean/var (C,); residual None, (B, Cout, Ho, Wo) or half of that (nearest-upsampled x2
+    in the epilogue), with (Ho, Wo) = (2H, 2W) if ``upsample`` else (H, W). BN semantics as
+    :func:`genblock`. Differentiable w.r.t. x, gamma, beta, weight, bias and residual.
+    """
+    a = dict(
+        x=x, gamma=gamma, beta=beta, weight=weight, bias=bias, running_mean=running_mean,
+        running_var=running_var, num_batches_tracked=num_batches_tracked, residual=residual,
+        training=training, momentum=momentum, eps=eps, upsample=upsample,
+    )
+    _validate_piece(a)
+    return PIECE_OP(**a, impl=impl)

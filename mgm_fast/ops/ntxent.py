@@ -1,0 +1,311 @@
+"""Fused NT-Xent (SimCLR) loss: normalisation, cosine similarities, temperature, logsumexp over
+the negatives and the positive logit, forward and backward, without storing the similarity
+matrix.
+
+Two public functions, both differentiable, each a :class:`~mgm_fast.ops.FusedOp`:
+
+* ``ntxent_loss(z1, z2, temperature=0.5, *, impl="auto")`` -- z1, z2 (B, D) projections of the
+  two views of B images; returns the 0-dim float32 loss of :func:`mgm_fast.losses.ntxent`
+  (its ``reference`` backend), the mean over the 2B rows.
+* ``ntxent_rows(rows, cols, row_index, temperature=0.5, *, impl="auto")`` -- the form that knows
+  about all-gathers: ``cols`` (2N, D) are the projections of all 2N views in the order
+  [view 1 of the N images; view 2 of the N images] (e.g. the all-gathered global batch),
+  ``rows`` (R, D) a subset of them (e.g. this rank's views) and ``row_index`` (R,) int64 their
+  indices into ``cols``. Returns the 0-dim float32 SUM over the R rows of::
+
+      loss_i = -s(i, pos(i)) + logsumexp_{k != self(i)} s(i, k)
+      s(i, k) = cos(rows_i, cols_k) / temperature,  self(i) = row_index[i],
+      pos(i) = (row_index[i] + N) mod 2N
+
+  with gradients w.r.t. ``rows`` AND ``cols`` (cols usually come from an autograd-aware
+  all-gather, which returns each rank its share of the column gradient).
+
+Identity (tested): with u = cat(z1, z2),
+``ntxent_loss(z1, z2) == ntxent_rows(u, u, arange(2B)) / (2B)``.
+
+Multi-GPU (world size W, b images per rank, N = W b, rank r)::
+
+    from torch.distributed.nn.functional import all_gather   # autograd-aware
+    cols = torch.cat([torch.cat(all_gather(z1)), torch.cat(all_gather(z2))])   # (2N, D)
+    rows = torch.cat([z1, z2])                                                 # (2b, D)
+    local = r * b + torch.arange(b, device=z1.device)
+    loss = ntxent_rows(rows, cols, torch.cat([local, local + N]), tau) / (2 * N)
+
+The sum of ``loss`` over the ranks is the single-process ``ntxent_loss`` of the global batch
+(each rank's local views against all 2N columns); with gradients averaged over ranks (DDP)
+multiply ``loss`` by W to get the global loss's gradient.
+
+Normalisation is torch's ``F.normalize`` (x / max(||x||, 1e-12)). Backends:
+
+* ``reference`` -- plain PyTorch (:func:`mgm_fast.losses.ntxent`; :func:`ntxent_rows_reference`),
+  any device and float dtype; it materialises the (R, 2N) matrix and its softmax.
+* ``triton`` -- mgm_fast/ops/_triton/ntxent.py: flash-attention style blocks (one ``tl.dot`` per
+  tile, online logsumexp over column tiles; forward saves the per-row LSE, backward recomputes
+  each tile and writes the row and column gradients in two passes without atomics).
+  float32/float16/bfloat16, D <= 512, CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``,
+  then only when forced).
+* ``cpp`` -- CPU, float32 (csrc/kernels/cpu/ntxent.*): OpenMP over blocks of rows (and of
+  columns in backward), one row block's similarities at a time in cache; bit-reproducible for
+  any thread count.
+* ``cuda`` -- CUDA, float32/float16/bfloat16, D <= 256 (csrc/kernels/cuda/ntxent.*): one warp per
+  row (or column), shared-memory tiles of 32 columns (rows), float32 arithmetic.
+
+Every fused backend saves the inputs, the inverse norms where it needs them and the per-row LSE
+(R floats), never an (R, 2N) tensor. The loss is NaN when a ``row_index`` entry lies outside
+[0, 2N) on a device where checking would synchronise the host (on the CPU it raises).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mgm_fast import _native
+from mgm_fast.ops._dispatch import (
+    Backend,
+    FusedOp,
+    register_op,
+    triton_auto_exclusion,
+    triton_devices,
+    triton_reason,
+)
+
+__all__ = ["LOSS_OP", "ROWS_OP", "ntxent_loss", "ntxent_rows", "ntxent_rows_reference"]
+
+TRITON_MAX_DIM = 512
+CUDA_MAX_DIM = 256
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (every backend)
+
+
+def _check_temperature(temperature) -> float:
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"ntxent: temperature must be a positive finite number, got {temperature!r}")
+    return t
+
+
+def _check_pair(z1, z2) -> None:
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"ntxent_loss: {name} must be a (B, D) floating tensor, got {got}")
+    if z1.shape != z2.shape or z1.shape[0] < 1:
+        raise ValueError(f"ntxent_loss: expected z1 and z2 of the same (B, D) shape, B >= 1, got "
+                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")  # fmt: skip
+    if z1.device != z2.device:
+        raise ValueError(f"ntxent_loss: z1 is on {z1.device} but z2 on {z2.device}")
+
+
+def _check_rows(rows, cols, row_index, check_values: bool = True) -> None:
+    for name, t in (("rows", rows), ("cols", cols)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"ntxent_rows: {name} must be a 2-d floating tensor, got {got}")
+    n2, d = cols.shape
+    if n2 < 2 or n2 % 2:
+        raise ValueError(f"ntxent_rows: cols must hold the 2N views [view 1; view 2] (an even number >= 2 "
+                         f"of rows), got shape {tuple(cols.shape)}")  # fmt: skip
+    if rows.shape[1] != d:
+        raise ValueError(f"ntxent_rows: rows {tuple(rows.shape)} and cols {tuple(cols.shape)} differ in D")
+    if (not isinstance(row_index, torch.Tensor) or row_index.dtype != torch.int64
+            or tuple(row_index.shape) != (rows.shape[0],)):  # fmt: skip
+        got = f"{tuple(row_index.shape)} {row_index.dtype}" if isinstance(row_index, torch.Tensor) else row_index
+        raise ValueError(f"ntxent_rows: row_index must be an int64 tensor of shape ({rows.shape[0]},), got {got}")
+    for name, t in (("cols", cols), ("row_index", row_index)):
+        if t.device != rows.device:
+            raise ValueError(f"ntxent_rows: {name} is on {t.device} but rows on {rows.device}")
+    if check_values and row_index.device.type == "cpu" and row_index.numel():  # elsewhere a check would sync
+        lo, hi = int(row_index.min()), int(row_index.max())
+        if lo < 0 or hi >= n2:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"ntxent_rows: row_index holds {bad}, not a column index in [0, {n2})")
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+
+
+def ntxent_rows_reference(rows, cols, row_index, temperature=0.5):
+    """Plain-PyTorch twin of :func:`ntxent_rows` (float32 arithmetic, the (R, 2N) matrix kept)."""
+    from mgm_fast.losses import ntxent_rows  # late: losses may build on ops
+
+    _check_rows(rows, cols, row_index)
+    return ntxent_rows(rows, cols, row_index, _check_temperature(temperature))
+
+
+def _loss_reference(z1, z2, temperature=0.5):
+    from mgm_fast.losses import ntxent  # late: losses may build on ops
+
+    _check_pair(z1, z2)
+    return ntxent(z1, z2, _check_temperature(temperature))
+
+
+def _via_rows(rows_fn):
+    """ntxent_loss on a fused backend: ntxent_rows(u, u, arange(2B)) / 2B with u = cat(z1, z2)."""
+
+    def loss(z1, z2, temperature=0.5):
+        _check_pair(z1, z2)
+        u = torch.cat([z1, z2])
+        index = torch.arange(u.shape[0], device=u.device)  # valid by construction
+        return rows_fn(u, u, index, _check_temperature(temperature), check_values=False) / u.shape[0]
+
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp
+
+
+class _CppNtxentRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, cols, row_index, temperature):
+        loss, lse = _native.extension().ntxent_rows_cpu_forward(rows, cols, row_index, temperature)
+        ctx.save_for_backward(rows, cols, row_index, lse)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rows, cols, row_index, lse = ctx.saved_tensors
+        need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+        grad_rows, grad_cols = _native.extension().ntxent_rows_cpu_backward(
+            rows, cols, row_index, ctx.temperature, lse, float(grad_output), need
+        )
+        return grad_rows, grad_cols, None, None
+
+
+def _cpp_rows(rows, cols, row_index, temperature=0.5, check_values=True):
+    _check_rows(rows, cols, row_index, check_values)
+    return _CppNtxentRows.apply(rows, cols, row_index, _check_temperature(temperature))
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda
+
+
+class _CudaNtxentRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, cols, row_index, temperature):
+        loss, lse = _native.extension().ntxent_rows_cuda_forward(rows, cols, row_index, temperature)
+        ctx.save_for_backward(rows, cols, row_index, lse)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rows, cols, row_index, lse = ctx.saved_tensors
+        need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+        grad_rows, grad_cols = _native.extension().ntxent_rows_cuda_backward(
+            rows, cols, row_index, ctx.temperature, lse, grad_output, need
+        )
+        return grad_rows, grad_cols, None, None
+
+
+def _cuda_rows(rows, cols, row_index, temperature=0.5, check_values=True):
+    _check_rows(rows, cols, row_index, check_values)
+    return _CudaNtxentRows.apply(rows, cols, row_index, _check_temperature(temperature))
+
+
+# ---------------------------------------------------------------------------------------------
+# triton
+
+
+def _triton_rows(rows, cols, row_index, temperature=0.5, check_values=True):
+    from mgm_fast.ops._triton.ntxent import TritonNtxentRows
+
+    _check_rows(rows, cols, row_index, check_values)
+    return TritonNtxentRows.apply(rows, cols, row_index, _check_temperature(temperature))
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _rows_sig(rows, cols, row_index, temperature=0.5):
+    """The argument list of ntxent_rows (every backend)."""
+
+
+def _loss_sig(z1, z2, temperature=0.5):
+    """The argument list of ntxent_loss (every backend)."""
+
+
+def _fused_reasons(max_dim: int | None, sig):
+    """Input conditions of a fused backend beyond device and dtype."""
+    signature = inspect.signature(sig)
+
+    def reasons(*args, **kwargs) -> list[str]:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            return [f"bad arguments: {err}"]
+        a = [v for v in bound.arguments.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        why = []
+        if len({t.dtype for t in a}) > 1:
+            why.append("the projections differ in dtype (" + ", ".join(str(t.dtype) for t in a) + ")")
+        if max_dim is not None and any(t.dim() == 2 and t.shape[1] > max_dim for t in a):
+            why.append(f"projection dim above {max_dim}")
+        return why
+
+    return reasons
+
+
+# Triton before CUDA under auto: its tiles go through tl.dot (tensor cores for 16-bit inputs),
+# while the CUDA kernel is the plain warp-per-row design.
+_PRIORITY = ("triton", "cuda", "cpp", "reference")
+ROWS_OP = register_op(
+    FusedOp(
+        name="ntxent_rows",
+        summary="NT-Xent of rows against all-gathered columns, sum over rows",
+        priority=_PRIORITY,
+    )
+)
+LOSS_OP = register_op(
+    FusedOp(
+        name="ntxent_loss",
+        summary="NT-Xent (SimCLR) loss of two views, fused forward and backward",
+        priority=_PRIORITY,
+    )
+)
+_ANY = ("cpu", "cuda", "mps", "xpu")
+_ALL_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+for _op, _sig, _ref, _wrap in (
+    (ROWS_OP, _rows_sig, ntxent_rows_reference, lambda fn: fn),
+    (LOSS_OP, _loss_sig, _loss_reference, _via_rows),
+):
+    _op.register(Backend(name="reference", fn=_ref, devices=_ANY, dtypes=_ALL_FLOATS))
+    _op.register(Backend(name="cpp", fn=_wrap(_cpp_rows), devices=("cpu",), dtypes=(torch.float32,),
+                         availability=_native.cpp_reason, extra_check=_fused_reasons(None, _sig)))  # fmt: skip
+    _op.register(Backend(name="cuda", fn=_wrap(_cuda_rows), devices=("cuda",), dtypes=FUSED_DTYPES,
+                         availability=_native.cuda_reason,
+                         extra_check=_fused_reasons(CUDA_MAX_DIM, _sig)))  # fmt: skip
+    _op.register(Backend(name="triton", fn=_wrap(_triton_rows), devices=triton_devices(), dtypes=FUSED_DTYPES,
+                         availability=triton_reason, extra_check=_fused_reasons(TRITON_MAX_DIM, _sig),
+                         auto_exclusion=triton_auto_exclusion))  # fmt: skip
+
+
+def ntxent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, impl: str = "auto") -> torch.Tensor:
+    """NT-Xent of two views: z1, z2 (B, D) -> 0-dim float32, equal to
+    :func:`mgm_fast.losses.ntxent` (mean over the 2B rows); see the module docstring."""
+    return LOSS_OP(z1, z2, temperature, impl=impl)
+
+
+def ntxent_rows(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    row_index: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """SUM over rows (R, D) of the NT-Xent row losses against cols (2N, D) = [view 1; view 2];
+    row_index (R,) int64 gives each row's own column. 0-dim float32; see the module docstring."""
+    return ROWS_OP(rows, cols, row_index, temperature, impl=impl)
