@@ -26,9 +26,14 @@ from mgm_fast.models.layers import (
     SNLinear,
     SpectralNormLayer,
 )
+from mgm_fast.ops import genblock as genblock_ops
 
-GENBLOCK_IMPLS = ("reference",)
-"""Backends a :class:`GenBlock` accepts. Fused backends register here once they exist."""
+GENBLOCK_IMPLS = ("reference", "auto", "cpp", "cuda", "triton")
+"""Backends a :class:`GenBlock` accepts (``model.genblock_impl``). "reference" runs the module
+path :func:`genblock_reference`; the others go through :func:`mgm_fast.ops.genblock.genblock`
+("auto" picks the fastest backend that supports the inputs; a forced one that cannot run them
+raises :class:`~mgm_fast.ops.BackendUnavailable` at the forward). The generator's output head
+(BN, ReLU, conv3x3) uses the same backend through :func:`mgm_fast.ops.genblock.cbn_relu_conv3x3`."""
 
 
 def init_gan_(module: nn.Module) -> None:
@@ -68,6 +73,11 @@ class GenBlock(nn.Module):
     """Generator residual block: conditional BN, ReLU, nearest x2, SN-conv3x3, conditional BN,
     ReLU, SN-conv3x3; shortcut nearest x2 then SN-conv1x1 (always present).
 
+    ``impl`` (:data:`GENBLOCK_IMPLS`): "reference" is the module path :func:`genblock_reference`;
+    anything else calls the fused op :func:`mgm_fast.ops.genblock.genblock` with the effective
+    (spectrally normalised) weights -- the power iteration stays here, once per conv and
+    forward, exactly as on the reference path -- and the BN buffers, which it updates in place.
+
     x (B, in_channels, H, W), y (B,) int64 -> (B, out_channels, 2H, 2W).
     """
 
@@ -92,7 +102,33 @@ class GenBlock(nn.Module):
         self.snconv2d0 = SNConv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return genblock_reference(x, y, self)
+        if self.impl == "reference":
+            return genblock_reference(x, y, self)
+        bn1, bn2 = self.cond_bn1.bn, self.cond_bn2.bn
+        if (bn1.momentum, bn1.eps, bn1.training) != (bn2.momentum, bn2.eps, bn2.training):
+            raise ValueError("GenBlock: the fused op needs cond_bn1 and cond_bn2 with one momentum, eps and mode")
+        return genblock_ops.genblock(
+            x,
+            y,
+            self.cond_bn1.embed.weight,
+            self.snconv2d1.sn_weight(),
+            self.snconv2d1.bias,
+            self.cond_bn2.embed.weight,
+            self.snconv2d2.sn_weight(),
+            self.snconv2d2.bias,
+            self.snconv2d0.sn_weight(),
+            self.snconv2d0.bias,
+            bn1.running_mean,
+            bn1.running_var,
+            bn2.running_mean,
+            bn2.running_var,
+            bn1.num_batches_tracked,
+            bn2.num_batches_tracked,
+            training=bn1.training,
+            momentum=bn1.momentum,
+            eps=bn1.eps,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"
@@ -112,6 +148,7 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig, impl: str | None = None) -> None:
         super().__init__()
         impl = cfg.genblock_impl if impl is None else impl
+        self.impl = impl
         ch = [m * cfg.g_conv_dim for m in cfg.g_mults]
         self.z_dim = cfg.z_dim
         self.base_channels = ch[0]
@@ -143,7 +180,25 @@ class Generator(nn.Module):
             h = getattr(self, f"block{k}")(h, y)
             if k == self.attn_after:
                 h = self.self_attn(h)
-        return self.snconv2d1(F.relu(self.bn(h))).tanh()
+        if self.impl == "reference":
+            return self.snconv2d1(F.relu(self.bn(h))).tanh()
+        # The output head BN -> ReLU -> conv3x3 is one fused piece with gamma/beta = BN affine.
+        bn, b = self.bn, h.shape[0]
+        return genblock_ops.cbn_relu_conv3x3(
+            h,
+            bn.weight.expand(b, -1),
+            bn.bias.expand(b, -1),
+            self.snconv2d1.sn_weight(),
+            self.snconv2d1.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.num_batches_tracked,
+            training=bn.training,
+            momentum=bn.momentum,
+            eps=bn.eps,
+            upsample=False,
+            impl=self.impl,
+        ).tanh()
 
 
 class OptBlock(nn.Module):
