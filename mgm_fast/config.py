@@ -188,7 +188,12 @@ class ScheduleConfig:
     """Released: GAN pre-training runs the encoder on the real batch and discards the result,
     which only moves the encoder's BatchNorm running statistics (mgm_method.md I2/B5)."""
     loss_impl: str = "auto"
-    """Backend of the fused multi-task loss (see python -m mgm_fast.info)."""
+    """Backend of the fused losses -- multi-task dense loss, NT-Xent, hinge -- ("auto",
+    "reference", "cpp", "cuda", "triton"; see python -m mgm_fast.info)."""
+    noise_impl: str = "reference"
+    """Instance noise: "reference" draws torch.randn from the global RNG (the released stream);
+    "auto" / "cpp" / "triton" draw in-kernel (ops.gan_losses.noisy, Philox) from the run's own
+    noise generator -- same distribution, another stream."""
 
 
 @dataclass

@@ -192,12 +192,14 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
     if run.args.precision == "fp16":
         scaler = torch.amp.GradScaler(run.device.type)
     gen = torch.Generator(device="cpu").manual_seed(run.world.seed_for(run.args.seed + 1))
+    noise_gen = torch.Generator(device=run.device).manual_seed(run.world.seed_for(run.args.seed + 2))
     return schedule.StepContext(
         cfg=run.cfg,
         nets=nets,
         optimizers=schedule.build_optimizers(nets, run.cfg, run.device),
         augment=SimCLRAugment(),
         aug_generator=gen,
+        noise_generator=noise_gen,
         autocast=precision_context(run.args.precision, run.device),
         scaler=scaler,
         world=run.world,
@@ -302,7 +304,7 @@ def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results,
     data_state = {"labelled": loader.state_dict()}
     if weak is not None:
         data_state["weak"] = weak.state_dict()
-    rng = capture_rng({"augment": ctx.aug_generator})
+    rng = capture_rng(_generators(ctx))
     rng_per_rank = distributed.gather_objects(distributed.to_cpu(rng), run.world)
     if not run.world.is_main:
         return
@@ -318,6 +320,11 @@ def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results,
     )
 
 
+def _generators(ctx: schedule.StepContext) -> dict:
+    """The run's own generators, checkpointed with the global RNG states."""
+    return {"augment": ctx.aug_generator, "noise": ctx.noise_generator}
+
+
 def resume_into(run: Run, ctx, loader, weak) -> int:
     """Restore the checkpoint into this phase's objects; returns the steps already done."""
     ckpt = run.resume_ckpt
@@ -325,9 +332,9 @@ def resume_into(run: Run, ctx, loader, weak) -> int:
     if saved_world != run.world.world_size:
         raise SystemExit(f"--resume: the checkpoint was written by {saved_world} process(es); resume it "
                          f"with the same number (now {run.world.world_size})")
-    report = restore(ckpt, {"nets": ctx.nets}, ctx.optimizers, ctx.scaler, {"augment": ctx.aug_generator})
+    report = restore(ckpt, {"nets": ctx.nets}, ctx.optimizers, ctx.scaler, _generators(ctx))
     if run.world.enabled:
-        restore_rng(report.extra["rng_per_rank"][run.world.rank], {"augment": ctx.aug_generator})
+        restore_rng(report.extra["rng_per_rank"][run.world.rank], _generators(ctx))
     loader.load_state_dict(report.data_state["labelled"])
     if weak is not None:
         weak.load_state_dict(report.data_state["weak"])

@@ -6,10 +6,11 @@ differ only in the ingredients below, so comparing them measures the implementat
 * ``reference`` -- our faithful plain-PyTorch rendering of the released code's execution:
   torch DataLoader, SimCLR views made one image at a time with PIL on the CPU (as released),
   every loss read back to the host after every sub-step (the released ``.item()`` calls),
-  reference losses and GenBlocks, for-loop Adam, fp32, NCHW.
+  reference losses, instance noise from the global RNG (torch.randn) and reference GenBlocks,
+  for-loop Adam, fp32, NCHW.
 * ``fast`` -- on-device memory loader (or DALI / DataLoader when the data does not fit),
   batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, fused
-  losses and GenBlocks (``impl="auto"``), foreach (CPU) / fused (CUDA) Adam, bf16 autocast and
+  losses, in-kernel instance noise and fused GenBlocks (``impl="auto"``), foreach (CPU) / fused (CUDA) Adam, bf16 autocast and
   channels_last on CUDA (fp32, NCHW on the CPU).
 
 ``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-INGREDIENTS = ("loader", "views", "readback", "adam", "loss_impl", "genblock_impl", "precision",
-               "channels_last")
+INGREDIENTS = ("loader", "views", "readback", "adam", "loss_impl", "noise_impl", "genblock_impl",
+               "precision", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Engine:
             (every logged loss is read back to the host right after its sub-step).
         adam: ``OptimConfig.implementation``.
         loss_impl: ``ScheduleConfig.loss_impl``.
+        noise_impl: ``ScheduleConfig.noise_impl``.
         genblock_impl: ``ModelConfig.genblock_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
         channels_last: True / False, or None: on CUDA only.
@@ -51,6 +53,7 @@ class Engine:
     readback: str
     adam: str
     loss_impl: str
+    noise_impl: str
     genblock_impl: str
     precision: str | None
     channels_last: bool | None
@@ -68,14 +71,15 @@ class Engine:
         return [
             f"optim.implementation={self.adam}",
             f"schedule.loss_impl={self.loss_impl}",
+            f"schedule.noise_impl={self.noise_impl}",
             f"model.genblock_impl={self.genblock_impl}",
         ]
 
 
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", adam="for-loop",
-                   loss_impl="reference", genblock_impl="reference", precision="fp32", channels_last=False)
+                   loss_impl="reference", noise_impl="reference", genblock_impl="reference", precision="fp32", channels_last=False)
 FAST = Engine("fast", loader="auto", views="batched", readback="window", adam="auto", loss_impl="auto",
-              genblock_impl="reference", precision=None, channels_last=None)
+              noise_impl="auto", genblock_impl="reference", precision=None, channels_last=None)
 
 
 def differing_ingredients() -> list[str]:

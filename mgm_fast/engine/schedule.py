@@ -38,7 +38,9 @@ from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.engine import distributed
 from mgm_fast.engine.distributed import SINGLE, World
 from mgm_fast.models import MGMNets
+from mgm_fast.ops.gan_losses import hinge_d_loss, hinge_g_loss, noisy
 from mgm_fast.ops.multitask_loss import multitask_loss as fused_multitask_loss
+from mgm_fast.ops.ntxent import ntxent_loss, ntxent_rows
 
 OPTIMIZER_NAMES = ("multi", "encoder", "post", "middle", "G", "D")
 
@@ -80,7 +82,8 @@ class StepContext:
 
     ``autocast`` is a factory of the precision context (``contextlib.nullcontext`` for fp32);
     ``scaler`` a GradScaler for fp16 or None; ``aug_generator`` the seeded generator of the
-    SimCLR views; ``totals`` the on-device running sums of every logged loss; ``world`` this
+    SimCLR views; ``noise_generator`` the run's generator of in-kernel instance noise (on the
+    images' device; unused with ``schedule.noise_impl="reference"``); ``totals`` the on-device running sums of every logged loss; ``world`` this
     process's place in a torchrun job (gradients are averaged over ranks before every
     optimiser step); ``on_nonfinite`` what a non-finite loss does: ``"stop"`` (the caller
     checks the logged means every log window and stops) or ``"skip"`` (the sub-step is skipped:
@@ -95,6 +98,7 @@ class StepContext:
     optimizers: dict[str, torch.optim.Optimizer]
     augment: SimCLRAugment
     aug_generator: torch.Generator
+    noise_generator: torch.Generator | None = None
     autocast: callable = contextlib.nullcontext
     scaler: torch.amp.GradScaler | None = None
     world: World = SINGLE
@@ -213,22 +217,23 @@ def simclr_loss(ctx: StepContext, images: Tensor) -> Tensor:
     mt = ctx.nets.multitask
     z1 = mt.project(mt.features(v1))
     z2 = mt.project(mt.features(v2))
-    return ntxent_across_ranks(z1, z2, ctx.cfg.schedule.ntxent_temperature, ctx.world)
+    s = ctx.cfg.schedule
+    return ntxent_across_ranks(z1, z2, s.ntxent_temperature, ctx.world, s.loss_impl)
 
 
-def ntxent_across_ranks(z1: Tensor, z2: Tensor, tau: float, world: World) -> Tensor:
+def ntxent_across_ranks(z1: Tensor, z2: Tensor, tau: float, world: World, impl: str = "auto") -> Tensor:
     """NT-Xent of this rank's (b, D) view projections with the negatives of all ranks.
 
-    One process: :func:`losses.ntxent`. Under torchrun: this rank's 2b rows against the 2N
+    One process: :func:`mgm_fast.ops.ntxent.ntxent_loss` (= :func:`losses.ntxent`). Under torchrun: this rank's 2b rows against the 2N
     gathered columns (N = b * world_size), averaged over the local rows -- the local-mean
     convention of :mod:`mgm_fast.engine.distributed`, so the averaged gradients equal those of
     one process computing NT-Xent over the global batch."""
     if not world.enabled:
-        return losses.ntxent(z1, z2, tau)
+        return ntxent_loss(z1, z2, tau, impl=impl)
     b, n = z1.shape[0], z1.shape[0] * world.world_size
     cols = torch.cat([distributed.all_gather_cat(z1, world), distributed.all_gather_cat(z2, world)])
     local = torch.arange(world.rank * b, (world.rank + 1) * b, device=z1.device)
-    return losses.ntxent_rows(torch.cat([z1, z2]), cols, torch.cat([local, local + n]), tau) / (2 * b)
+    return ntxent_rows(torch.cat([z1, z2]), cols, torch.cat([local, local + n]), tau, impl=impl) / (2 * b)
 
 
 def refine_loss(ctx: StepContext, images: Tensor, scenes: Tensor) -> Tensor:
@@ -245,16 +250,25 @@ def latent(ctx: StepContext, x: Tensor | None, batch_size: int, device: torch.de
     return z + ctx.nets.bridge(ctx.nets.multitask.features(x))
 
 
+def instance_noise(ctx: StepContext, x: Tensor) -> Tensor:
+    """x + N(0, std^2): torch.randn from the global RNG (released) or drawn in-kernel from the
+    run's noise generator (``schedule.noise_impl``)."""
+    s = ctx.cfg.schedule
+    if s.noise_impl == "reference":
+        return losses.instance_noise(x, s.instance_noise_std)
+    return noisy(x, s.instance_noise_std, ctx.noise_generator, impl=s.noise_impl)
+
+
 def d_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
     """D update: hinge loss on real x and a detached G sample, both with instance noise."""
-    nets, std = ctx.nets, ctx.cfg.schedule.instance_noise_std
+    nets, impl = ctx.nets, ctx.cfg.schedule.loss_impl
     trainable(ctx, "discriminator")
     with ctx.autocast():
         with torch.no_grad():
             fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y)
-        d_real = nets.discriminator(losses.instance_noise(x, std), y)
-        d_fake = nets.discriminator(losses.instance_noise(fake, std), y)
-        loss = losses.hinge_d(d_real, d_fake)
+        d_real = nets.discriminator(instance_noise(ctx, x), y)
+        d_fake = nets.discriminator(instance_noise(ctx, fake), y)
+        loss = hinge_d_loss(d_real, d_fake, impl=impl)
     if update(ctx, loss, "D", name="gan/d"):
         ctx.log("gan/d", loss)
 
@@ -262,14 +276,14 @@ def d_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
 def g_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
     """G update from the hinge loss; when conditioned, the gradient also reaches Mid and E
     through the latent, and encoder_opt and middle_opt step too (released step 4b)."""
-    nets, std = ctx.nets, ctx.cfg.schedule.instance_noise_std
+    nets = ctx.nets
     if conditioned:
         trainable(ctx, "generator", "bridge", "encoder")
     else:
         trainable(ctx, "generator")
     with ctx.autocast():
         fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y)
-        loss = losses.hinge_g(nets.discriminator(losses.instance_noise(fake, std), y))
+        loss = hinge_g_loss(nets.discriminator(instance_noise(ctx, fake), y), impl=ctx.cfg.schedule.loss_impl)
     if update(ctx, loss, *(("G", "encoder", "middle") if conditioned else ("G",)), name="gan/g"):
         ctx.log("gan/g", loss)
 
