@@ -79,7 +79,7 @@ class Engine:
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", adam="for-loop",
                    loss_impl="reference", noise_impl="reference", genblock_impl="reference", precision="fp32", channels_last=False)
 FAST = Engine("fast", loader="auto", views="batched", readback="window", adam="auto", loss_impl="auto",
-              noise_impl="auto", genblock_impl="reference", precision=None, channels_last=None)
+              noise_impl="auto", genblock_impl="auto", precision=None, channels_last=None)
 
 
 def differing_ingredients() -> list[str]:
