@@ -315,9 +315,8 @@ std::vector<at::Tensor> cbn_relu_conv_forward_cpu(
   check_cpu(weight, "weight");
   pybind11::gil_scoped_release no_gil;
   return gi::piece_forward<CpuGenblockKernels>(x, gamma, beta, weight, bias, residual, running_mean,
-                                               running_var, num_batches_tracked, std::nullopt,
-                                               std::nullopt, training, momentum, eps, upsample,
-                                               false);
+                                               running_var, num_batches_tracked, training, momentum,
+                                               eps, upsample);
 }
 
 std::vector<at::Tensor> cbn_relu_conv_backward_cpu(
@@ -369,7 +368,7 @@ void register_genblock(pybind11::module_& m) {
         py::arg("running_mean"), py::arg("running_var"), py::arg("num_batches_tracked"),
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("upsample"),
         "Fused conditional BN + ReLU (+ nearest x2) + conv3x3 (+ residual) on the CPU: "
-        "[out, xs, act, mean, rstd, scale, -, -].");
+        "[out, xs, act, mean, rstd, scale].");
   m.def("cbn_relu_conv_backward_cpu", &cbn_relu_conv_backward_cpu, py::arg("grad"), py::arg("x"),
         py::arg("act"), py::arg("weight"), py::arg("gamma"), py::arg("scale"), py::arg("mean"),
         py::arg("rstd"), py::arg("training"), py::arg("upsample"), py::arg("has_bias"),

@@ -136,10 +136,9 @@ struct BnBackward {
 // ---------------------------------------------------------------------------------------------
 // one piece
 
-/// Returns {out, xs, act, mean, rstd, scale, out_mean, out_var}: out (n, cout, ho, wo) in x's
-/// memory format; xs = x in channels_last (x itself, or the copy the prologue writes on the way)
-/// and act the channels_last prologue output, both saved for backward; mean/rstd (c,) double;
-/// scale (n, c); out_mean/out_var (cout,) double statistics of out when out_stats, else undefined.
+/// Returns {out, xs, act, mean, rstd, scale}: out (n, cout, ho, wo) in x's memory format; xs = x
+/// in channels_last (x itself, or the copy the prologue writes on the way) and act the
+/// channels_last prologue output, both saved for backward; mean/rstd (c,) double; scale (n, c).
 template <class K>
 std::vector<at::Tensor> piece_forward(const at::Tensor& x_in, const at::Tensor& gamma,
                                       const at::Tensor& beta, const at::Tensor& weight,
@@ -147,16 +146,14 @@ std::vector<at::Tensor> piece_forward(const at::Tensor& x_in, const at::Tensor& 
                                       const std::optional<at::Tensor>& residual,
                                       const at::Tensor& running_mean, const at::Tensor& running_var,
                                       const std::optional<at::Tensor>& num_batches_tracked,
-                                      const std::optional<at::Tensor>& x_mean,
-                                      const std::optional<at::Tensor>& x_var, bool training,
-                                      std::optional<double> momentum, double eps, bool upsample,
-                                      bool out_stats) {
+                                      bool training, std::optional<double> momentum, double eps,
+                                      bool upsample) {
   const at::Tensor x = dense(x_in);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t cout = weight.size(0);
   const int64_t ho = upsample ? 2 * h : h, wo = upsample ? 2 * w : w;
-  auto [mean, var] = prologue_stats<K>(x, running_mean, running_var, num_batches_tracked, x_mean,
-                                       x_var, training, momentum);
+  auto [mean, var] = prologue_stats<K>(x, running_mean, running_var, num_batches_tracked,
+                                       std::nullopt, std::nullopt, training, momentum);
   const at::ScalarType pt = K::param_dtype(x);
   auto [rstd, scale, shift] = K::scale_shift(gamma.to(pt), beta.to(pt), mean, var, eps, x);
   at::Tensor act = empty4(x, n, c, h, w, at::MemoryFormat::ChannelsLast);
@@ -164,11 +161,6 @@ std::vector<at::Tensor> piece_forward(const at::Tensor& x_in, const at::Tensor& 
   K::affine_relu(x, scale, shift, act, is_pixels(x) ? nullptr : &xs);
 
   at::Tensor out = empty4(x, n, cout, ho, wo, format_of(x));
-  at::Tensor out_mean, out_var;
-  if (out_stats) {
-    out_mean = at::empty({cout}, x.options().dtype(at::kDouble));
-    out_var = at::empty({cout}, x.options().dtype(at::kDouble));
-  }
   std::optional<at::Tensor> res;
   bool half = false;
   if (residual.has_value()) {
@@ -178,17 +170,15 @@ std::vector<at::Tensor> piece_forward(const at::Tensor& x_in, const at::Tensor& 
   if (upsample) {
     at::Tensor p = conv(act, K::phase_weights(weight), std::nullopt, 1)
                        .contiguous(at::MemoryFormat::ChannelsLast);
-    K::phase_epilogue(p, bias, res, half, out, out_stats ? &out_mean : nullptr,
-                      out_stats ? &out_var : nullptr);
-  } else if (!res.has_value() && !out_stats && is_pixels(x) && is_pixels(act)) {
+    K::phase_epilogue(p, bias, res, half, out, nullptr, nullptr);
+  } else if (!res.has_value() && is_pixels(x)) {
     out = conv(act, K::conv_weight(weight), bias, 1).contiguous(at::MemoryFormat::ChannelsLast);
   } else {
     at::Tensor y = conv(act, K::conv_weight(weight), std::nullopt, 1)
                        .contiguous(at::MemoryFormat::ChannelsLast);
-    K::conv_epilogue(y, bias, res, half, out, out_stats ? &out_mean : nullptr,
-                     out_stats ? &out_var : nullptr);
+    K::conv_epilogue(y, bias, res, half, out, nullptr, nullptr);
   }
-  return {out, xs, act, mean, rstd, scale, out_mean, out_var};
+  return {out, xs, act, mean, rstd, scale};
 }
 
 /// Returns {dx, dgamma, dbeta, dweight, dbias, dresidual} (undefined where not requested or

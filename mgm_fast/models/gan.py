@@ -26,6 +26,7 @@ from mgm_fast.models.layers import (
     SNLinear,
     SpectralNormLayer,
 )
+from mgm_fast.ops import BackendUnavailable
 from mgm_fast.ops import genblock as genblock_ops
 
 GENBLOCK_IMPLS = ("reference", "auto", "cpp", "cuda", "triton")
@@ -52,6 +53,24 @@ def init_gan_(module: nn.Module) -> None:
 
 def _up2(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def _fusable(impl: str, *bns: nn.Module) -> bool:
+    """Whether the fused op reproduces these BN layers: plain BatchNorm2d with running statistics
+    and (for a GenBlock's two CBNs) one momentum, eps and mode. Anything else -- e.g. the
+    SyncBatchNorm of multi-process training, whose statistics span all ranks -- runs the module
+    path when impl is "auto"; a forced backend raises instead of silently changing semantics."""
+    plain = all(type(bn) is nn.BatchNorm2d and bn.track_running_stats for bn in bns)
+    same = len({(bn.momentum, bn.eps, bn.training) for bn in bns}) == 1
+    if plain and same:
+        return True
+    if impl == "auto":
+        return False
+    raise BackendUnavailable(
+        f"genblock impl {impl!r}: the fused op implements BatchNorm2d with running statistics and one "
+        f"momentum/eps/mode per block; got {[type(bn).__name__ for bn in bns]} "
+        "(use impl='auto' or 'reference')"
+    )
 
 
 def genblock_reference(x: Tensor, y: Tensor, block: GenBlock) -> Tensor:
@@ -102,11 +121,9 @@ class GenBlock(nn.Module):
         self.snconv2d0 = SNConv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.impl == "reference":
+        if self.impl == "reference" or not _fusable(self.impl, self.cond_bn1.bn, self.cond_bn2.bn):
             return genblock_reference(x, y, self)
         bn1, bn2 = self.cond_bn1.bn, self.cond_bn2.bn
-        if (bn1.momentum, bn1.eps, bn1.training) != (bn2.momentum, bn2.eps, bn2.training):
-            raise ValueError("GenBlock: the fused op needs cond_bn1 and cond_bn2 with one momentum, eps and mode")
         return genblock_ops.genblock(
             x,
             y,
@@ -180,7 +197,7 @@ class Generator(nn.Module):
             h = getattr(self, f"block{k}")(h, y)
             if k == self.attn_after:
                 h = self.self_attn(h)
-        if self.impl == "reference":
+        if self.impl == "reference" or not _fusable(self.impl, self.bn):
             return self.snconv2d1(F.relu(self.bn(h))).tanh()
         # The output head BN -> ReLU -> conv3x3 is one fused piece with gamma/beta = BN affine.
         bn, b = self.bn, h.shape[0]

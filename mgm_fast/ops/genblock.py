@@ -61,14 +61,20 @@ supports the inputs; ``auto`` never takes the Triton interpreter):
 
 * ``reference`` -- plain PyTorch, exactly the released computation (upsample, then convs), any
   device and float dtype. :func:`mgm_fast.models.gan.genblock_reference` is its module twin.
-* ``cpp`` -- CPU, float32/float64: oneDNN convs on channels_last buffers with rewrites 1 and 2,
-  and the C++ kernels of csrc/kernels/cpu/genblock.* for statistics, prologue, epilogues (bias,
-  interleave, residual, fused statistics) and the backward reductions; bit-reproducible for any
-  thread count. Not under CPU autocast (it computes in the input dtype).
+* ``cpp`` -- CPU, float32/float64: oneDNN convs on channels_last buffers with rewrites 1 and 2
+  (the shortcut is one GEMM over the low-resolution pixels), and the C++ kernels of
+  csrc/kernels/cpu/genblock.* for statistics, prologue, epilogues (bias, interleave, residual,
+  fused statistics of h) and the backward reductions. The kernels are bit-identical for any
+  thread count; oneDNN is deterministic for a fixed thread count (its weight gradients may
+  round differently for another count). Not under CPU autocast (it computes in the input
+  dtype); ``auto`` then takes ``reference``. Saves for backward x (channels_last), the two
+  prologue activations and h, instead of the reference's upsampled and normalised copies.
 * ``cuda`` -- CUDA, float32/float16/bfloat16 (fp32 statistics and accumulation): cuDNN convs
-  on channels_last buffers with the same rewrites and CUDA kernels (csrc/kernels/cuda/genblock.*)
-  for the same pieces. Under CUDA autocast, x and the conv weights/biases are cast to the
-  autocast dtype (gamma/beta and the statistics stay float32).
+  on channels_last buffers with the same rewrites, and CUDA kernels (csrc/kernels/cuda/genblock.*)
+  for the same pieces, composed by the same C++ code as ``cpp`` (csrc/bindings/genblock_impl.h).
+  The kernels reduce deterministically (no atomics; the embedding gradient is a one-hot GEMM);
+  cuDNN follows torch's determinism settings. Under CUDA autocast, x and the conv
+  weights/biases are cast to the autocast dtype (gamma/beta and the statistics stay float32).
 * ``triton`` -- batch statistics in torch (differentiable), then
   ``mgm_fast.ops._triton.genblock.fused_cbn_relu_conv`` (prologue + phase conv + residual
   epilogue in one kernel) twice. Under ``TRITON_INTERPRET=1`` it also runs CPU tensors (tests).
@@ -248,7 +254,7 @@ class _NativePiece(torch.autograd.Function):
         ctx, device, x, gamma, beta, weight, bias, residual, running_mean, running_var,
         num_batches_tracked, training, momentum, eps, upsample,
     ):
-        out, xs, act, mean, rstd, scale, _, _ = _ext_fn("cbn_relu_conv_forward", device)(
+        out, xs, act, mean, rstd, scale = _ext_fn("cbn_relu_conv_forward", device)(
             x, gamma, beta, weight, bias, residual, running_mean, running_var,
             num_batches_tracked, training, momentum, eps, upsample,
         )

@@ -9,7 +9,7 @@ import torch
 
 from mgm_fast import _native
 from mgm_fast.models.gan import GENBLOCK_IMPLS, GenBlock, Generator
-from mgm_fast.ops import REGISTRY
+from mgm_fast.ops import REGISTRY, BackendUnavailable
 
 HAS_CPP = _native.cpp_reason() is None
 TRITON_REASON = REGISTRY["genblock"].backends["triton"].unavailable_reason()
@@ -106,6 +106,24 @@ def test_cpp_generator_output_keeps_nchw_and_batch_one_works(small_cfg):
     want, got = _step(ref, z, y), _step(fused, z, y)
     _compare(got, want, list(fused.named_buffers()), list(ref.buffers()), rtol=1e-9, atol_rel=1e-11)
     assert got[0].is_contiguous()
+
+
+def test_non_plain_batch_norm_is_never_fused_silently():
+    # e.g. the SyncBatchNorm of multi-process training: statistics over all ranks
+    class OtherNorm(torch.nn.BatchNorm2d):
+        pass
+
+    block = GenBlock(4, 4, 2, impl="cpp")
+    other = OtherNorm(4, momentum=0.001, affine=False)
+    other.load_state_dict(block.cond_bn1.bn.state_dict())
+    block.cond_bn1.bn = other
+    x, y = torch.randn(2, 4, 3, 3), torch.tensor([0, 1])
+    with pytest.raises(BackendUnavailable, match="OtherNorm"):
+        block(x, y)
+    block.impl = "auto"  # auto takes the module path, which does whatever OtherNorm does
+    twin = GenBlock(4, 4, 2)
+    twin.load_state_dict(block.state_dict())
+    torch.testing.assert_close(block(x, y), twin(x, y), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")

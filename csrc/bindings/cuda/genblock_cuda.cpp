@@ -264,8 +264,8 @@ std::vector<at::Tensor> cbn_relu_conv_forward_cuda(
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   return gi::piece_forward<CudaGenblockKernels>(x, gamma, beta, weight, bias, residual, running_mean,
-                                                running_var, num_batches_tracked, std::nullopt, std::nullopt,
-                                                training, momentum, eps, upsample, false);
+                                                running_var, num_batches_tracked, training, momentum, eps,
+                                                upsample);
 }
 
 std::vector<at::Tensor> cbn_relu_conv_backward_cuda(
@@ -316,7 +316,7 @@ void register_genblock_cuda(pybind11::module_& m) {
         py::arg("running_var"), py::arg("num_batches_tracked"), py::arg("training"), py::arg("momentum"),
         py::arg("eps"), py::arg("upsample"),
         "Fused conditional BN + ReLU (+ nearest x2) + conv3x3 (+ residual) on CUDA: "
-        "[out, xs, act, mean, rstd, scale, -, -].");
+        "[out, xs, act, mean, rstd, scale].");
   m.def("cbn_relu_conv_backward_cuda", &cbn_relu_conv_backward_cuda, py::arg("grad"), py::arg("x"),
         py::arg("act"), py::arg("weight"), py::arg("gamma"), py::arg("scale"), py::arg("mean"), py::arg("rstd"),
         py::arg("training"), py::arg("upsample"), py::arg("has_bias"), py::arg("residual_mode"),

@@ -1,0 +1,203 @@
+"""Forward + backward of the generator's GenBlocks and of the whole generator, per backend.
+
+Each timed step runs the module (spectral-norm power iteration included, as in training), then
+backward of ``(out * G).sum()`` for a fixed random G, with parameter gradients reset first.
+Rows of a group: ``reference`` (eager, the released computation; the speed-up baseline),
+``compile`` (``torch.compile`` of the reference module; compiled before timing), and the fused
+backends that can run here (``cpp`` on the CPU; ``cuda`` and ``triton`` on a GPU).
+
+* CPU: the tiny preset (``mgm_fast.config`` preset "tiny", batch 8, 64x64): every GenBlock
+  (128->64 @4->8, 64->32 @8->16, 32->16 @16->32, 16->8 @32->64) and the whole generator.
+  ``extra_info["saved_activation_bytes"]``: bytes of the tensors autograd keeps for backward
+  (distinct storages), the CPU stand-in for peak memory.
+* GPU (only with CUDA): the paper's GenBlocks at batch 32 (1024->1024 @4->8, 1024->512 @8->16,
+  512->256 @16->32, 256->128 @32->64, 128->64 @64->128) and the paper generator, float32 and
+  bfloat16, channels_last inputs; ``peak_memory_bytes`` of one step.
+
+The compile rows take tens of seconds to compile on the CPU, so with ``--benchmark-disable`` (CI)
+they are skipped. ``pytest benchmarks/test_bench_genblock.py --benchmark-group-by=group``
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mgm_fast.benchtools import peak_memory
+from mgm_fast.config import preset
+from mgm_fast.models.gan import GenBlock, Generator
+from mgm_fast.ops import REGISTRY
+
+TINY = preset("tiny")
+TINY_BATCH = TINY.schedule.batch_size
+PAPER_BLOCKS = [(1024, 1024, 4), (1024, 512, 8), (512, 256, 16), (256, 128, 32), (128, 64, 64)]
+
+
+def _tiny_blocks():
+    ch = [m * TINY.model.g_conv_dim for m in TINY.model.g_mults]
+    return [(ch[k], ch[k + 1], 4 * 2**k) for k in range(len(ch) - 1)]
+
+
+def _skip_unavailable(benchmark, impl: str, device: str) -> None:
+    if impl == "compile":
+        if benchmark.disabled:
+            pytest.skip("torch.compile row: compiling takes tens of seconds; it runs when benchmarking")
+        return
+    if impl == "reference":
+        return
+    reason = REGISTRY["genblock"].backends[impl].unavailable_reason()
+    if impl == "cpp" and device != "cpu":
+        reason = "the cpp backend runs on the CPU"
+    if reason is not None:
+        pytest.skip(f"{impl} backend unavailable: {reason}")
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward during fn()."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _module_step(module, inputs, grad_out_seed=0):
+    """A closure: forward, backward of (out * G).sum() with parameter gradients reset first."""
+    weight = {}
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        out = module(*inputs)
+        if "g" not in weight:
+            gen = torch.Generator(device=out.device).manual_seed(grad_out_seed)
+            weight["g"] = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        out.backward(weight["g"])
+        return out
+
+    return step
+
+
+def _block(cin, cout, impl, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    block = GenBlock(cin, cout, TINY.model.num_scenes, impl="reference" if impl == "compile" else impl)
+    with torch.no_grad():  # CBN affine rows away from their identity init, as after training
+        block.cond_bn1.embed.weight.normal_(0.8, 0.3)
+        block.cond_bn2.embed.weight.normal_(0.8, 0.3)
+    block = block.to(device, dtype).train()
+    return torch.compile(block) if impl == "compile" else block
+
+
+def _generator(cfg, impl, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    g = Generator(cfg, impl="reference" if impl == "compile" else impl).to(device, dtype).train()
+    return torch.compile(g) if impl == "compile" else g
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU, tiny preset
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "compile"])
+@pytest.mark.parametrize(("cin", "cout", "res"), _tiny_blocks(), ids=lambda v: str(v))
+def test_bench_genblock_block_cpu(benchmark, cin, cout, res, impl):
+    _skip_unavailable(benchmark, impl, "cpu")
+    block = _block(cin, cout, impl)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(TINY_BATCH, cin, res, res, generator=gen) * 1.5).requires_grad_(True)
+    y = torch.randint(0, TINY.model.num_scenes, (TINY_BATCH,), generator=gen)
+    step = _module_step(block, (x, y))
+    step()  # compiles the compile row; warms every row
+    benchmark.group = f"genblock fwd+bwd cpu b{TINY_BATCH} {cin}->{cout} @{res}->{2 * res}"
+    benchmark.extra_info.update(
+        impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference",
+        saved_activation_bytes=_saved_bytes(lambda: block(x, y)),
+    )
+    out = benchmark(step)
+    assert out.shape == (TINY_BATCH, cout, 2 * res, 2 * res) and torch.isfinite(out).all()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "compile"])
+def test_bench_genblock_generator_cpu(benchmark, impl):
+    _skip_unavailable(benchmark, impl, "cpu")
+    cfg = TINY.model
+    g = _generator(cfg, impl)
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(TINY_BATCH, cfg.z_dim, generator=gen)
+    y = torch.randint(0, cfg.num_scenes, (TINY_BATCH,), generator=gen)
+    step = _module_step(g, (z, y))
+    step()
+    benchmark.group = f"generator fwd+bwd cpu tiny b{TINY_BATCH} {cfg.image_size}x{cfg.image_size}"
+    benchmark.extra_info.update(
+        impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference",
+        saved_activation_bytes=_saved_bytes(lambda: g(z, y)),
+    )
+    out = benchmark(step)
+    assert out.shape == (TINY_BATCH, 3, cfg.image_size, cfg.image_size) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, paper shapes (batch 32)
+
+GPU_IMPLS = ["reference", "compile", "cuda", "triton"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _synced(step):
+    def run():
+        out = step()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize(("cin", "cout", "res"), PAPER_BLOCKS, ids=lambda v: str(v))
+def test_bench_genblock_block_gpu(benchmark, cin, cout, res, impl, dtype):
+    _skip_unavailable(benchmark, impl, "cuda")
+    batch = 32
+    block = _block(cin, cout, impl, "cuda", DTYPES[dtype])
+    x = torch.randn(batch, cin, res, res, device="cuda", dtype=DTYPES[dtype])
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = torch.randint(0, TINY.model.num_scenes, (batch,), device="cuda")
+    step = _synced(_module_step(block, (x, y)))
+    step()
+    benchmark.group = f"genblock fwd+bwd cuda {dtype} b{batch} {cin}->{cout} @{res}->{2 * res}"
+    benchmark.extra_info.update(
+        impl=impl, dtype=dtype, device=torch.cuda.get_device_name(), baseline=impl == "reference",
+        peak_memory_bytes=peak_memory(step).bytes,
+    )
+    out = benchmark(step)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_bench_genblock_generator_gpu(benchmark, impl, dtype):
+    _skip_unavailable(benchmark, impl, "cuda")
+    cfg = preset("paper").model
+    batch = 32
+    g = _generator(cfg, impl, "cuda", DTYPES[dtype])
+    z = torch.randn(batch, cfg.z_dim, device="cuda", dtype=DTYPES[dtype])
+    y = torch.randint(0, cfg.num_scenes, (batch,), device="cuda")
+    step = _synced(_module_step(g, (z, y)))
+    step()
+    benchmark.group = f"generator fwd+bwd cuda {dtype} paper b{batch}"
+    benchmark.extra_info.update(
+        impl=impl, dtype=dtype, device=torch.cuda.get_device_name(), baseline=impl == "reference",
+        peak_memory_bytes=peak_memory(step).bytes,
+    )
+    out = benchmark(step)
+    assert torch.isfinite(out).all()
