@@ -501,10 +501,6 @@ def build_nets(run: Run, tasks: tuple[str, ...] | None = None) -> MGMNets:
     if args.channels_last:
         nets = nets.to(memory_format=torch.channels_last)
     if args.sync_bn:
-        if world.enabled and args.method == "mgm" and run.cfg.model.genblock_impl != "reference":
-            # The fused GenBlock reads the BN buffers directly and computes per-rank statistics.
-            raise SystemExit(f"--sync-bn: the fused GenBlock (model.genblock_impl={run.cfg.model.genblock_impl}) "
-                             "computes per-rank batch statistics; add --set model.genblock_impl=reference")
         distributed.convert_sync_batchnorm(nets, world)
     distributed.broadcast_module(nets, world)
     if world.rank > 0:
