@@ -4,6 +4,7 @@
 // same formula, out == x + std * noise exactly, moments, independence of neighbours and lanes,
 // and thread-count invariance. Built and run by CMake/ctest.
 #include "kernels/cpu/gan_noise.h"
+#include "tests/expect.h"
 
 #include <cmath>
 #include <cstdint>
@@ -12,20 +13,6 @@
 #include <vector>
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                                            \
-  do {                                                                               \
-    ++g_checks;                                                                      \
-    if (!(cond)) {                                                                   \
-      ++g_failures;                                                                  \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-    }                                                                                \
-  } while (0)
 
 void test_philox_known_answers() {
   struct Kat {

@@ -5,6 +5,7 @@
 // the adjoint of the interleave), both layouts, and bit-identical results for 1 and 3 threads.
 // Built and run by CMake/ctest; main returns 1 if any check failed.
 #include "kernels/cpu/genblock.h"
+#include "tests/expect.h"
 
 #include <cmath>
 #include <cstdint>
@@ -17,20 +18,6 @@ using g::Dims;
 using g::Layout;
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                                            \
-  do {                                                                               \
-    ++g_checks;                                                                      \
-    if (!(cond)) {                                                                   \
-      ++g_failures;                                                                  \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-    }                                                                                \
-  } while (0)
 
 std::mt19937 g_rng(1234);
 

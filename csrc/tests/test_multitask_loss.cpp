@@ -2,6 +2,7 @@
 // double-precision loops, on small random inputs. Built and run by CMake/ctest; no framework:
 // a failed EXPECT prints where and why, and main returns 1 if anything failed.
 #include "kernels/cpu/multitask_loss.h"
+#include "tests/expect.h"
 
 #include <cmath>
 #include <cstdint>
@@ -21,20 +22,6 @@ using mgm_fast::cpu::Strides3;
 using mgm_fast::cpu::Strides4;
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                              \
-  do {                                                                 \
-    ++g_checks;                                                        \
-    if (!(cond)) {                                                     \
-      ++g_failures;                                                    \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                               \
-      std::fprintf(stderr, "\n");                                      \
-    }                                                                  \
-  } while (0)
 
 bool close(double got, double want, double rtol, double atol) {
   if (std::isnan(want)) return std::isnan(got);

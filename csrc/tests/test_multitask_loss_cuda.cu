@@ -14,29 +14,9 @@
 
 #include "kernels/cpu/multitask_loss.h"
 #include "kernels/cuda/multitask_loss.cuh"
+#include "tests/cuda_expect.cuh"
 
 namespace {
-
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                                            \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      ++g_failures;                                                                  \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-    }                                                                                \
-  } while (0)
-
-#define CUDA_OK(expr)                                                                     \
-  do {                                                                                    \
-    cudaError_t e_ = (expr);                                                              \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 template <typename T>
 struct DeviceBuffer {

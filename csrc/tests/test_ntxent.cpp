@@ -3,6 +3,7 @@
 // row subsets and strides, zero rows, temperatures, thread-count invariance, the exp helper.
 // Built and run by CMake/ctest; a failed EXPECT prints where and why, main returns 1.
 #include "kernels/cpu/ntxent.h"
+#include "tests/expect.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,20 +18,6 @@
 using mgm_fast::cpu::NtxentProblem;
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                                            \
-  do {                                                                               \
-    ++g_checks;                                                                      \
-    if (!(cond)) {                                                                   \
-      ++g_failures;                                                                  \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-    }                                                                                \
-  } while (0)
 
 bool close(double got, double want, double rtol, double atol) {
   return std::fabs(got - want) <= atol + rtol * std::fabs(want);

@@ -5,6 +5,7 @@
 // independence and the parameter checks. Built and run by CMake/ctest; no framework: a failed
 // EXPECT prints where and why, and main returns 1 if anything failed.
 #include "kernels/cpu/simclr_views.h"
+#include "tests/expect.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,20 +18,6 @@
 namespace cpu = mgm_fast::cpu;
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                                             \
-  do {                                                                                \
-    ++g_checks;                                                                       \
-    if (!(cond)) {                                                                    \
-      ++g_failures;                                                                   \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                              \
-      std::fprintf(stderr, "\n");                                                     \
-    }                                                                                 \
-  } while (0)
 
 std::vector<float> uniform(std::mt19937& rng, size_t n, float lo, float hi) {
   std::uniform_real_distribution<float> dist(lo, hi);
