@@ -34,7 +34,7 @@ STEPS = 4
 ROWS = list(engines.ENGINES)
 
 
-def _prepare(engine: str, out, disabled: bool):
+def _prepare(engine: str, out):
     args = train.build_parser().parse_args([
         "--engine", engine, "--preset", PRESET, "--data", f"synthetic:{BATCH * 12}", "--batch-size", str(BATCH),
         "--device", DEVICE, "--quiet", "--out", str(out), "--regime", "1.0",
@@ -65,7 +65,7 @@ def _model_flops(tmp_root: str) -> int:
     """FLOPs of one MGM step (reference engine), from torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _, ctx, batches = _prepare("reference", f"{tmp_root}/flops", disabled=True)
+    _, ctx, batches = _prepare("reference", f"{tmp_root}/flops")
     _steps(ctx, batches, 1)  # first step allocates optimiser state
     counter = FlopCounterMode(display=False)
     with counter:
@@ -78,7 +78,7 @@ def test_bench_mgm_step(benchmark, engine, tmp_path, tmp_path_factory):
     disabled = benchmark.disabled
     if disabled and engine not in ("reference", "fast"):
         pytest.skip("ablation rows run only when benchmarking (CI runs reference and fast once)")
-    run, ctx, batches = _prepare(engine, tmp_path / engine, disabled)
+    run, ctx, batches = _prepare(engine, tmp_path / engine)
     steps = 1 if disabled else STEPS
     if not disabled:
         _steps(ctx, batches, 1)  # warm-up: optimiser state, Triton/cuDNN autotuning, allocator

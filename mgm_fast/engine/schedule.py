@@ -159,19 +159,25 @@ def update(ctx: StepContext, loss: Tensor, *optimizers: str, name: str = "") -> 
     if ctx.on_nonfinite == "skip" and not distributed.all_finite(loss, ctx.world):
         ctx.skipped[name] = ctx.skipped.get(name, 0) + 1
         return False
-    params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
     if ctx.scaler is None:
         loss.backward()
-        distributed.all_reduce_grads(params, ctx.world)
+        _sync_grads(ctx, opts)
         for opt in opts:
             opt.step()
     else:
         ctx.scaler.scale(loss).backward()
-        distributed.all_reduce_grads(params, ctx.world)
+        _sync_grads(ctx, opts)
         for opt in opts:
             ctx.scaler.step(opt)
         ctx.scaler.update()
     return True
+
+
+def _sync_grads(ctx: StepContext, opts: list[torch.optim.Optimizer]) -> None:
+    """Average the optimisers' gradients over the torchrun ranks (nothing with one process)."""
+    if ctx.world.enabled:
+        params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
+        distributed.all_reduce_grads(params, ctx.world)
 
 
 def _normal_target(ctx: StepContext, normal: Tensor) -> Tensor:
