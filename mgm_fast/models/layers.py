@@ -17,6 +17,7 @@ are int64 tensors of shape (B,).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +26,13 @@ from torch import Tensor, nn
 
 SN_EPS = 1e-12
 """``eps`` of ``torch.nn.utils.spectral_norm`` (used by every normalisation of u and v)."""
+
+
+def _autocast_off(device: torch.device):
+    """A context that disables autocast on ``device`` (nothing to disable on e.g. meta)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class SpectralNormLayer(nn.Module):
@@ -56,9 +64,9 @@ class SpectralNormLayer(nn.Module):
     def sn_weight(self) -> Tensor:
         """The spectrally normalised weight ``weight_orig / sigma``, shaped like ``weight_orig``.
 
-        In training mode this first runs ``n_power_iterations`` power-iteration steps that update
-        ``weight_u`` / ``weight_v`` in place (as torch does, so replicas sharing the buffers see
-        the update), so call it exactly once per forward pass. In eval mode the stored vectors
+        In training mode this first runs ``n_power_iterations`` power-iteration steps and stores
+        the new ``weight_u`` / ``weight_v`` (new tensors: the previous ones may be saved for a
+        pending backward), so call it exactly once per forward pass. In eval mode the stored vectors
         are used unchanged. Gradients flow into ``weight_orig`` through both the numerator and
         ``sigma = u . (W v)``.
         """
@@ -66,14 +74,16 @@ class SpectralNormLayer(nn.Module):
         weight_mat = weight.reshape(weight.shape[0], -1)
         u, v = self.weight_u, self.weight_v
         if self.training:
-            with torch.no_grad():
+            # fp32 (the buffers' dtype) even under autocast, which would run mv in bf16 on CUDA.
+            with torch.no_grad(), _autocast_off(weight.device):
                 for _ in range(self.n_power_iterations):
-                    v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps, out=v)
-                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps, out=u)
-                # Clones keep the autograd graph of an earlier forward valid when a later one
-                # updates the buffers again (the GAN pattern D(real) + D(fake), one backward).
-                u = u.clone(memory_format=torch.contiguous_format)
-                v = v.clone(memory_format=torch.contiguous_format)
+                    v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps)
+                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
+            # The new vectors replace the buffers instead of being written into them: a later
+            # forward runs the iteration again before one backward through both (the GAN
+            # pattern D(real) + D(fake)), and the tensors this forward saved for backward must
+            # stay unchanged -- also under torch.compile, whose graphs save them directly.
+            self.weight_u, self.weight_v = u, v
         sigma = torch.dot(u, torch.mv(weight_mat, v))
         return weight / sigma
 

@@ -107,7 +107,7 @@ def test_eval_mode_matches_torch_and_freezes_buffers(name):
 
 
 def test_two_forwards_one_backward_like_torch():
-    # D(real) and D(fake) then one backward: the clones keep the first graph valid.
+    # D(real) and D(fake) then one backward: the first graph keeps its own u and v.
     ours, ref, make_input = _pair("conv3x3")
     xa, xb = make_input(), make_input()
     loss_ours = ours(xa).square().mean() + ours(xb).abs().mean()
@@ -159,3 +159,22 @@ def test_sn_weight_is_what_forward_uses():
     x = torch.randn(2, 3, 8, 8)
     expected = F.conv2d(x, layer.sn_weight(), layer.bias, padding=1)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+def test_two_forwards_one_backward_compiled():
+    """The GAN pattern under torch.compile: the second forward's power iteration must not touch
+    tensors the first saved for backward (a one-row weight made the compiled graph save the
+    buffer itself, which the second forward then updated)."""
+    torch._dynamo.reset()
+    eager, compiled = SNLinear(9, 1), SNLinear(9, 1)
+    compiled.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled)
+    xa, xb = torch.randn(4, 9), torch.randn(4, 9)
+    loss_eager = eager(xa).square().mean() + eager(xb).mean()
+    loss_compiled = step(xa).square().mean() + step(xb).mean()
+    loss_eager.backward()
+    loss_compiled.backward()
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled.weight_orig.grad, eager.weight_orig.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.weight_u, eager.weight_u, rtol=0, atol=1e-6)
+
