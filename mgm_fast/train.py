@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--engine", default="fast", choices=list(engines.ENGINES),
                    help="how steps execute, never what they compute: fast (default: fused kernels, "
-                        "on-device data and views, no per-step host syncs, bf16 + channels_last on "
+                        "on-device data and views, no per-step host syncs, channels_last, bf16 on "
                         "CUDA), reference (the released code's execution), or fast-<ingredient> "
                         "(fast with that ingredient as in reference); see mgm_fast/engine/engines.py")
     p.add_argument("--loader", default=None, choices=("auto", "memory", "dali", "torch"),
@@ -206,6 +206,7 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         on_nonfinite=run.args.on_nonfinite,
         views=engines.get(run.args.engine).views,
         readback=engines.get(run.args.engine).readback,
+        autograd=engines.get(run.args.engine).autograd,
     )
 
 
@@ -579,7 +580,7 @@ def compile_nets(nets: MGMNets) -> None:
     mt = nets.multitask
     for module in [mt.encoder, *mt.decoders.values(), mt.clr_head, nets.refine, nets.bridge,
                    nets.generator, nets.discriminator]:
-        module.compile()
+        module.compile(dynamic=False)
 
 
 def main(argv: list[str] | None = None) -> int:
