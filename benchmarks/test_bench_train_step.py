@@ -1,9 +1,11 @@
 """End to end: MGM joint-training steps (mgm_method.md 3.2, steps 1-6) per engine, data loading
 and SimCLR views included, with the same seed and config for every engine.
 
-Rows: ``reference`` (the released code's execution, the baseline), ``fast``, and the ablations
+Rows: ``reference`` (the released code's execution, the baseline), ``fast``, the ablations
 ``fast-<ingredient>`` (fast with that one ingredient as in reference), so the report shows what
-each ingredient is worth. One timed round = ``STEPS`` consecutive steps pulled from the
+each ingredient is worth, and on the CPU ``fast+bf16`` (``--precision bf16``: the fast engine
+keeps fp32 on the CPU by default; bf16 autocast is the opt-in, worth it on CPUs with native
+bf16 instructions). One timed round = ``STEPS`` consecutive steps pulled from the
 engine's own loader, ending with one read-back of the logged losses (the work is finished when
 the round ends; on CUDA run with ``--benchmark-timer mgm_fast.benchtools.synced_timer``).
 
@@ -31,13 +33,16 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 PRESET, BATCH = ("paper", 32) if CUDA else ("tiny", 8)
 STEPS = 4
-ROWS = list(engines.ENGINES)
+ROWS = list(engines.ENGINES) + ([] if CUDA else ["fast+bf16"])
+VARIANTS = {"fast+bf16": ("fast", ["--precision", "bf16"])}
+"""Rows that are an engine plus command-line options: name -> (engine, extra arguments)."""
 
 
-def _prepare(engine: str, out):
+def _prepare(row: str, out):
+    engine, extra = VARIANTS.get(row, (row, []))
     args = train.build_parser().parse_args([
         "--engine", engine, "--preset", PRESET, "--data", f"synthetic:{BATCH * 12}", "--batch-size", str(BATCH),
-        "--device", DEVICE, "--quiet", "--out", str(out), "--regime", "1.0",
+        "--device", DEVICE, "--quiet", "--out", str(out), "--regime", "1.0", *extra,
     ])
     run = train.setup(args, SINGLE, torch.device(DEVICE))
     run.metrics_file.close()
@@ -87,13 +92,15 @@ def test_bench_mgm_step(benchmark, engine, tmp_path, tmp_path_factory):
     assert value == value, "non-finite losses"  # NaN check: the engines must train
     extra = dict(engine=engine, baseline=engine == "reference", device=DEVICE, preset=PRESET, batch=BATCH,
                  precision=run.args.precision, channels_last=run.args.channels_last, loader=run.args.loader,
-                 **{k: getattr(engines.get(engine), k) for k in ("views", "readback", "adam", "loss_impl",
-                                                                   "genblock_impl")})
+                 **{k: getattr(engines.get(run.args.engine), k) for k in ("views", "readback", "autograd", "adam",
+                                                                            "loss_impl", "genblock_impl")})
     if not disabled:
         extra["flops"] = _model_flops(str(tmp_path_factory.mktemp("flops"))) * STEPS
     record_rate(benchmark, BATCH * steps, "images", **extra)
 
 
 def test_engine_rows_cover_every_engine():
-    assert ROWS[:2] == ["reference", "fast"] and len(ROWS) == 2 + len(engines.differing_ingredients())
+    ablations = [e for e in ROWS if e in engines.ENGINES][2:]
+    assert ROWS[:2] == ["reference", "fast"] and len(ablations) == len(engines.differing_ingredients())
+    assert all(row in engines.ENGINES or row in VARIANTS for row in ROWS)
     assert isinstance(train.build_parser().parse_args(["--engine", "fast-views"]), argparse.Namespace)

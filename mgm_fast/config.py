@@ -154,7 +154,7 @@ class OptimConfig:
     g_weight_decay: float = 0.0
     d_weight_decay: float = 0.0
     implementation: str = "auto"
-    """Adam kernel: "auto" (fused on CUDA, foreach on CPU), "fused", "foreach" or "for-loop".
+    """Adam kernel: "auto" (= "fused", on CPU and CUDA alike), "fused", "foreach" or "for-loop".
     All compute the same update up to floating-point rounding."""
 
 

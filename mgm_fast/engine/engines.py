@@ -6,12 +6,17 @@ differ only in the ingredients below, so comparing them measures the implementat
 * ``reference`` -- our faithful plain-PyTorch rendering of the released code's execution:
   torch DataLoader, SimCLR views made one image at a time with PIL on the CPU (as released),
   every loss read back to the host after every sub-step (the released ``.item()`` calls),
-  reference losses, instance noise from the global RNG (torch.randn) and reference GenBlocks,
-  for-loop Adam, fp32, NCHW.
+  autograd as released (every network's weight gradients computed in every sub-step, even
+  those no optimiser of that sub-step applies, and graphs built for the detached synthesized
+  batches: mgm_method.md I2, I3), reference losses, instance noise from the global RNG
+  (torch.randn), reference GenBlocks and self-attention, for-loop Adam, fp32, NCHW.
 * ``fast`` -- on-device memory loader (or DALI / DataLoader when the data does not fit),
-  batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, fused
-  losses, in-kernel instance noise and fused GenBlocks (``impl="auto"``), foreach (CPU) / fused (CUDA) Adam, bf16 autocast and
-  channels_last on CUDA (fp32, NCHW on the CPU).
+  batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, pruned
+  autograd (only the updated networks' weights get gradients; detached branches under
+  ``no_grad``), fused losses, in-kernel instance noise, fused GenBlocks and self-attention
+  (``impl="auto"``), fused Adam, channels_last, and bf16 autocast on CUDA. On the CPU the fast
+  engine stays fp32 so that CPU runs give the same numbers on every machine; ``--precision
+  bf16`` is the opt-in (a separate row of the end-to-end benchmark).
 
 ``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
 (the ablation rows of the end-to-end benchmark). Explicit command-line options (``--loader``,
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-INGREDIENTS = ("loader", "views", "readback", "adam", "loss_impl", "noise_impl", "genblock_impl",
+INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
                "precision", "channels_last")
 
 
@@ -39,18 +44,23 @@ class Engine:
             "per-sample" (PIL, one image at a time on the CPU, then copied to the device).
         readback: "window" (losses stay on the device, read once per log window) or "step"
             (every logged loss is read back to the host right after its sub-step).
+        autograd: "pruned" (weights of the networks a sub-step does not update have
+            ``requires_grad`` off; the detached synthesized batches run under ``no_grad``) or
+            "released" (every weight gets its gradient in every sub-step and the detached
+            branches build graphs, as the released code does). The updates are the same.
         adam: ``OptimConfig.implementation``.
         loss_impl: ``ScheduleConfig.loss_impl``.
         noise_impl: ``ScheduleConfig.noise_impl``.
         genblock_impl: ``ModelConfig.genblock_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
-        channels_last: True / False, or None: on CUDA only.
+        channels_last: True / False, or None: on CUDA only (kept for engines that want it).
     """
 
     name: str
     loader: str
     views: str
     readback: str
+    autograd: str
     adam: str
     loss_impl: str
     noise_impl: str
@@ -76,10 +86,11 @@ class Engine:
         ]
 
 
-REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", adam="for-loop",
-                   loss_impl="reference", noise_impl="reference", genblock_impl="reference", precision="fp32", channels_last=False)
-FAST = Engine("fast", loader="auto", views="batched", readback="window", adam="auto", loss_impl="auto",
-              noise_impl="auto", genblock_impl="auto", precision=None, channels_last=None)
+REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", autograd="released",
+                   adam="for-loop", loss_impl="reference", noise_impl="reference", genblock_impl="reference",
+                   precision="fp32", channels_last=False)
+FAST = Engine("fast", loader="auto", views="batched", readback="window", autograd="pruned", adam="auto",
+              loss_impl="auto", noise_impl="auto", genblock_impl="auto", precision=None, channels_last=True)
 
 
 def differing_ingredients() -> list[str]:

@@ -12,6 +12,8 @@ Efficiency never changes the algorithm here:
   gradients, mgm_method.md I3);
 * detached branches (the synthesized images of steps 4a and 5) run under ``no_grad``; their
   BatchNorm running statistics and spectral-norm power iterations still happen, as released;
+* both are skipped with ``StepContext.autograd="released"`` (the reference engine), which does
+  the discarded work as the released code does -- the updates are the same either way;
 * ``zero_grad(set_to_none=True)``: parameters without a gradient in a sub-step are skipped by
   Adam -- the released code's behaviour on PyTorch >= 2.0 (mgm_method.md B8), pinned here;
 * noise and latents are drawn on the device; losses are accumulated on the device and never
@@ -48,7 +50,7 @@ OPTIMIZER_NAMES = ("multi", "encoder", "post", "middle", "G", "D")
 def adam_kwargs(implementation: str, device: torch.device) -> dict:
     """Keyword arguments selecting torch's Adam kernel (see OptimConfig.implementation)."""
     if implementation == "auto":
-        implementation = "fused" if device.type == "cuda" else "foreach"
+        implementation = "fused"
     return {
         "fused": {"fused": True},
         "foreach": {"foreach": True},
@@ -88,9 +90,11 @@ class StepContext:
     optimiser step); ``on_nonfinite`` what a non-finite loss does: ``"stop"`` (the caller
     checks the logged means every log window and stops) or ``"skip"`` (the sub-step is skipped:
     no backward, no optimiser step; one host synchronisation per sub-step), ``skipped`` the
-    count of skipped sub-steps per loss name. ``views`` and ``readback`` are execution
-    choices of the engine (:mod:`mgm_fast.engine.engines`): SimCLR views in one batched pass or
-    per sample with PIL; losses read back once per log window or after every sub-step.
+    count of skipped sub-steps per loss name. ``views``, ``readback`` and ``autograd`` are
+    execution choices of the engine (:mod:`mgm_fast.engine.engines`): SimCLR views in one
+    batched pass or per sample with PIL; losses read back once per log window or after every
+    sub-step; weight gradients only where an optimiser applies them ("pruned") or everywhere
+    ("released").
     """
 
     cfg: Config
@@ -105,6 +109,7 @@ class StepContext:
     on_nonfinite: str = "stop"
     views: str = "batched"
     readback: str = "window"
+    autograd: str = "pruned"
     totals: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
@@ -141,9 +146,10 @@ def _groups(nets: MGMNets) -> dict[str, list[nn.Module]]:
 
 
 def trainable(ctx: StepContext, *names: str) -> None:
-    """Weights of the named module groups get gradients; every other group's do not."""
+    """Weights of the named module groups get gradients; every other group's do not (with
+    ``autograd="released"``: every group's do, as in the released code)."""
     for group, modules in _groups(ctx.nets).items():
-        flag = group in names
+        flag = group in names or ctx.autograd == "released"
         for module in modules:
             for p in module.parameters():
                 p.requires_grad_(flag)
@@ -178,6 +184,12 @@ def _sync_grads(ctx: StepContext, opts: list[torch.optim.Optimizer]) -> None:
     if ctx.world.enabled:
         params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
         distributed.all_reduce_grads(params, ctx.world)
+
+
+def detached(ctx: StepContext):
+    """The context of a branch whose output is detached: ``no_grad``, or with
+    ``autograd="released"`` a graph that is built and thrown away, as released."""
+    return contextlib.nullcontext() if ctx.autograd == "released" else torch.no_grad()
 
 
 def _normal_target(ctx: StepContext, normal: Tensor) -> Tensor:
@@ -270,8 +282,8 @@ def d_step(ctx: StepContext, x: Tensor, y: Tensor, conditioned: bool) -> None:
     nets, impl = ctx.nets, ctx.cfg.schedule.loss_impl
     trainable(ctx, "discriminator")
     with ctx.autocast():
-        with torch.no_grad():
-            fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y)
+        with detached(ctx):
+            fake = nets.generator(latent(ctx, x if conditioned else None, x.shape[0], x.device), y).detach()
         d_real = nets.discriminator(instance_noise(ctx, x), y)
         d_fake = nets.discriminator(instance_noise(ctx, fake), y)
         loss = hinge_d_loss(d_real, d_fake, impl=impl)
@@ -333,11 +345,11 @@ def gan_pretrain_step(ctx: StepContext, batch: dict) -> None:
     x, y = batch["rgb"], batch["scene"]
     for _ in range(ctx.cfg.schedule.gan_iters):
         if ctx.cfg.schedule.phase_a_encoder_pass:
-            with torch.no_grad(), ctx.autocast():
+            with detached(ctx), ctx.autocast():
                 ctx.nets.multitask.features(x)  # released: computed and unused (BN statistics)
         d_step(ctx, x, y, conditioned=False)
         if ctx.cfg.schedule.phase_a_encoder_pass:
-            with torch.no_grad(), ctx.autocast():
+            with detached(ctx), ctx.autocast():
                 ctx.nets.multitask.features(x)
         g_step(ctx, x, y, conditioned=False)
 
@@ -367,8 +379,8 @@ def mgm_step(ctx: StepContext, batch: dict) -> None:
 
     # 5. Refinement on a detached synthesized batch labelled with the real scene labels:
     #    L_ref(x~, y) -> encoder_opt only (R and the decoders are not updated, G gets nothing).
-    with torch.no_grad(), ctx.autocast():
-        fake = nets.generator(latent(ctx, x, x.shape[0], x.device), y).float()
+    with detached(ctx), ctx.autocast():
+        fake = nets.generator(latent(ctx, x, x.shape[0], x.device), y).float().detach()
     refine_step(ctx, fake, y, "synth", update_refine=False)
 
     # 6. SimCLR on the synthesized batch: L_clr -> multi_opt (encoder + SimCLR head).
