@@ -74,6 +74,7 @@ pybind11::dict build_info() {
   ops.append("ntxent");
   ops.append("gan_noise");
   ops.append("genblock");
+  ops.append("sagan_attention");
   info["ops"] = ops;
   return info;
 }
@@ -93,6 +94,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mgm_fast::bindings::register_ntxent(m);
   mgm_fast::bindings::register_gan_noise(m);
   mgm_fast::bindings::register_genblock(m);
+  mgm_fast::bindings::register_sagan_attention(m);
 #ifdef MGM_FAST_WITH_CUDA
   mgm_fast::bindings::register_multitask_loss_cuda(m);
   mgm_fast::bindings::register_ntxent_cuda(m);

@@ -22,6 +22,9 @@ void register_ntxent(pybind11::module_& m);
 /// csrc/bindings/gan_noise.cpp: instance_noise_cpu
 void register_gan_noise(pybind11::module_& m);
 
+/// csrc/bindings/sagan_attention.cpp: sagan_attention_cpu_forward, sagan_attention_cpu_backward
+void register_sagan_attention(pybind11::module_& m);
+
 #ifdef MGM_FAST_WITH_CUDA
 /// csrc/bindings/cuda/ntxent_cuda.cpp: ntxent_rows_cuda_forward, ntxent_rows_cuda_backward
 void register_ntxent_cuda(pybind11::module_& m);
