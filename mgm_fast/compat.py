@@ -403,8 +403,8 @@ def infer_model_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any)
     generator blocks), class counts, encoder / decoder / refinement widths and block counts,
     SimCLR size, z size, generator / discriminator widths, self-attention resolution and whether
     the discriminator keeps its unused last shortcut. Fields that leave no trace in the tensors
-    (``refine_logit_relu``, ``d_shortcut_after_relu``, ``genblock_impl``) keep their defaults --
-    the released behaviour -- unless given in ``overrides``.
+    (``refine_logit_relu``, ``d_shortcut_after_relu``, ``genblock_impl``, ``attention_impl``) keep
+    their defaults -- the released behaviour -- unless given in ``overrides``.
     """
     state = dict(state_dict)
     if any(k.startswith(NET_NAMES) for k in state):

@@ -70,6 +70,9 @@ class ModelConfig:
     x. No parameter changes, so checkpoints load either way."""
     genblock_impl: str = "reference"
     """Backend of the generator's upsampling blocks (see ``python -m mgm_fast.info``)."""
+    attention_impl: str = "reference"
+    """Backend of the softmax core of G's and D's self-attention (:mod:`mgm_fast.ops.attention`):
+    "reference" (the released bmm-softmax-bmm), "auto", "cpp"."""
 
     def __post_init__(self) -> None:
         size = self.image_size

@@ -179,7 +179,7 @@ class Generator(nn.Module):
             res *= 2
             setattr(self, f"block{k}", GenBlock(ch[k - 1], ch[k], cfg.num_scenes, impl=impl))
             if res == cfg.attn_resolution:
-                self.self_attn = SelfAttention(ch[k])
+                self.self_attn = SelfAttention(ch[k], cfg.attention_impl)
                 self.attn_after = k
         if self.attn_after is None:
             valid = [4 * 2**k for k in range(1, self.num_blocks + 1)]
@@ -301,7 +301,7 @@ class Discriminator(nn.Module):
         self.opt_block1 = OptBlock(3, ch[0])
         resolutions.append(res)
         if res == cfg.attn_resolution:
-            self.self_attn = SelfAttention(ch[0])
+            self.self_attn = SelfAttention(ch[0], cfg.attention_impl)
             self.attn_after = 0
         for k in range(1, self.num_blocks + 1):
             down = k < self.num_blocks
@@ -316,7 +316,7 @@ class Discriminator(nn.Module):
             res = res // 2 if down else res
             resolutions.append(res)
             if res == cfg.attn_resolution and self.attn_after is None:
-                self.self_attn = SelfAttention(ch[k])
+                self.self_attn = SelfAttention(ch[k], cfg.attention_impl)
                 self.attn_after = k
         if self.attn_after is None:
             raise ValueError(

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgm_fast.ops.attention import sagan_attention
+
 SN_EPS = 1e-12
 """``eps`` of ``torch.nn.utils.spectral_norm`` (used by every normalisation of u and v)."""
 
@@ -243,18 +245,20 @@ class SelfAttention(nn.Module):
 
     theta = conv(C -> C/8), phi = maxpool2(conv(C -> C/8)), g = maxpool2(conv(C -> C/2)); the
     attention map is the softmax over the N/4 pooled positions of theta^T phi (N = H*W);
-    o = conv(C/2 -> C)(g A^T); output x + sigma * o with the learnable scalar ``sigma`` (shape
+    o = conv(C/2 -> C)(g A^T) (``impl``: the reference bmm-softmax-bmm, or a backend of
+    :func:`mgm_fast.ops.attention.sagan_attention`); output x + sigma * o with the learnable scalar ``sigma`` (shape
     [1], initialised to 0, so the block starts as the identity). All convs are 1x1 SN convs with
     bias.
 
     Shapes: x (B, C, H, W) float with C divisible by 8 and H, W even -> (B, C, H, W).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, impl: str = "reference") -> None:
         super().__init__()
         if channels % 8 != 0:
             raise ValueError(f"self-attention needs channels divisible by 8, got {channels}")
         self.channels = channels
+        self.impl = impl
         self.snconv1x1_theta = SNConv2d(channels, channels // 8, 1)
         self.snconv1x1_phi = SNConv2d(channels, channels // 8, 1)
         self.snconv1x1_g = SNConv2d(channels, channels // 2, 1)
@@ -268,9 +272,13 @@ class SelfAttention(nn.Module):
         n = h * w
         theta = self.snconv1x1_theta(x).reshape(b, c // 8, n)
         phi = F.max_pool2d(self.snconv1x1_phi(x), 2).reshape(b, c // 8, n // 4)
-        attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)  # (B, N, N/4)
         g = F.max_pool2d(self.snconv1x1_g(x), 2).reshape(b, c // 2, n // 4)
-        o = torch.bmm(g, attn.transpose(1, 2)).reshape(b, c // 2, h, w)
+        if self.impl == "reference":
+            attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)  # (B, N, N/4)
+            o = torch.bmm(g, attn.transpose(1, 2))
+        else:  # the same core without the (B, N, N/4) map (mgm_fast.ops.attention)
+            o = sagan_attention(theta, phi, g, impl=self.impl)
+        o = o.reshape(b, c // 2, h, w)
         return x + self.sigma * self.snconv1x1_attn(o)
 
 
