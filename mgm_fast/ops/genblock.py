@@ -66,8 +66,10 @@ supports the inputs; ``auto`` never takes the Triton interpreter):
   csrc/kernels/cpu/genblock.* for statistics, prologue, epilogues (bias, interleave, residual,
   fused statistics of h) and the backward reductions. The kernels are bit-identical for any
   thread count; oneDNN is deterministic for a fixed thread count (its weight gradients may
-  round differently for another count). Not under CPU autocast (it computes in the input
-  dtype); ``auto`` then takes ``reference``. Saves for backward x (channels_last), the two
+  round differently for another count). Under CPU autocast it computes in float32 (x and the
+  conv tensors are cast to float32; the output is float32, which the next autocast op casts as
+  it needs): its kernels have no bfloat16 path, and against float64 this is the more accurate
+  result. Saves for backward x (channels_last), the two
   prologue activations and h, instead of the reference's upsampled and normalised copies.
 * ``cuda`` -- CUDA, float32/float16/bfloat16 (fp32 statistics and accumulation): cuDNN convs
   on channels_last buffers with the same rewrites, and CUDA kernels (csrc/kernels/cuda/genblock.*)
@@ -321,8 +323,15 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def _native_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the native backends compute in under autocast (None: not under autocast): the
+    autocast dtype on CUDA; float32 on the CPU, whose kernels have no half-precision path."""
+    dt = _autocast_dtype(x)
+    return torch.float32 if dt is not None and x.device.type == "cpu" else dt
+
+
 def _native_genblock(device: str, a: dict) -> Tensor:
-    dt = _autocast_dtype(a["x"])
+    dt = _native_dtype(a["x"])
     if dt is not None:  # like custom_fwd(cast_inputs=...): activations and conv params in dt
         a = {**a, "x": a["x"].to(dt), **{k: a[k].to(dt) for k in _CONV_TENSORS}}
     with torch.autocast(a["x"].device.type, enabled=False):
@@ -331,7 +340,7 @@ def _native_genblock(device: str, a: dict) -> Tensor:
 
 
 def _native_piece(device: str, a: dict) -> Tensor:
-    dt = _autocast_dtype(a["x"])
+    dt = _native_dtype(a["x"])
     if dt is not None:
         a = {**a, **{k: a[k].to(dt) for k in ("x", "weight", "bias", "residual") if a[k] is not None}}
     with torch.autocast(a["x"].device.type, enabled=False):
@@ -580,8 +589,10 @@ def _dtype_reasons(op: str, a: dict) -> list[str]:
 
 def _cpp_reasons(op: str, a: dict) -> list[str]:
     reasons = []
-    if torch.is_autocast_enabled("cpu"):
-        reasons.append("CPU autocast is active (the cpp backend computes in the input dtype)")
+    x = a["x"]
+    if x.dtype in (torch.float16, torch.bfloat16) and _autocast_dtype(x) is None:
+        reasons.append(f"x is {x.dtype}: the cpp backend computes in float32/float64 (in float32 "
+                       "under CPU autocast)")
     return reasons + _dtype_reasons(op, a)
 
 
@@ -630,7 +641,7 @@ def _make_op(name: str, summary: str, names, defaults, reference, native, triton
         name="cpp",
         fn=bound(lambda a: native("cpu", a)),
         devices=("cpu",),
-        dtypes=(torch.float32, torch.float64),
+        dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),  # half: autocast only
         availability=_native.cpp_reason,
         extra_check=check(_cpp_reasons),
     ))

@@ -399,10 +399,29 @@ def test_auto_on_cpu_picks_cpp_for_float32_and_reference_otherwise():
     assert OP.select("auto", **a).name == "cpp"
     for dtype in (torch.float16, torch.bfloat16):
         assert OP.select("auto", **clone(a, dtype)).name == "reference"
+        with pytest.raises(BackendUnavailable, match="float32/float64"):
+            gb.genblock(**clone(a, dtype), impl="cpp")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert OP.select("auto", **a).name == "reference"
-        with pytest.raises(BackendUnavailable, match="autocast"):
-            gb.genblock(**a, impl="cpp")
+        assert OP.select("auto", **a).name == "cpp"
+        assert OP.select("auto", **{**a, "x": a["x"].bfloat16()}).name == "cpp"
+
+
+@needs_cpp
+def test_cpp_under_cpu_autocast_computes_in_float32():
+    """Under CPU autocast the cpp block casts x and the conv tensors to float32 and returns
+    float32: closer to the float64 result than the bf16 reference, and equal to cpp on float32
+    inputs (a bf16 x is upcast exactly)."""
+    torch.manual_seed(0)
+    a = block_inputs(2, 8, 8, 4, 4)
+    x16 = a["x"].bfloat16()
+    exact = gb.genblock(**clone({**a, "x": x16.float()}, torch.float64), impl="reference")
+    plain = gb.genblock(**clone({**a, "x": x16.float()}), impl="cpp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = gb.genblock(**clone({**a, "x": x16}), impl="cpp")
+        ref = gb.genblock(**clone({**a, "x": x16}), impl="reference")
+    assert fused.dtype == torch.float32 and ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    assert (fused.double() - exact).abs().max() < (ref.double() - exact).abs().max()
 
 
 def test_forced_backends_that_cannot_run_raise_with_reasons():
