@@ -81,7 +81,10 @@ def _load_source(source: Path, use_checkpoint: bool, device: torch.device):
         model = ModelConfig(**_tuples(run_cfg["config"]["model"]))
         nets = build_models(model, tuple(run_cfg["tasks"]))
         nets.load_state_dict(state)
-        return nets.to(device), run_cfg, run_dir
+        nets = nets.to(device)
+        if run_cfg.get("channels_last"):  # the run's layout: same convolution rounding as in training
+            nets = nets.to(memory_format=torch.channels_last)
+        return nets, run_cfg, run_dir
 
     obj = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and obj.get("format") == "mgm_fast.checkpoint":
