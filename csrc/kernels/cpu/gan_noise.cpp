@@ -10,6 +10,7 @@
 #endif
 
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/threads.h"
 
 namespace mgm_fast {
 namespace cpu {
@@ -142,15 +143,6 @@ void normals(uint64_t seed, uint64_t q0, int64_t count, float* z) {
       for (int k = 0; k < 4; ++k) z[4 * (g0 + l) + k] = n[k][l];
     }
   }
-}
-
-inline int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
 }
 
 }  // namespace

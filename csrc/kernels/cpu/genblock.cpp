@@ -23,6 +23,7 @@
 #endif
 
 #include "isa.h"
+#include "threads.h"
 
 namespace mgm_fast {
 namespace cpu {
@@ -33,10 +34,7 @@ constexpr int64_t kRows = 8;             // rows per chunk
 constexpr int64_t kParallelMin = 16384;  // fewer elements: one thread (a team costs more)
 
 int team(int threads, int64_t work) {
-#ifdef _OPENMP
-  if (threads <= 0) threads = omp_get_max_threads();
-#endif
-  return work < kParallelMin || threads < 1 ? 1 : threads;
+  return work < kParallelMin ? 1 : resolve_threads(threads);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -13,7 +13,6 @@
 #include "multitask_loss.h"
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -21,6 +20,8 @@
 #endif
 
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/threads.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace mgm_fast {
 namespace cpu {
@@ -30,67 +31,12 @@ namespace {
 constexpr int64_t kTile = 64;            // pixels processed together along W
 constexpr int64_t kChunkPixels = 4096;   // pixels per reduction chunk (shape-only)
 
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // Lower clamp of the exponent argument: exp(-104) < 2^-149 rounds to 0 in float.
 constexpr float kExpFloor = -104.0f;
 
 // Clamp of d = x - max to [kExpFloor, +inf), NaN kept. Written as a select whose result is
 // stored, the one form gcc vectorises under the default -ftrapping-math.
 inline float clamp_exp_arg(float d) { return d < kExpFloor ? kExpFloor : d; }
-
-// exp(x) for x in [kExpFloor, 0] (the kernels evaluate exp(x - max) on clamped arguments).
-// Branch- and select-free, so the compiler vectorises it without -ffast-math (libm's expf is
-// scalar-only here):
-//   x = n ln2 + r with n = round(x / ln2) (the 1.5 * 2^23 trick), |r| <= ln2 / 2, with
-//   ln2 = hi + lo (Cody-Waite) so n * hi is exact; exp(r) by its degree-7 Taylor polynomial
-//   (truncation < 6e-9 relative); 2^n = 2^(n/2) * 2^(n - n/2), two normal powers of two
-//   for n >= -150, so results underflow gradually to 0. About 1 ulp on normal results; NaN in,
-//   NaN out.
-inline float exp_clamped(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;       // 355/512: n * kLn2Hi is exact for |n| <= 2^15
-  constexpr float kLn2Lo = -2.12194440e-4f;    // ln2 - kLn2Hi
-  constexpr float kRound = 12582912.0f;        // 1.5 * 2^23
-  const float t = x * kLog2e + kRound;         // round(x * log2e) lands in the low mantissa bits
-  const float n = t - kRound;
-  float r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // bits(t) - bits(kRound) == n while t stays in [2^23, 2^24); unsigned arithmetic keeps the
-  // NaN case (p is NaN then) free of undefined behaviour.
-  const int32_t e = static_cast<int32_t>(float_bits(t) - float_bits(kRound));
-  const int32_t e1 = e / 2;
-  const int32_t e2 = e - e1;
-  return p * bits_float(static_cast<uint32_t>(e1 + 127) << 23) *
-         bits_float(static_cast<uint32_t>(e2 + 127) << 23);
-}
-
-inline int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
-}
 
 struct SegChunk {
   double loss = 0.0;

@@ -11,6 +11,7 @@
 #endif
 
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/threads.h"
 #include "kernels/cpu/vec_math.h"
 
 namespace mgm_fast {
@@ -21,15 +22,6 @@ constexpr int64_t kMR = 4;    // rows (or columns) per block: one score buffer r
 constexpr int64_t kNC = 16;   // columns per micro-kernel step (two AVX2 / one AVX-512 vector)
 constexpr float kEps = 1e-12f;  // torch.nn.functional.normalize's eps
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
-}
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 

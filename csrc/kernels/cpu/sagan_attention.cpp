@@ -12,6 +12,7 @@
 #endif
 
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/threads.h"
 #include "kernels/cpu/vec_math.h"
 
 namespace mgm_fast {
@@ -29,15 +30,6 @@ constexpr int64_t kKB = 8;  // reduced channels per register block of lane_dots
 // it saves.
 constexpr int64_t kParallelWork = int64_t{1} << 20;
 constexpr int64_t kExpCost = 8;
-
-inline int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
-}
 
 // kL floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by the
 // ISA clone) and its unaligned-access twin.

@@ -30,6 +30,7 @@
 #endif
 
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/threads.h"
 
 namespace mgm_fast {
 namespace cpu {
@@ -40,15 +41,6 @@ namespace {
 constexpr float kGrayR = 0.299f;
 constexpr float kGrayG = 0.587f;
 constexpr float kGrayB = 0.114f;
-
-inline int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
-}
 
 // clamp(v, 0, 1) with torch's NaN propagation; compiles to max/min (or compare + blend).
 MGM_FAST_INLINE float clamp01(float v) {

@@ -1,4 +1,5 @@
-// Vectorisable float math shared by the CPU kernels (ntxent.cpp, sagan_attention.cpp).
+// Vectorisable float math shared by the CPU kernels (multitask_loss.cpp, ntxent.cpp,
+// sagan_attention.cpp).
 //
 // Header-only and always inlined, so each caller's ISA clone (isa.h) compiles it for its own
 // vector width; plain C++ arithmetic with no selects or calls, so a loop over it vectorises
@@ -28,18 +29,18 @@ MGM_FAST_INLINE float as_float(uint32_t u) {
 
 }  // namespace vec_math_detail
 
-// exp(x) for x <= 0, select-free so loops over it vectorise without -ffast-math:
-// clamp to [-104, 0] (exp(-104) is below half the smallest subnormal, so the result rounds to
-// 0), x = k ln2 + r with k = round(x / ln2) and ln2 split in a part exact in k * hi and the
-// rest, exp(r) on |r| <= ln2/2 by a degree-7 Taylor polynomial (truncation ~6e-9 relative),
-// and 2^k formed as two halves so k down to -150 underflows gradually. NaN stays NaN.
-MGM_FAST_INLINE float exp_nonpos(float x) {
+// exp(x) for x in [-104, 0] (callers clamp: exp(-104) is below half the smallest subnormal, so
+// the result rounds to 0). Select-free, so loops over it vectorise without -ffast-math:
+// x = k ln2 + r with k = round(x / ln2) (the 1.5 * 2^23 trick) and ln2 split in a part exact
+// in k * hi and the rest (Cody-Waite), exp(r) on |r| <= ln2/2 by a degree-7 Taylor polynomial
+// (truncation ~6e-9 relative), and 2^k formed as two halves so k down to -150 underflows
+// gradually. About 1 ulp on normal results; NaN stays NaN.
+MGM_FAST_INLINE float exp_clamped(float x) {
   using vec_math_detail::as_bits;
   using vec_math_detail::as_float;
-  x = x < -104.0f ? -104.0f : x;  // also maps -inf to -104
   constexpr float kInvLn2 = 1.44269504088896341f;
-  constexpr float kHi = 0.693359375f;
-  constexpr float kLo = -2.12194440e-4f;
+  constexpr float kHi = 0.693359375f;  // 355/512: k * kHi is exact for |k| <= 2^15
+  constexpr float kLo = -2.12194440e-4f;  // ln2 - kHi
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * kInvLn2 + kShift;
   const float k = t - kShift;
@@ -53,10 +54,17 @@ MGM_FAST_INLINE float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t e = static_cast<int32_t>(as_bits(t) - as_bits(kShift));  // == k
+  // bits(t) - bits(kShift) == k while t stays in [2^23, 2^24); unsigned arithmetic keeps the
+  // NaN case (p is NaN then) free of undefined behaviour.
+  const int32_t e = static_cast<int32_t>(as_bits(t) - as_bits(kShift));
   const int32_t e1 = e / 2, e2 = e - e / 2;
   return p * as_float(static_cast<uint32_t>(e1 + 127) << 23) *
          as_float(static_cast<uint32_t>(e2 + 127) << 23);
+}
+
+// exp(x) for x <= 0: clamped to [-104, 0] first (also maps -inf to -104), then exp_clamped.
+MGM_FAST_INLINE float exp_nonpos(float x) {
+  return exp_clamped(x < -104.0f ? -104.0f : x);
 }
 
 }  // namespace cpu
