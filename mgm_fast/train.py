@@ -196,7 +196,7 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
     return schedule.StepContext(
         cfg=run.cfg,
         nets=nets,
-        optimizers=schedule.build_optimizers(nets, run.cfg, run.device),
+        optimizers=schedule.build_optimizers(nets, run.cfg),
         augment=SimCLRAugment(),
         aug_generator=gen,
         noise_generator=noise_gen,
@@ -445,7 +445,7 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     if args.precision is None:
         args.precision = engine.resolved_precision(device)
     if args.channels_last is None:
-        args.channels_last = engine.resolved_channels_last(device)
+        args.channels_last = engine.channels_last
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
     override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])

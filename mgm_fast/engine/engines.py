@@ -54,7 +54,7 @@ class Engine:
         genblock_impl: ``ModelConfig.genblock_impl``.
         attention_impl: ``ModelConfig.attention_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
-        channels_last: True / False, or None: on CUDA only (kept for engines that want it).
+        channels_last: channels_last memory format on every device.
     """
 
     name: str
@@ -68,15 +68,12 @@ class Engine:
     genblock_impl: str
     attention_impl: str
     precision: str | None
-    channels_last: bool | None
+    channels_last: bool
 
     def resolved_precision(self, device: torch.device) -> str:
         if self.precision is not None:
             return self.precision
         return "bf16" if device.type == "cuda" else "fp32"
-
-    def resolved_channels_last(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.channels_last is None else self.channels_last
 
     def config_overrides(self) -> list[str]:
         """``--set`` style overrides of the config fields this engine chooses."""

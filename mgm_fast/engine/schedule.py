@@ -47,7 +47,7 @@ from mgm_fast.ops.ntxent import ntxent_loss, ntxent_rows
 OPTIMIZER_NAMES = ("multi", "encoder", "post", "middle", "G", "D")
 
 
-def adam_kwargs(implementation: str, device: torch.device) -> dict:
+def adam_kwargs(implementation: str) -> dict:
     """Keyword arguments selecting torch's Adam kernel (see OptimConfig.implementation)."""
     if implementation == "auto":
         implementation = "fused"
@@ -58,10 +58,10 @@ def adam_kwargs(implementation: str, device: torch.device) -> dict:
     }[implementation]
 
 
-def build_optimizers(nets: MGMNets, cfg: Config, device: torch.device) -> dict[str, torch.optim.Adam]:
+def build_optimizers(nets: MGMNets, cfg: Config) -> dict[str, torch.optim.Adam]:
     """The six Adam optimisers of mgm_method.md 3.1 (all of them, whatever the method uses)."""
     o = cfg.optim
-    kw = adam_kwargs(o.implementation, device)
+    kw = adam_kwargs(o.implementation)
     betas = tuple(o.betas)
     mt = nets.multitask
 

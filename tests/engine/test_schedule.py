@@ -24,7 +24,7 @@ def _setup(**schedule_overrides):
     ctx = schedule.StepContext(
         cfg=cfg,
         nets=nets,
-        optimizers=schedule.build_optimizers(nets, cfg, torch.device("cpu")),
+        optimizers=schedule.build_optimizers(nets, cfg),
         augment=SimCLRAugment(),
         aug_generator=torch.Generator().manual_seed(0),
     )
