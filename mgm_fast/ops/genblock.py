@@ -275,10 +275,11 @@ class _NativePiece(torch.autograd.Function):
     def backward(ctx, grad):
         x, act, weight, gamma, scale, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dgamma, dbeta, dweight, dbias, dres = _ext_fn("cbn_relu_conv_backward", ctx.device)(
-            grad, x, act, weight, gamma, scale, mean, rstd, ctx.training, ctx.upsample,
-            ctx.has_bias, ctx.residual_mode, need[1], need[2] or need[3], ctx.x_channels_last,
-        )
+        with torch.autocast(ctx.device, enabled=False):  # backward called under autocast: same dtypes as forward
+            dx, dgamma, dbeta, dweight, dbias, dres = _ext_fn("cbn_relu_conv_backward", ctx.device)(
+                grad, x, act, weight, gamma, scale, mean, rstd, ctx.training, ctx.upsample,
+                ctx.has_bias, ctx.residual_mode, need[1], need[2] or need[3], ctx.x_channels_last,
+            )
         return (None, dx, dgamma, dbeta, dweight, dbias, dres, None, None, None, None, None, None, None)
 
 
@@ -305,10 +306,11 @@ class _NativeGenBlock(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         y, xs, *saved, embed1, weight1, embed2, weight2, weight0 = ctx.saved_tensors
-        dx, de1, dw1, db1, de2, dw2, db2, dw0, db0 = _ext_fn("genblock_backward", ctx.device)(
-            grad, xs, y, *saved, embed1, weight1, embed2, weight2, weight0, ctx.training,
-            ctx.needs_input_grad[1], ctx.x_channels_last,
-        )
+        with torch.autocast(ctx.device, enabled=False):  # backward called under autocast: same dtypes as forward
+            dx, de1, dw1, db1, de2, dw2, db2, dw0, db0 = _ext_fn("genblock_backward", ctx.device)(
+                grad, xs, y, *saved, embed1, weight1, embed2, weight2, weight0, ctx.training,
+                ctx.needs_input_grad[1], ctx.x_channels_last,
+            )
         return (None, dx, None, de1, dw1, db1, de2, dw2, db2, dw0, db0, *([None] * 9))
 
 

@@ -410,18 +410,22 @@ def test_auto_on_cpu_picks_cpp_for_float32_and_reference_otherwise():
 def test_cpp_under_cpu_autocast_computes_in_float32():
     """Under CPU autocast the cpp block casts x and the conv tensors to float32 and returns
     float32: closer to the float64 result than the bf16 reference, and equal to cpp on float32
-    inputs (a bf16 x is upcast exactly)."""
+    inputs (a bf16 x is upcast exactly) -- output and every gradient (x's in its own bf16)."""
     torch.manual_seed(0)
     a = block_inputs(2, 8, 8, 4, 4)
     x16 = a["x"].bfloat16()
     exact = gb.genblock(**clone({**a, "x": x16.float()}, torch.float64), impl="reference")
-    plain = gb.genblock(**clone({**a, "x": x16.float()}), impl="cpp")
+    plain, plain_grads, _ = run(gb.genblock, {**a, "x": x16.float()}, BLOCK_GRADS, "cpp")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = gb.genblock(**clone({**a, "x": x16}), impl="cpp")
+        fused, fused_grads, _ = run(gb.genblock, {**a, "x": x16}, BLOCK_GRADS, "cpp")
         ref = gb.genblock(**clone({**a, "x": x16}), impl="reference")
     assert fused.dtype == torch.float32 and ref.dtype == torch.bfloat16
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
     assert (fused.double() - exact).abs().max() < (ref.double() - exact).abs().max()
+    assert fused_grads["x"].dtype == torch.bfloat16
+    torch.testing.assert_close(fused_grads.pop("x"), plain_grads.pop("x").bfloat16(), rtol=0, atol=0)
+    for k, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[k], g, rtol=0, atol=0, msg=lambda m, k=k: f"d{k}: {m}")
 
 
 def test_forced_backends_that_cannot_run_raise_with_reasons():
