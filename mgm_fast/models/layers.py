@@ -245,10 +245,10 @@ class SelfAttention(nn.Module):
 
     theta = conv(C -> C/8), phi = maxpool2(conv(C -> C/8)), g = maxpool2(conv(C -> C/2)); the
     attention map is the softmax over the N/4 pooled positions of theta^T phi (N = H*W);
-    o = conv(C/2 -> C)(g A^T) (``impl``: the reference bmm-softmax-bmm, or a backend of
-    :func:`mgm_fast.ops.attention.sagan_attention`); output x + sigma * o with the learnable scalar ``sigma`` (shape
-    [1], initialised to 0, so the block starts as the identity). All convs are 1x1 SN convs with
-    bias.
+    o = conv(C/2 -> C)(g A^T), the core computed by :func:`mgm_fast.ops.attention.sagan_attention`
+    with backend ``impl`` ("reference": the released bmm-softmax-bmm); output x + sigma * o with
+    the learnable scalar ``sigma`` (shape [1], initialised to 0, so the block starts as the
+    identity). All convs are 1x1 SN convs with bias.
 
     Shapes: x (B, C, H, W) float with C divisible by 8 and H, W even -> (B, C, H, W).
     """
@@ -273,12 +273,8 @@ class SelfAttention(nn.Module):
         theta = self.snconv1x1_theta(x).reshape(b, c // 8, n)
         phi = F.max_pool2d(self.snconv1x1_phi(x), 2).reshape(b, c // 8, n // 4)
         g = F.max_pool2d(self.snconv1x1_g(x), 2).reshape(b, c // 2, n // 4)
-        if self.impl == "reference":
-            attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)  # (B, N, N/4)
-            o = torch.bmm(g, attn.transpose(1, 2))
-        else:  # the same core without the (B, N, N/4) map (mgm_fast.ops.attention)
-            o = sagan_attention(theta, phi, g, impl=self.impl)
-        o = o.reshape(b, c // 2, h, w)
+        # g softmax(theta^T phi)^T: the released bmm-softmax-bmm ("reference") or a fused backend
+        o = sagan_attention(theta, phi, g, impl=self.impl).reshape(b, c // 2, h, w)
         return x + self.sigma * self.snconv1x1_attn(o)
 
 

@@ -176,7 +176,7 @@ OP = register_op(
         priority=("cpp", "reference"),
     )
 )
-OP.register(Backend(name="reference", fn=sagan_attention_reference, devices=("cpu", "cuda", "mps", "xpu"),
+OP.register(Backend(name="reference", fn=sagan_attention_reference, devices=("cpu", "cuda", "mps", "xpu", "meta"),
                     dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16)))  # fmt: skip
 OP.register(Backend(name="cpp", fn=_cpp, devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float16),
                     availability=_native.cpp_reason, extra_check=_cpp_reasons))  # fmt: skip
