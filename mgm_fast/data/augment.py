@@ -83,8 +83,9 @@ reading the source once and writing the output once, about 5x faster than the to
 tensors. ``benchmarks/test_bench_augment.py`` compares views/s of the three.
 
 Also here: :func:`augment_reference`, a per-sample, per-op twin in plain torch used by the
-tests, and :func:`pil_views`, a per-sample PIL pipeline in the style of the released code used
-as the speed baseline (not a correctness reference).
+tests, and :func:`pil_views`, the released code's per-sample uint8 pipeline (PIL, OpenCV-style
+blur): the reference engine's view path and the speed baseline, equal to the batched views up to
+its 8-bit arithmetic (bounded step by step in ``tests/data/test_views_per_sample.py``).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance
 
 from mgm_fast.ops._dispatch import BACKEND_NAMES
 from mgm_fast.ops.simclr_views import simclr_views
@@ -735,7 +736,8 @@ class SimCLRAugment:
         """Two views made the released way: the images copied to the CPU and augmented one at
         a time with PIL (:func:`pil_views`), then copied back to ``x``'s device. The parameters
         are drawn exactly as in :meth:`two_views` (same generator, same order), so the two
-        differ only by PIL's uint8 rounding; this is the reference engine's speed baseline.
+        differ only by the released pipeline's 8-bit arithmetic (see :func:`pil_views`); this
+        is the reference engine's view path and speed baseline.
 
         Returns:
             (v1, v2), each (B, 3, oh, ow) float32 in [-1, 1] on ``x``'s device.
@@ -880,21 +882,40 @@ def augment_reference(
 # ---------------------------------------------------------------------------------------------
 # Released-style per-sample CPU pipeline (speed baseline)
 # ---------------------------------------------------------------------------------------------
+def _blur_uint8_reflect101(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """OpenCV-style separable blur of an (H, W, 3) uint8 image: BORDER_REFLECT_101 borders
+    (``np.pad(mode="reflect")``), float64 arithmetic, rounded to uint8 once at the end.
+
+    kernel: (K,) float64, odd K, normalised.
+    """
+    rad = kernel.shape[0] // 2
+    h, w = img.shape[:2]
+    pad = np.pad(img.astype(np.float64), ((rad, rad), (rad, rad), (0, 0)), mode="reflect")
+    rows = sum(kernel[t] * pad[t : t + h] for t in range(kernel.shape[0]))
+    out = sum(kernel[t] * rows[:, t : t + w] for t in range(kernel.shape[0]))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def pil_views(
     x: torch.Tensor,
     params: Mapping[str, torch.Tensor],
     out_size: tuple[int, int] | None = None,
     blur_kernel: int = 3,
 ) -> torch.Tensor:
-    """The same steps one image at a time through PIL, as the released code did (mgm_method.md
-    section 7.3, I1): uint8 PIL image per sample, crop + bilinear resize, flip, ImageEnhance
-    brightness / contrast / saturation and an HSV hue shift in the sample's order, grayscale, a
-    3x3 (or 5x5) Gaussian kernel filter, back to a tensor.
+    """The same steps one image at a time on uint8 images, as the released code did
+    (mgm_method.md section 1.2 and I1; without its double scaling, B1): per sample a PIL image,
+    crop then bilinear resize (torchvision's ``resized_crop`` on PIL), flip, ImageEnhance
+    brightness / contrast / saturation and torchvision's PIL hue shift in the sample's order,
+    grayscale (PIL ``L``), an OpenCV-style Gaussian blur (reflect-101 borders), back to a tensor.
 
-    A speed baseline only: uint8 rounding between steps, PIL's integer contrast mean and its
-    border handling make it differ slightly from :func:`augment_reference`. Parameters come
-    from :meth:`SimCLRAugment.sample_params` (drawn for the batch at once, which slightly favours
-    this baseline over the released per-transform draws).
+    This is the reference engine's view path and the speed baseline of the batched views. With
+    the same parameters it differs from :meth:`SimCLRAugment.apply` only by the 8-bit
+    arithmetic of the released pipeline -- uint8 rounding after every step, PIL's integer
+    contrast mean and gray levels, the hue kept in 8 bits (PIL's HSV truncates H and S to
+    1/255, and the shift is ``int(f * 255)`` hue steps) -- and, when the output is smaller than
+    the crop, by PIL's antialiasing; ``tests/data/test_views_per_sample.py`` bounds each step's
+    difference. Parameters come from :meth:`SimCLRAugment.sample_params` (drawn for the batch
+    at once, which slightly favours this baseline over the released per-transform draws).
 
     Args:
         x: (B, 3, H, W) float tensor in [-1, 1] (copied to the CPU).
@@ -918,7 +939,8 @@ def pil_views(
         arr = np.clip(np.rint((x_np[n] + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
         img = Image.fromarray(np.ascontiguousarray(arr))
         top, left, ch, cw = p["crop"][n]
-        img = img.resize((ow, oh), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+        # Crop first: a resize with ``box=`` would also read pixels outside the box.
+        img = img.crop((left, top, left + cw, top + ch)).resize((ow, oh), Image.Resampling.BILINEAR)
         if p["flip"][n]:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if p["jitter"][n]:
@@ -926,20 +948,15 @@ def pil_views(
                 f = p["factors"][n][op]
                 if op != HUE:
                     img = enhancers[op](img).enhance(f)
-                elif f != 0:
+                elif f != 0:  # torchvision's adjust_hue on PIL: H + int(f * 255), wrapping in uint8
                     h, s, v = img.convert("HSV").split()
-                    shifted = (np.asarray(h, dtype=np.int16) + round(f * 255)) % 256
+                    shifted = (np.asarray(h, dtype=np.int16) + int(f * 255)) % 256
                     img = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8)), s, v)).convert("RGB")
         if p["gray"][n]:
             img = img.convert("L").convert("RGB")
+        out = np.asarray(img)
         if p["blur"][n]:
-            if blur_kernel in (3, 5):  # PIL's Kernel filter takes 3x3 and 5x5 kernels
-                k = np.exp(-(taps * taps) / (2.0 * p["sigma"][n] ** 2))
-                k /= k.sum()
-                img = img.filter(
-                    ImageFilter.Kernel((blur_kernel,) * 2, np.outer(k, k).ravel().tolist(), scale=1.0)
-                )
-            else:
-                img = img.filter(ImageFilter.GaussianBlur(radius=p["sigma"][n]))
-        views.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+            k = np.exp(-(taps * taps) / (2.0 * p["sigma"][n] ** 2))
+            out = _blur_uint8_reflect101(out, k / k.sum())
+        views.append(out.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(views))
