@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision, fp16 with a GradScaler (default: the engine's)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: the engine's)")
+    p.add_argument("--views", default=None, choices=("batched", "per-sample"),
+                   help="SimCLR views: one batched pass on the device, or per sample with PIL on "
+                        "the CPU as released (default: the engine's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every network (first steps are slower while compiling)")
     p.add_argument("--sync-bn", action="store_true",
@@ -204,7 +207,7 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         scaler=scaler,
         world=run.world,
         on_nonfinite=run.args.on_nonfinite,
-        views=engines.get(run.args.engine).views,
+        views=run.args.views,
         readback=engines.get(run.args.engine).readback,
         autograd=engines.get(run.args.engine).autograd,
     )
@@ -446,6 +449,8 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
         args.precision = engine.resolved_precision(device)
     if args.channels_last is None:
         args.channels_last = engine.channels_last
+    if args.views is None:
+        args.views = engine.views
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
     override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])
@@ -461,7 +466,8 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
         saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at")}
         resolved = {"method": args.method, "tasks": list(tasks), "data": args.data, "seed": args.seed,
                     "regime": args.regime, "engine": args.engine, "precision": args.precision,
-                    "loader": args.loader, "channels_last": args.channels_last, "args": saved_args,
+                    "loader": args.loader, "channels_last": args.channels_last, "views": args.views,
+                    "args": saved_args,
                     "config": to_dict(cfg)}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         split.to_json(out / "split.json")

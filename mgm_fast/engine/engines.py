@@ -20,7 +20,7 @@ differ only in the ingredients below, so comparing them measures the implementat
 
 ``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
 (the ablation rows of the end-to-end benchmark). Explicit command-line options (``--loader``,
-``--precision``, ``--channels-last``) and ``--set`` overrides win over the engine's choice.
+``--precision``, ``--channels-last``, ``--views``) and ``--set`` overrides win over the engine's choice.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ def test_per_sample_views_use_the_same_parameters_as_batched_views():
     b = aug.two_views_per_sample(x, torch.Generator().manual_seed(3))
     for batched, pil in zip(a, b, strict=True):
         assert pil.shape == batched.shape and pil.dtype == torch.float32
-        assert (pil - batched).abs().mean() < 0.03  # PIL's uint8 rounding between steps
+        # the released pipeline's 8-bit arithmetic: about one level on average (step by step
+        # in tests/data/test_views_per_sample.py)
+        assert (pil - batched).abs().mean() < 2 * 2 / 255
     c = aug.two_views_per_sample(x, torch.Generator().manual_seed(4))
     assert (c[0] - b[0]).abs().mean() > 0.1  # a different draw is really different
 
@@ -59,28 +61,38 @@ def _run(tmp_path, engine, method, steps=2, *extra):
 
 
 def test_reference_and_fast_engines_compute_the_same_losses(tmp_path):
-    """Same seed, same config. The first sub-step's losses (before any update) agree to float
-    rounding with every ingredient of ``fast``. Later losses start from weights that Adam's
-    first update, lr * g / (|g| + eps), has moved: channels_last convolutions round gradients
-    differently and that update amplifies it where g ~ 0 (about 1e-3 on the next loss), so they
-    are compared with NCHW: every loss agrees to float rounding; with batched views the SimCLR
-    losses differ only through PIL's uint8 rounding of the views, and with the released
-    per-sample views (``fast-views``) they agree too."""
+    """Same seed, same config, same views: every loss agrees to float rounding.
+
+    The first sub-step's losses (before any update) agree with every ingredient of ``fast``.
+    Later losses start from weights that Adam's first update, lr * g / (|g| + eps), has moved:
+    channels_last convolutions round gradients differently and that update amplifies it where
+    g ~ 0, so they are compared in NCHW, and the losses after the SimCLR update (whose
+    gradients are the least exact: a softmax over nearly equal similarities) at 2e-3 -- the
+    largest difference seen there was 1.8e-4 (AVX-512 and AVX2 machines), against 1e-7 for the
+    losses before it. The view path is held equal in each pair compared (batched on both
+    sides, or per-sample on both sides): the per-sample views differ from the batched ones by
+    the released pipeline's 8-bit arithmetic (a few levels per pixel, bounded step by step in
+    tests/data/test_views_per_sample.py), and after Adam's first update the SimCLR losses are
+    so sensitive to their input that rounding-level noise on the views alone moves the next
+    one by several percent, so no tolerance on a loss can stand in for that test.
+    """
     ref_out, ref = _run(tmp_path, "reference", "mgm-light", 1)
+    _, ref_batched = _run(tmp_path / "batched", "reference", "mgm-light", 1, "--views", "batched")
     _, fast = _run(tmp_path, "fast", "mgm-light", 1)
     _, fast_nchw = _run(tmp_path / "nchw", "fast", "mgm-light", 1, "--no-channels-last")
     _, fast_views = _run(tmp_path, "fast-views", "mgm-light", 1, "--no-channels-last")
     for key in ("mt/seg", "mt/depth", "mt/normal"):
         assert fast[0][key] == pytest.approx(ref[0][key], rel=1e-5), key
-    before_views = ("mt/seg", "mt/depth", "mt/normal", "ref/real")
-    for key in before_views:
-        assert fast_nchw[0][key] == pytest.approx(ref[0][key], rel=1e-5), key
-    for key in ("clr/real", "clr/weak"):
-        assert fast_nchw[0][key] == pytest.approx(ref[0][key], rel=0.05), key
-    for key in (*before_views, "clr/real", "ref/weak", "clr/weak"):
-        assert fast_views[0][key] == pytest.approx(ref[0][key], rel=1e-4), key
+    assert ref_batched[0]["clr/real"] != ref[0]["clr/real"]  # --views batched took effect
+    tolerance = {"mt/seg": 1e-5, "mt/depth": 1e-5, "mt/normal": 1e-5, "ref/real": 1e-5, "clr/real": 1e-5,
+                 "ref/weak": 2e-3, "clr/weak": 2e-3}
+    assert set(tolerance) == {k for k in ref[0] if "/" in k}  # every loss of the step is compared
+    for key, rel in tolerance.items():
+        assert fast_nchw[0][key] == pytest.approx(ref_batched[0][key], rel=rel), key
+        assert fast_views[0][key] == pytest.approx(ref[0][key], rel=rel), key
     cfg = yaml.safe_load((ref_out / "config.yaml").read_text())
-    assert (cfg["engine"], cfg["loader"], cfg["precision"], cfg["channels_last"]) == ("reference", "torch", "fp32", False)
+    assert (cfg["engine"], cfg["loader"], cfg["precision"], cfg["channels_last"], cfg["views"]) == (
+        "reference", "torch", "fp32", False, "per-sample")
     assert cfg["config"]["optim"]["implementation"] == "for-loop"
     assert cfg["config"]["schedule"]["loss_impl"] == "reference"
 
