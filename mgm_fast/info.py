@@ -1,5 +1,8 @@
 """``python -m mgm_fast.info``: versions, devices, the native build, and ops x backends.
 
+In a checkout it also compares the installed packages with ``requirements/lock.txt`` (the
+versions the test suite last passed with) and warns about every difference.
+
 Options:
   --models [--preset NAME]   also print the parameter counts of every network of a preset
   --json                     machine-readable output
@@ -9,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+"""The lock of a checkout; absent when mgm_fast was installed from a wheel."""
 
 
 def _version(module: str) -> str | None:
@@ -50,7 +58,47 @@ def versions() -> dict[str, str | None]:
         "triton": _version("triton"),
         "DALI": _version("nvidia.dali"),
         "numpy": _version("numpy"),
+        "Pillow": _version("PIL"),
+        "PyYAML": _version("yaml"),
+        "tqdm": _version("tqdm"),
+        "h5py": _version("h5py"),
     }
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a pip constraints file -> {name: version} (comments skipped).
+
+    Raises ValueError naming the file and line for anything else, so a hand-edited lock with a
+    range or a typo is caught rather than half-read.
+    """
+    pins = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"{path}:{number}: expected 'name==version', got {raw!r}")
+        pins[name.strip()] = version.strip()
+    return pins
+
+
+def lock_differences(path: Path | None = None) -> list[str] | None:
+    """How the installed packages differ from the lock (default :data:`LOCK_FILE`), one line
+    each (empty: they match); None when there is no lock file."""
+    path = LOCK_FILE if path is None else path
+    if not path.is_file():
+        return None
+    differences = []
+    for name, locked in read_lock(path).items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            differences.append(f"{name} is not installed (locked {locked})")
+            continue
+        if installed != locked:
+            differences.append(f"{name} {installed} is installed, the lock has {locked}")
+    return differences
 
 
 def devices() -> list[dict]:
@@ -81,6 +129,7 @@ def collect(models_preset: str | None = None) -> dict:
 
     report = {
         "versions": versions(),
+        "lock": {"file": str(LOCK_FILE) if LOCK_FILE.is_file() else None, "differences": lock_differences()},
         "devices": devices(),
         "native": {
             "extension": "built" if _native.extension() is not None else "not built",
@@ -102,6 +151,16 @@ def _print(report: dict) -> None:
     print("mgm_fast environment")
     for key, value in report["versions"].items():
         print(f"  {key:<11} {value if value is not None else '-'}")
+    lock = report["lock"]
+    if lock["file"] is None:
+        print("  (no requirements/lock.txt: not a checkout, versions not compared)")
+    elif not lock["differences"]:
+        print(f"  every package matches {lock['file']}")
+    else:
+        print(f"WARNING: this environment differs from {lock['file']}, the versions the tests "
+              f"passed with (`make setup` installs them):", file=sys.stderr)
+        for line in lock["differences"]:
+            print(f"  {line}", file=sys.stderr)
     print("devices")
     for dev in report["devices"]:
         extra = ", ".join(f"{k} {v}" for k, v in dev.items() if k not in ("device", "name"))
