@@ -27,7 +27,7 @@ MGM_FAST_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// kLanes-wide GCC/Clang vectors (the ISA clone lowers them to AVX-512, AVX2 or SSE). The
+// kLanes-wide GCC/Clang vectors (each ISA version lowers them to AVX-512, AVX2 or SSE). The
 // helpers take and return them by reference and are always inlined (a by-value vector
 // argument would have an ISA-dependent ABI).
 typedef uint32_t VU32 __attribute__((vector_size(kLanes * 4)));
@@ -104,8 +104,7 @@ MGM_FAST_INLINE void sincos_turns(const VF& v, VF& sin_out, VF& cos_out) {
 
 // z[4 (q - q0) + lane] for the groups q in [q0, q0 + count): Philox on kLanes groups at a time,
 // then Box-Muller on the two pairs of uniforms of each group.
-MGM_FAST_ISA_CLONES
-void normals(uint64_t seed, uint64_t q0, int64_t count, float* z) {
+MGM_FAST_ISA_BODY void normals_body(uint64_t seed, uint64_t q0, int64_t count, float* z) {
   VU32 lane_ids;
   for (int64_t l = 0; l < kLanes; ++l) lane_ids[l] = static_cast<uint32_t>(l);
   for (int64_t g0 = 0; g0 < count; g0 += kLanes) {
@@ -144,6 +143,7 @@ void normals(uint64_t seed, uint64_t q0, int64_t count, float* z) {
     }
   }
 }
+constexpr auto& normals = MGM_FAST_ISA_DISPATCH(normals_body);
 
 }  // namespace
 
@@ -161,7 +161,7 @@ void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
 
 void normal4(uint64_t seed, uint64_t group, float out[4]) { normals(seed, group, 1, out); }
 
-// Not an ISA clone on purpose: without FMA, out = x + (std * n) is rounded twice, exactly as
+// Not ISA-versioned on purpose: without FMA, out = x + (std * n) is rounded twice, exactly as
 // the formula reads (and as torch evaluates x + std * noise).
 void instance_noise(const float* x, float* out, float* noise, int64_t n, float std,
                     uint64_t seed, int num_threads) {

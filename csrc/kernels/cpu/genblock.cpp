@@ -10,7 +10,7 @@
 // sums are accumulated per chunk element-wise along the row in the element type (at most kRows
 // terms each), folded over the columns in double once per chunk, and the chunk partials are added
 // in chunk order: bit-identical results for any thread count. Each chunk worker is inlined into
-// one ISA-cloned wrapper for float and a plain one for double (isa.h).
+// the ISA-versioned dispatcher for float and a plain function for double (isa.h).
 #include "genblock.h"
 
 #include <cmath>
@@ -235,8 +235,8 @@ MGM_FAST_INLINE void stats_chunk_impl(const StatsArgs<T>& a, int64_t chunk, Scra
   fold(a2, C, W, a.s2 + chunk * C);
 }
 
-MGM_FAST_ISA_CLONES void stats_chunk(const StatsArgs<float>& a, int64_t chunk, Scratch<float>& s) {
-  stats_chunk_impl(a, chunk, s);
+void stats_chunk(const StatsArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(stats_chunk_impl<float>)(a, chunk, s);
 }
 void stats_chunk(const StatsArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   stats_chunk_impl(a, chunk, s);
@@ -282,8 +282,8 @@ MGM_FAST_INLINE void affine_chunk_impl(const AffineArgs<T>& a, int64_t chunk, Sc
   }
 }
 
-MGM_FAST_ISA_CLONES void affine_chunk(const AffineArgs<float>& a, int64_t chunk, Scratch<float>& s) {
-  affine_chunk_impl(a, chunk, s);
+void affine_chunk(const AffineArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(affine_chunk_impl<float>)(a, chunk, s);
 }
 void affine_chunk(const AffineArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   affine_chunk_impl(a, chunk, s);
@@ -376,9 +376,8 @@ MGM_FAST_INLINE void epilogue_chunk_impl(const EpilogueArgs<T>& a, int64_t chunk
   }
 }
 
-MGM_FAST_ISA_CLONES void epilogue_chunk(const EpilogueArgs<float>& a, int64_t chunk,
-                                        Scratch<float>& s) {
-  epilogue_chunk_impl(a, chunk, s);
+void epilogue_chunk(const EpilogueArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(epilogue_chunk_impl<float>)(a, chunk, s);
 }
 void epilogue_chunk(const EpilogueArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   epilogue_chunk_impl(a, chunk, s);
@@ -478,8 +477,8 @@ MGM_FAST_INLINE void prep_chunk_impl(const PrepArgs<T>& a, int64_t chunk, Scratc
   if (acc != nullptr) fold(acc, C, W, a.part + chunk * C);
 }
 
-MGM_FAST_ISA_CLONES void prep_chunk(const PrepArgs<float>& a, int64_t chunk, Scratch<float>& s) {
-  prep_chunk_impl(a, chunk, s);
+void prep_chunk(const PrepArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(prep_chunk_impl<float>)(a, chunk, s);
 }
 void prep_chunk(const PrepArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   prep_chunk_impl(a, chunk, s);
@@ -580,8 +579,8 @@ MGM_FAST_INLINE void bn_reduce_chunk_impl(const BnArgs<T>& a, int64_t chunk, Scr
   fold(a2, C, W, a.p2 + chunk * C);
 }
 
-MGM_FAST_ISA_CLONES void bn_reduce_chunk(const BnArgs<float>& a, int64_t chunk, Scratch<float>& s) {
-  bn_reduce_chunk_impl(a, chunk, s);
+void bn_reduce_chunk(const BnArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(bn_reduce_chunk_impl<float>)(a, chunk, s);
 }
 void bn_reduce_chunk(const BnArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   bn_reduce_chunk_impl(a, chunk, s);
@@ -614,8 +613,8 @@ MGM_FAST_INLINE void bn_apply_chunk_impl(const BnArgs<T>& a, int64_t chunk, Scra
   }
 }
 
-MGM_FAST_ISA_CLONES void bn_apply_chunk(const BnArgs<float>& a, int64_t chunk, Scratch<float>& s) {
-  bn_apply_chunk_impl(a, chunk, s);
+void bn_apply_chunk(const BnArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(bn_apply_chunk_impl<float>)(a, chunk, s);
 }
 void bn_apply_chunk(const BnArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   bn_apply_chunk_impl(a, chunk, s);
@@ -702,9 +701,8 @@ MGM_FAST_INLINE void scatter_chunk_impl(const ScatterArgs<T>& a, int64_t chunk, 
   if (acc != nullptr) fold(acc, C, W, a.part + chunk * C);
 }
 
-MGM_FAST_ISA_CLONES void scatter_chunk(const ScatterArgs<float>& a, int64_t chunk,
-                                       Scratch<float>& s) {
-  scatter_chunk_impl(a, chunk, s);
+void scatter_chunk(const ScatterArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(scatter_chunk_impl<float>)(a, chunk, s);
 }
 void scatter_chunk(const ScatterArgs<double>& a, int64_t chunk, Scratch<double>& s) {
   scatter_chunk_impl(a, chunk, s);

@@ -121,9 +121,8 @@ MGM_FAST_INLINE void seg_tile(const SegCEProblem& P, int64_t b, int64_t h, int64
 }
 
 // Rows [row_begin, row_end) of (b, h); one reduction chunk.
-MGM_FAST_ISA_CLONES
-void seg_rows(const SegCEProblem& P, int64_t row_begin, int64_t row_end, bool unit, float scale,
-              SegChunk& acc) {
+MGM_FAST_ISA_BODY void seg_rows_body(const SegCEProblem& P, int64_t row_begin, int64_t row_end,
+                                     bool unit, float scale, SegChunk& acc) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / P.height, h = row % P.height;
     for (int64_t w0 = 0; w0 < P.width; w0 += kTile) {
@@ -136,6 +135,7 @@ void seg_rows(const SegCEProblem& P, int64_t row_begin, int64_t row_end, bool un
     }
   }
 }
+constexpr auto& seg_rows = MGM_FAST_ISA_DISPATCH(seg_rows_body);
 
 int64_t count_not_ignored(const SegCEProblem& P, int nt) {
   const int64_t rows = P.batch * P.height;
@@ -249,11 +249,12 @@ MGM_FAST_INLINE double l1_rows_unit(const L1Problem& P, int64_t row_begin, int64
 }
 
 // Rows [row_begin, row_end) of (b, h), all channels; one reduction chunk.
-MGM_FAST_ISA_CLONES
-double l1_rows(const L1Problem& P, int64_t row_begin, int64_t row_end, bool unit, float scale) {
+MGM_FAST_ISA_BODY double l1_rows_body(const L1Problem& P, int64_t row_begin, int64_t row_end,
+                                      bool unit, float scale) {
   return unit ? l1_rows_unit<true>(P, row_begin, row_end, scale)
               : l1_rows_unit<false>(P, row_begin, row_end, scale);
 }
+constexpr auto& l1_rows = MGM_FAST_ISA_DISPATCH(l1_rows_body);
 
 double l1_all_rows(const L1Problem& P, float scale, int nt) {
   const bool unit = P.pred_strides.w == 1 && P.target_strides.w == 1 &&

@@ -62,8 +62,8 @@ void pack_panel(const float* u, int64_t n, int64_t dim, int64_t ldu, float* out)
   }
 }
 
-// kNC floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by the
-// ISA clone), and its unaligned-access twin.
+// kNC floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by each
+// ISA version), and its unaligned-access twin.
 typedef float VecNC __attribute__((vector_size(kNC * sizeof(float))));
 typedef float VecNCu __attribute__((vector_size(kNC * sizeof(float)), aligned(alignof(float))));
 
@@ -76,9 +76,9 @@ typedef float VecNCu __attribute__((vector_size(kNC * sizeof(float)), aligned(al
 // (n_pad a multiple of kNC), from the packed panel of u. The kMR x kNC accumulator block stays
 // in registers; the d loop streams one block of the panel and broadcasts one value of each of
 // the kMR rows. Rows past mr repeat row 0 (computed, not stored).
-MGM_FAST_ISA_CLONES
-void block_scores(const float* a, int64_t mr, int64_t ldu, const float* panel, int64_t n_pad,
-                  int64_t dim, float scale, float* s, int64_t lds) {
+MGM_FAST_ISA_BODY void block_scores_body(const float* a, int64_t mr, int64_t ldu,
+                                         const float* panel, int64_t n_pad, int64_t dim,
+                                         float scale, float* s, int64_t lds) {
   static_assert(kMR == 4, "the micro-kernels are written for 4 rows");
   const float* a0 = a;
   const float* a1 = a + (mr > 1 ? 1 : 0) * ldu;
@@ -100,11 +100,11 @@ void block_scores(const float* a, int64_t mr, int64_t ldu, const float* panel, i
     if (mr > 3) MGM_FAST_VEC_AT(s + 3 * lds + j0) = acc3 * scale;
   }
 }
+constexpr auto& block_scores = MGM_FAST_ISA_DISPATCH(block_scores_body);
 
 // In place: row s[0, n) of scores -> its logsumexp over k != self (returns it; s unchanged
 // except s[self] = -inf).
-MGM_FAST_ISA_CLONES
-float row_logsumexp(float* s, int64_t n, int64_t self) {
+MGM_FAST_ISA_BODY float row_logsumexp_body(float* s, int64_t n, int64_t self) {
   s[self] = kNegInf;
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
@@ -114,20 +114,21 @@ float row_logsumexp(float* s, int64_t n, int64_t self) {
   for (int64_t j = 0; j < n; ++j) sum += exp_nonpos(s[j] - m);
   return m + std::log(sum);
 }
+constexpr auto& row_logsumexp = MGM_FAST_ISA_DISPATCH(row_logsumexp_body);
 
 // In place: scores -> dS = g (exp(s - lse) - [j == pos]), 0 at j == self.
-MGM_FAST_ISA_CLONES
-void row_dscores(float* s, int64_t n, float lse, float g, int64_t self, int64_t pos) {
+MGM_FAST_ISA_BODY void row_dscores_body(float* s, int64_t n, float lse, float g, int64_t self,
+                                        int64_t pos) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] = g * exp_nonpos(s[j] - lse);
   s[pos] -= g;
   s[self] = 0.0f;
 }
+constexpr auto& row_dscores = MGM_FAST_ISA_DISPATCH(row_dscores_body);
 
 // The column side: sc[i] = s(i, j) for every row i -> dS(i, j), 0 where j is row i's own column.
-MGM_FAST_ISA_CLONES
-void col_dscores(float* sc, int64_t n, const float* lse, const int64_t* pos, const int64_t* self,
-                 int64_t j, float g) {
+MGM_FAST_ISA_BODY void col_dscores_body(float* sc, int64_t n, const float* lse, const int64_t* pos,
+                                        const int64_t* self, int64_t j, float g) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float prob = exp_nonpos(sc[i] - lse[i]);
@@ -135,15 +136,15 @@ void col_dscores(float* sc, int64_t n, const float* lse, const int64_t* pos, con
     sc[i] = self[i] == j ? 0.0f : g * (prob - target);
   }
 }
+constexpr auto& col_dscores = MGM_FAST_ISA_DISPATCH(col_dscores_body);
 
 constexpr int64_t kJChunk = 256;  // vectors of u per pass of accumulate_block (64 KB at D = 64)
 
 // acc[r * ldu + d] = sum_j ds[r * lds + j] * u[j * ldu + d] for r < mr, j < n, d < ldu.
 // Chunks of kJChunk vectors of u (cache-resident) x kNC dims, with the kMR x kNC accumulators
 // in registers across the chunk; the chunks are added in order (deterministic).
-MGM_FAST_ISA_CLONES
-void accumulate_block(const float* ds, int64_t lds, int64_t mr, const float* u, int64_t n,
-                      int64_t ldu, float* acc) {
+MGM_FAST_ISA_BODY void accumulate_block_body(const float* ds, int64_t lds, int64_t mr,
+                                             const float* u, int64_t n, int64_t ldu, float* acc) {
   const float* d0 = ds;
   const float* d1 = ds + (mr > 1 ? 1 : 0) * lds;
   const float* d2 = ds + (mr > 2 ? 2 : 0) * lds;
@@ -167,6 +168,7 @@ void accumulate_block(const float* ds, int64_t lds, int64_t mr, const float* u, 
     }
   }
 }
+constexpr auto& accumulate_block = MGM_FAST_ISA_DISPATCH(accumulate_block_body);
 
 // grad[d] = (g[d] - u[d] (u . g)) * inv with g = acc * scale, d < dim.
 void finish_normalize(const float* acc, const float* u, float inv, float scale, int64_t dim,

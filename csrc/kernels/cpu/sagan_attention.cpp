@@ -31,8 +31,8 @@ constexpr int64_t kKB = 8;  // reduced channels per register block of lane_dots
 constexpr int64_t kParallelWork = int64_t{1} << 20;
 constexpr int64_t kExpCost = 8;
 
-// kL floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by the
-// ISA clone) and its unaligned-access twin.
+// kL floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by each
+// ISA version) and its unaligned-access twin.
 typedef float VecL __attribute__((vector_size(kL * sizeof(float))));
 typedef float VecLu __attribute__((vector_size(kL * sizeof(float)), aligned(alignof(float))));
 
@@ -56,12 +56,13 @@ MGM_FAST_INLINE void lane_scores_block(const float* xt, int64_t ldx, const float
 }
 
 // lane_scores_block over positions t < tn (xt: tn rows of ldx >= kdim floats).
-MGM_FAST_ISA_CLONES
-void lane_scores(const float* xt, int64_t ldx, const float* y, int64_t kdim, int64_t tn, float* s) {
+MGM_FAST_ISA_BODY void lane_scores_body(const float* xt, int64_t ldx, const float* y, int64_t kdim,
+                                        int64_t tn, float* s) {
   int64_t t = 0;
   for (; t + kTB <= tn; t += kTB) lane_scores_block<kTB>(xt + t * ldx, ldx, y, kdim, s + t * kL);
   for (; t < tn; ++t) lane_scores_block<1>(xt + t * ldx, ldx, y, kdim, s + t * kL);
 }
+constexpr auto& lane_scores = MGM_FAST_ISA_DISPATCH(lane_scores_body);
 
 // "dots", accumulating: c[k * kL + l] += sum_{t < tn} xt[t * ldx + k] * p[t * kL + l] for
 // k < NK: each vector of p is loaded once for NK broadcast FMAs; t runs in order, so splitting
@@ -80,8 +81,8 @@ MGM_FAST_INLINE void lane_dots_block(const float* p, int64_t tn, const float* xt
 }
 
 // lane_dots_block over every k < kdim.
-MGM_FAST_ISA_CLONES
-void lane_dots(const float* p, int64_t tn, const float* xt, int64_t ldx, int64_t kdim, float* c) {
+MGM_FAST_ISA_BODY void lane_dots_body(const float* p, int64_t tn, const float* xt, int64_t ldx,
+                                      int64_t kdim, float* c) {
   int64_t k = 0;
   for (; k + kKB <= kdim; k += kKB) lane_dots_block<kKB>(p, tn, xt + k, ldx, c + k * kL);
   if (k + 4 <= kdim) {
@@ -94,11 +95,11 @@ void lane_dots(const float* p, int64_t tn, const float* xt, int64_t ldx, int64_t
   }
   if (k < kdim) lane_dots_block<1>(p, tn, xt + k, ldx, c + k * kL);
 }
+constexpr auto& lane_dots = MGM_FAST_ISA_DISPATCH(lane_dots_body);
 
 // Forward softmax of tn >= 1 positions per lane: s -> exp(s - max) in place; max and the sum of
 // the exponentials per lane to max_out[kL], sum_out[kL].
-MGM_FAST_ISA_CLONES
-void lane_softmax(float* s, int64_t tn, float* max_out, float* sum_out) {
+MGM_FAST_ISA_BODY void lane_softmax_body(float* s, int64_t tn, float* max_out, float* sum_out) {
   VecL m = MGM_FAST_SA_LOAD(s);
   for (int64_t t = 1; t < tn; ++t) {
     const VecL v = MGM_FAST_SA_LOAD(s + t * kL);
@@ -116,10 +117,11 @@ void lane_softmax(float* s, int64_t tn, float* max_out, float* sum_out) {
   std::memcpy(max_out, mx, sizeof(mx));
   std::memcpy(sum_out, &sum, sizeof(mx));
 }
+constexpr auto& lane_softmax = MGM_FAST_ISA_DISPATCH(lane_softmax_body);
 
 // Query lanes (backward): s -> dS = exp(s - lse) (dp - delta), lse and delta per lane.
-MGM_FAST_ISA_CLONES
-void lane_dscores(float* s, const float* dp, int64_t tn, const float* lse, const float* delta) {
+MGM_FAST_ISA_BODY void lane_dscores_body(float* s, const float* dp, int64_t tn, const float* lse,
+                                         const float* delta) {
   for (int64_t t = 0; t < tn; ++t) {
     float* st = s + t * kL;
     const float* dpt = dp + t * kL;
@@ -127,10 +129,10 @@ void lane_dscores(float* s, const float* dp, int64_t tn, const float* lse, const
     for (int64_t l = 0; l < kL; ++l) st[l] = exp_nonpos(st[l] - lse[l]) * (dpt[l] - delta[l]);
   }
 }
+constexpr auto& lane_dscores = MGM_FAST_ISA_DISPATCH(lane_dscores_body);
 
 // Key lanes (backward): s -> P = exp(s - lse[t]), lse per position.
-MGM_FAST_ISA_CLONES
-void lane_probs(float* s, int64_t tn, const float* lse) {
+MGM_FAST_ISA_BODY void lane_probs_body(float* s, int64_t tn, const float* lse) {
   for (int64_t t = 0; t < tn; ++t) {
     float* st = s + t * kL;
     const float m = lse[t];
@@ -138,15 +140,17 @@ void lane_probs(float* s, int64_t tn, const float* lse) {
     for (int64_t l = 0; l < kL; ++l) st[l] = exp_nonpos(st[l] - m);
   }
 }
+constexpr auto& lane_probs = MGM_FAST_ISA_DISPATCH(lane_probs_body);
 
 // Key lanes (backward): dp -> dS = P (dp - delta[t]), delta per position.
-MGM_FAST_ISA_CLONES
-void lane_dscores_keys(float* dp, const float* p, int64_t tn, const float* delta) {
+MGM_FAST_ISA_BODY void lane_dscores_keys_body(float* dp, const float* p, int64_t tn,
+                                              const float* delta) {
   for (int64_t t = 0; t < tn; ++t) {
     const VecL d = MGM_FAST_SA_LOAD(dp + t * kL);
     MGM_FAST_SA_AT(dp + t * kL) = MGM_FAST_SA_LOAD(p + t * kL) * (d - delta[t]);
   }
 }
+constexpr auto& lane_dscores_keys = MGM_FAST_ISA_DISPATCH(lane_dscores_keys_body);
 
 // out[k * kL + l] = x[k * ld + l] for l < nl, 0 for nl <= l < kL, k < kdim: a block's lanes
 // (positions i0 .. i0 + nl of the rows of a (kdim, ld) array starting at x = row 0 + i0).

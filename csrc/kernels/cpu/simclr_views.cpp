@@ -16,8 +16,8 @@
 // The row loops are unit-stride float32 arithmetic on data in L1/L2 (a 128 x 128 view is
 // ~200 KB), written so that the compiler vectorises them without -ffast-math: selects instead
 // of branches, 0/1 masks as floats, a rounding-trick floor, no libm calls in the pixel loops.
-// They are compiled three times (baseline x86-64, x86-64-v3, x86-64-v4) and the loader picks
-// the best clone.
+// They are compiled three times (baseline x86-64, x86-64-v3, x86-64-v4) and run at the level
+// chosen in isa.h.
 #include "simclr_views.h"
 
 #include <cmath>
@@ -343,8 +343,8 @@ MGM_FAST_INLINE void resample_columns(const float* __restrict__ image, const Ima
   gather_columns(src_row, cw, ow, x0, x1, w0, w1, dst);
 }
 
-MGM_FAST_ISA_CLONES
-void run_view(const SimclrViewsProblem& P, const Layout& L, int64_t n, float* fs, int32_t* is) {
+MGM_FAST_ISA_BODY void run_view_body(const SimclrViewsProblem& P, const Layout& L, int64_t n,
+                                     float* fs, int32_t* is) {
   const int64_t oh = P.out_height, ow = P.out_width, rs = 3 * ow;
   const int64_t* box = P.crop + 4 * n;
   const int64_t top = box[0], left = box[1], ch = box[2], cw = box[3];
@@ -475,11 +475,12 @@ void run_view(const SimclrViewsProblem& P, const Layout& L, int64_t n, float* fs
     blur_planes(src, store, 3, oh, ow, taps, rad, fs + L.vpad, fs + L.hacc);
   }
 }
+constexpr auto& run_view = MGM_FAST_ISA_DISPATCH(run_view_body);
 
-MGM_FAST_ISA_CLONES
-void hue_rotate_impl(float* r, float* g, float* b, int64_t n, float shift) {
+MGM_FAST_ISA_BODY void hue_rotate_body(float* r, float* g, float* b, int64_t n, float shift) {
   hue_row(r, g, b, n, 4.0f + 6.0f * shift);
 }
+constexpr auto& hue_rotate_impl = MGM_FAST_ISA_DISPATCH(hue_rotate_body);
 
 struct Scratch {
   std::vector<float> f;

@@ -1,7 +1,7 @@
 // Vectorisable float math shared by the CPU kernels (multitask_loss.cpp, ntxent.cpp,
 // sagan_attention.cpp).
 //
-// Header-only and always inlined, so each caller's ISA clone (isa.h) compiles it for its own
+// Header-only and always inlined, so each caller's ISA version (isa.h) compiles it for its own
 // vector width; plain C++ arithmetic with no selects or calls, so a loop over it vectorises
 // without -ffast-math.
 #pragma once
