@@ -4,6 +4,7 @@
 // same formula, out == x + std * noise exactly, moments, independence of neighbours and lanes,
 // and thread-count invariance. Built and run by CMake/ctest.
 #include "kernels/cpu/gan_noise.h"
+#include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
 #include <cmath>
@@ -116,6 +117,7 @@ void test_stream() {
 }  // namespace
 
 int main() {
+  if (const int status = start_cpu_isa_test("test_gan_noise"); status >= 0) return status;
   test_philox_known_answers();
   test_normals_match_the_formula();
   test_stream();

@@ -5,6 +5,7 @@
 // the adjoint of the interleave), both layouts, and bit-identical results for 1 and 3 threads.
 // Built and run by CMake/ctest; main returns 1 if any check failed.
 #include "kernels/cpu/genblock.h"
+#include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
 #include <cmath>
@@ -385,6 +386,7 @@ void test_double_instantiation() {
 }  // namespace
 
 int main() {
+  if (const int status = start_cpu_isa_test("test_genblock"); status >= 0) return status;
   test_stats_and_prologue();
   test_phase_forward();
   test_conv_epilogue_and_grad_prep();

@@ -2,6 +2,7 @@
 // double-precision loops, on small random inputs. Built and run by CMake/ctest; no framework:
 // a failed EXPECT prints where and why, and main returns 1 if anything failed.
 #include "kernels/cpu/multitask_loss.h"
+#include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
 #include <cmath>
@@ -370,6 +371,7 @@ void test_l1() {
 }  // namespace
 
 int main() {
+  if (const int status = start_cpu_isa_test("test_multitask_loss"); status >= 0) return status;
   test_exp();
   test_seg();
   test_l1();

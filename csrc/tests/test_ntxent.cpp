@@ -3,6 +3,7 @@
 // row subsets and strides, zero rows, temperatures, thread-count invariance, the exp helper.
 // Built and run by CMake/ctest; a failed EXPECT prints where and why, main returns 1.
 #include "kernels/cpu/ntxent.h"
+#include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
 #include <algorithm>
@@ -210,6 +211,7 @@ void test_bad_index() {
 }  // namespace
 
 int main() {
+  if (const int status = start_cpu_isa_test("test_ntxent"); status >= 0) return status;
   std::mt19937 rng(1234);
   const Case cases[] = {
       {"2N=2 D=1", 2, 2, 1, 0, 0, 0.5, false, false},

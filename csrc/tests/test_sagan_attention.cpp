@@ -5,6 +5,7 @@
 // gradient alone, thread-count bit-identity.
 // Built and run by CMake/ctest; a failed EXPECT prints where and why, main returns 1.
 #include "kernels/cpu/sagan_attention.h"
+#include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
 #include <algorithm>
@@ -208,6 +209,7 @@ void test_one_key() {
 }  // namespace
 
 int main() {
+  if (const int status = start_cpu_isa_test("test_sagan_attention"); status >= 0) return status;
   std::mt19937 rng(1234);
   const Case cases[] = {
       {"B=1 N=37 M=9 dq=1 dv=4", 1, 37, 9, 1, 4, 1.0f},

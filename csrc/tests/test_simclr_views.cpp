@@ -5,6 +5,7 @@
 // independence and the parameter checks. Built and run by CMake/ctest; no framework: a failed
 // EXPECT prints where and why, and main returns 1 if anything failed.
 #include "kernels/cpu/simclr_views.h"
+#include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
 #include <algorithm>
@@ -472,6 +473,7 @@ void test_checks() {
 }  // namespace
 
 int main() {
+  if (const int status = start_cpu_isa_test("test_simclr_views"); status >= 0) return status;
   test_gaussian_taps();
   test_blur();
   test_hue();
