@@ -17,7 +17,9 @@
 #endif
 
 #include <string>
+#include <string_view>
 
+#include "kernels/cpu/isa.h"
 #include "registry.h"
 
 namespace {
@@ -40,6 +42,16 @@ std::string compiler() {
   return "unknown";
 #endif
 }
+
+pybind11::list supported_cpu_isas() {
+  pybind11::list names;
+  for (mgm_fast::cpu::CpuIsa isa : mgm_fast::cpu::supported_cpu_isas()) {
+    names.append(mgm_fast::cpu::cpu_isa_name(isa));
+  }
+  return names;
+}
+
+std::string cpu_isa() { return mgm_fast::cpu::cpu_isa_name(mgm_fast::cpu::active_cpu_isa()); }
 
 pybind11::dict build_info() {
   pybind11::dict info;
@@ -76,6 +88,8 @@ pybind11::dict build_info() {
   ops.append("genblock");
   ops.append("sagan_attention");
   info["ops"] = ops;
+  info["cpu_isa"] = cpu_isa();
+  info["cpu_isas_supported"] = supported_cpu_isas();
   return info;
 }
 
@@ -88,7 +102,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mgm_fast native kernels (CPU C++/OpenMP, and CUDA when built with it)";
   m.attr("built_with_cuda") = pybind11::bool_(kBuiltWithCuda);
   m.def("build_info", &build_info,
-        "How this extension was built: compiler, OpenMP, torch version, CUDA sources.");
+        "How this extension was built: compiler, OpenMP, torch version, CUDA sources; and the "
+        "CPU kernels' active and supported ISA levels.");
+  // std::runtime_error (a bad MGM_FAST_CPU_ISA) reaches Python as RuntimeError,
+  // std::invalid_argument (set_cpu_isa) as ValueError.
+  m.def("cpu_isa", &cpu_isa,
+        "The ISA level the CPU kernels run at: 'baseline', 'x86-64-v3' or 'x86-64-v4'. The first "
+        "call reads MGM_FAST_CPU_ISA (auto | baseline | x86-64-v3 | x86-64-v4; unset: auto, the "
+        "best supported level); RuntimeError for an unknown or unsupported value.");
+  m.def("supported_cpu_isas", &supported_cpu_isas,
+        "The ISA levels this CPU (and build) can run, baseline first.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) { mgm_fast::cpu::set_cpu_isa(std::string_view(name)); },
+      pybind11::arg("name"),
+      "Forces the ISA level of later CPU kernel calls, process-wide ('auto': the best one); "
+      "ValueError for an unknown or unsupported level.");
   mgm_fast::bindings::register_multitask_loss(m);
   mgm_fast::bindings::register_simclr_views(m);
   mgm_fast::bindings::register_ntxent(m);
