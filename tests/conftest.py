@@ -1,12 +1,22 @@
-"""Test-wide setup. TRITON_INTERPRET must be set before any Triton kernel is decorated, i.e.
-before the first project import, so Triton kernels run on the CPU interpreter here."""
+"""Test-wide setup, done before the first project import:
+
+* TRITON_INTERPRET=1, so Triton kernels (decorated at import) run on the CPU interpreter;
+* one CPU thread unless OMP_NUM_THREADS says otherwise. The tests' tiny shapes gain nothing
+  from a second thread, and on a machine shared with other jobs an OpenMP team waiting for a
+  descheduled thread made them up to 17x slower (a 4.6 s test took 81 s with two busy
+  processes beside it; 8 s single-threaded). Tests that check results across thread counts
+  set 1 and 2 threads themselves; subprocesses inherit the variable.
+"""
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also if torch was imported first
 
 
 def pytest_collection_modifyitems(config, items):
