@@ -884,15 +884,20 @@ def augment_reference(
 # ---------------------------------------------------------------------------------------------
 def _blur_uint8_reflect101(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """OpenCV-style separable blur of an (H, W, 3) uint8 image: BORDER_REFLECT_101 borders
-    (``np.pad(mode="reflect")``), float64 arithmetic, rounded to uint8 once at the end.
+    (``np.pad(mode="reflect")``), float32 arithmetic, rounded to uint8 once at the end.
 
-    kernel: (K,) float64, odd K, normalised.
+    kernel: (K,) float, odd K, normalised and symmetric (k[r - d] == k[r + d]).
     """
     rad = kernel.shape[0] // 2
     h, w = img.shape[:2]
-    pad = np.pad(img.astype(np.float64), ((rad, rad), (rad, rad), (0, 0)), mode="reflect")
-    rows = sum(kernel[t] * pad[t : t + h] for t in range(kernel.shape[0]))
-    out = sum(kernel[t] * rows[:, t : t + w] for t in range(kernel.shape[0]))
+    k = kernel.astype(np.float32)
+    pad = np.pad(img, ((rad, rad), (rad, rad), (0, 0)), mode="reflect").astype(np.float32)
+    rows = pad[rad : rad + h] * k[rad]
+    for t in range(rad):  # taps t and 2 rad - t share a weight
+        rows += k[t] * (pad[t : t + h] + pad[2 * rad - t : 2 * rad - t + h])
+    out = rows[:, rad : rad + w] * k[rad]
+    for t in range(rad):
+        out += k[t] * (rows[:, t : t + w] + rows[:, 2 * rad - t : 2 * rad - t + w])
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
