@@ -71,6 +71,27 @@ def cuda_reason() -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    return _cuda_launch_reason(torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_launch_reason(index: int) -> str | None:
+    """A launch probe: one tiny kernel of the extension on device ``index``. An import succeeds
+    even when the build holds no machine code for this GPU; the first launch would then crash a
+    run, so this turns it into a reason."""
+    import torch
+
+    ext = _load()[0]
+    try:
+        with torch.cuda.device(index):
+            cols = torch.ones(2, 2, device="cuda")
+            index_t = torch.arange(2, device="cuda")
+            ext.ntxent_rows_cuda_forward(cols, cols, index_t, 1.0)
+            torch.cuda.synchronize()
+    except Exception as err:  # no kernel image, driver too old, ...
+        props = torch.cuda.get_device_properties(index)
+        return (f"the CUDA kernels of mgm_fast._C do not launch on {props.name} (sm_{props.major}{props.minor}): "
+                f"{err}; rebuild with TORCH_CUDA_ARCH_LIST={props.major}.{props.minor}")
     return None
 
 

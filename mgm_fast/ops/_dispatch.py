@@ -7,13 +7,21 @@ implementation: ``reference`` (plain PyTorch, always present), and where written
 
 * ``impl="auto"`` takes the first backend in priority order that supports the inputs;
 * a forced ``impl`` that cannot run raises :class:`BackendUnavailable` listing the reasons --
-  there is never a silent fall back to a slower backend.
+  there is never a silent fall back to a slower backend;
+* a backend that failed its self-test on this device (:mod:`mgm_fast.ops._verify`) is excluded:
+  ``auto`` skips it, forcing it raises;
+* the environment wins over ``impl``: ``MGM_FAST_IMPL=reference`` runs every op on its reference
+  twin, ``MGM_FAST_IMPL_<OP>=<backend>`` (e.g. ``MGM_FAST_IMPL_GENBLOCK=cpp``) forces one op.
 
+Every op remembers which backend ``auto`` picked for each kind of input (device, dtype) and why
+not the ones before it (``FusedOp.resolutions``), so a run can record what computed its numbers.
 ``python -m mgm_fast.info`` prints the table of every registered op x backend.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -77,12 +85,22 @@ class Backend:
 
 @dataclass
 class FusedOp:
-    """An op with several backends; call it like a function with ``impl=``."""
+    """An op with several backends; call it like a function with ``impl=``.
+
+    ``selftest_cases`` returns the op's self-test inputs (:class:`mgm_fast.ops._selftest.Case`:
+    small odd shapes and the paper preset's), which ``python -m mgm_fast.selftest`` and the
+    first-use verification run through every fused backend.
+    """
 
     name: str
     summary: str
     priority: tuple[str, ...] = ("cuda", "triton", "cpp", "reference")
     backends: dict[str, Backend] = field(default_factory=dict)
+    selftest_cases: Callable[[], list] | None = None
+    exclusions: dict[str, str] = field(default_factory=dict)
+    """backend -> why it must not run in this process (it failed its self-test here)."""
+    resolutions: dict[str, dict] = field(default_factory=dict)
+    """"<device> <dtype>" of the inputs -> {"backend": what auto picked, "skipped": {name: why}}."""
 
     def register(self, backend: Backend) -> Backend:
         if backend.name not in BACKEND_NAMES:
@@ -90,8 +108,13 @@ class FusedOp:
         self.backends[backend.name] = backend
         return backend
 
+    def exclude(self, backend: str, reason: str) -> None:
+        """Never run ``backend`` again in this process (auto skips it, forcing it raises)."""
+        self.exclusions[backend] = reason
+
     def select(self, impl: str, *args, **kwargs) -> Backend:
         """The backend that will run these inputs for ``impl`` (see module docstring)."""
+        impl = forced_impl(self.name) or impl
         if impl == "auto":
             reasons = {}
             for name in self.priority:
@@ -99,10 +122,11 @@ class FusedOp:
                 if backend is None:
                     continue
                 why = backend.not_supported_reasons(*args, **kwargs)
-                excluded = backend.auto_exclusion()
+                excluded = self.exclusions.get(name) or backend.auto_exclusion()
                 if excluded:
                     why = [*why, excluded]
                 if not why:
+                    self._remember(backend.name, reasons, args, kwargs)
                     return backend
                 reasons[name] = why
             raise BackendUnavailable(f"{self.name}: no backend supports these inputs: {reasons}")
@@ -113,9 +137,18 @@ class FusedOp:
                 f"implemented: {sorted(self.backends)} (or 'auto')"
             )
         why = backend.not_supported_reasons(*args, **kwargs)
+        if impl in self.exclusions:
+            why = [*why, self.exclusions[impl]]
         if why:
             raise BackendUnavailable(f"{self.name}: backend {impl!r} cannot run: " + "; ".join(why))
+        self._remember(backend.name, {}, args, kwargs)
         return backend
+
+    def _remember(self, chosen: str, skipped: dict, args, kwargs) -> None:
+        tensors = [t for t in _tensors(args, kwargs) if t.is_floating_point()] or _tensors(args, kwargs)
+        kind = f"{tensors[0].device.type} {str(tensors[0].dtype).replace('torch.', '')}" if tensors else "-"
+        if kind not in self.resolutions:
+            self.resolutions[kind] = {"backend": chosen, "skipped": {k: "; ".join(v) for k, v in skipped.items()}}
 
     def __call__(self, *args, impl: str = "auto", **kwargs):
         return self.select(impl, *args, **kwargs).fn(*args, **kwargs)
@@ -130,6 +163,26 @@ class FusedOp:
 
 
 REGISTRY: dict[str, FusedOp] = {}
+
+IMPL_ENV = "MGM_FAST_IMPL"
+
+
+def forced_impl(op_name: str) -> str | None:
+    """The backend the environment forces for an op, or None: ``MGM_FAST_IMPL_<OP>`` (any
+    backend name or ``auto``), else ``MGM_FAST_IMPL`` (``reference`` or ``auto``)."""
+    per_op = f"{IMPL_ENV}_{op_name.upper()}"
+    value = os.environ.get(per_op)
+    if value:
+        if value != "auto" and value not in BACKEND_NAMES:
+            raise ValueError(f"{per_op}={value!r}: expected one of {list(BACKEND_NAMES)} or 'auto'")
+        return None if value == "auto" else value
+    value = os.environ.get(IMPL_ENV)
+    if value:
+        if value not in ("reference", "auto"):
+            raise ValueError(f"{IMPL_ENV}={value!r}: expected 'reference' or 'auto' (force one op's backend "
+                             f"with {IMPL_ENV}_<OP>, e.g. {IMPL_ENV}_GENBLOCK=cpp)")
+        return None if value == "auto" else value
+    return None
 
 
 def register_op(op: FusedOp) -> FusedOp:
@@ -146,9 +199,7 @@ def _tensors(args: Sequence, kwargs: dict) -> list[torch.Tensor]:
 
 
 def triton_reason() -> str | None:
-    """Why Triton kernels cannot run here, or None."""
-    import os
-
+    """Why Triton kernels cannot run here, or None (on CUDA after a launch probe)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -157,6 +208,22 @@ def triton_reason() -> str | None:
         return None
     if not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
+    return _triton_launch_reason(torch.cuda.current_device())
+
+
+@functools.cache
+def _triton_launch_reason(index: int) -> str | None:
+    """A launch probe: compile and run a one-line Triton kernel on device ``index`` (an import
+    succeeds even where Triton cannot compile for this GPU or find its toolchain)."""
+    try:
+        from mgm_fast.ops._triton import probe
+
+        with torch.cuda.device(index):
+            x = torch.arange(8, dtype=torch.float32, device="cuda")
+            if not torch.equal(probe.add_one(x).cpu(), torch.arange(1, 9, dtype=torch.float32)):
+                return "the Triton probe kernel ran but computed a wrong result"
+    except Exception as err:
+        return f"Triton kernels do not compile or launch on {torch.cuda.get_device_name(index)}: {err}"
     return None
 
 

@@ -191,3 +191,31 @@ def sagan_attention(theta: Tensor, phi: Tensor, g: Tensor, *, impl: str = "auto"
     backends and ``auto``'s choice.
     """
     return OP(theta, phi, g, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test cases (mgm_fast.ops._selftest)
+
+
+def _selftest_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(b, dq, dv, n, m, scale):
+        def build(gen):
+            theta = torch.randn(b, dq, n, generator=gen, dtype=torch.float64) * scale
+            phi = torch.randn(b, dq, m, generator=gen, dtype=torch.float64) * scale
+            g = torch.randn(b, dv, m, generator=gen, dtype=torch.float64)
+            return Inputs(args=(theta, phi, g), grad=(0, 1, 2))
+
+        return build
+
+    shapes = [  # name, size, (B, dq, dv, N, M), score scale
+        ("b3 dq1 dv5 N37 M9", "small", (3, 1, 5, 37, 9), 1.0),
+        ("b1 dq3 dv7 N20 M5, scores ~ +-30", "small", (1, 3, 7, 20, 5), 3.0),
+        ("generator: b32 dq16 dv64 N1024 M256", "paper", (32, 16, 64, 1024, 256), 1.0),
+        ("discriminator: b32 dq32 dv128 N1024 M256", "paper", (32, 32, 128, 1024, 256), 1.0),
+    ]
+    return [Case(_NAME, name, size, make(*dims, scale)) for name, size, dims, scale in shapes]
+
+
+OP.selftest_cases = _selftest_cases

@@ -309,3 +309,66 @@ def ntxent_rows(
     """SUM over rows (R, D) of the NT-Xent row losses against cols (2N, D) = [view 1; view 2];
     row_index (R,) int64 gives each row's own column. 0-dim float32; see the module docstring."""
     return ROWS_OP(rows, cols, row_index, temperature, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test cases (mgm_fast.ops._selftest)
+
+
+def _rows_truth(rows, cols, row_index, temperature=0.5):
+    """ntxent_rows in the inputs' dtype (the reference computes in float32): the float64 truth."""
+    sim = torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(cols, dim=1).t() / temperature
+    ar = torch.arange(rows.shape[0], device=rows.device)
+    sim = sim.index_put((ar, row_index), torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device))
+    pos = (row_index + cols.shape[0] // 2) % cols.shape[0]
+    return (torch.logsumexp(sim, dim=1) - sim[ar, pos]).sum()
+
+
+def _loss_truth(z1, z2, temperature=0.5):
+    u = torch.cat([z1, z2])
+    return _rows_truth(u, u, torch.arange(u.shape[0], device=u.device), temperature) / u.shape[0]
+
+
+def _views(gen, b, d, scale=1.0):
+    z1 = torch.randn(b, d, generator=gen, dtype=torch.float64) * scale
+    return z1, z1 + 0.5 * torch.randn(b, d, generator=gen, dtype=torch.float64) * scale
+
+
+def _loss_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(b, d, tau):
+        def build(gen):
+            z1, z2 = _views(gen, b, d)
+            return Inputs(args=(z1, z2, tau), grad=(0, 1))
+
+        return build
+
+    shapes = [("b1 d3", "small", 1, 3, 0.5), ("b13 d37 tau 0.1", "small", 13, 37, 0.1),
+              ("paper: b32 d64", "paper", 32, 64, 0.5)]
+    return [Case("ntxent_loss", name, size, make(b, d, tau), truth=_loss_truth) for name, size, b, d, tau in shapes]
+
+
+def _rows_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(n, rows_of, d, tau):
+        def build(gen):
+            z1, z2 = _views(gen, n, d)
+            cols = torch.cat([z1, z2])
+            index = torch.tensor(rows_of, dtype=torch.int64)
+            return Inputs(args=(cols[index].clone(), cols, index, tau), grad=(0, 1))
+
+        return build
+
+    shapes = [  # a rank's rows of an all-gathered batch
+        ("N7 d5, rows 1,3,8,10", "small", 7, [1, 3, 8, 10], 5, 0.5),
+        ("N9 d33, 5 rows", "small", 9, [0, 4, 9, 13, 17], 33, 0.2),
+        ("paper, 2 ranks: N64 d64, rank 1's 64 rows", "paper", 64, [*range(32, 64), *range(96, 128)], 64, 0.5),
+    ]
+    return [Case("ntxent_rows", name, size, make(n, rows, d, tau), truth=_rows_truth)
+            for name, size, n, rows, d, tau in shapes]  # fmt: skip
+
+
+LOSS_OP.selftest_cases = _loss_cases
+ROWS_OP.selftest_cases = _rows_cases
