@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -49,6 +50,8 @@ from mgm_fast.engine.distributed import World
 from mgm_fast.evaluate import evaluate_nets
 from mgm_fast.metrics import METRIC_DIRECTIONS, delta_m, format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
+from mgm_fast.ops import REGISTRY
+from mgm_fast.ops._verify import BackendVerificationError, backends_record, verify_for_run
 
 METHODS = ("mgm", "mgm-light", "mt", "st")
 
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", default=None, choices=("batched", "per-sample"),
                    help="SimCLR views: one batched pass on the device, or per sample with PIL on "
                         "the CPU as released (default: the engine's)")
+    p.add_argument("--strict-backends", action="store_true",
+                   help="stop when a fused backend fails its first-use self-test on this device "
+                        "(default: exclude it with a warning and use the next backend)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every network (first steps are slower while compiling)")
     p.add_argument("--sync-bn", action="store_true",
@@ -166,6 +172,8 @@ class Run:
     world: World = distributed.SINGLE
     metrics_file: object = None
     manager: CheckpointManager | None = None
+    verdicts: dict = dataclasses.field(default_factory=dict)
+    backends_reported: set = dataclasses.field(default_factory=set)  # (op, "<device> <dtype>") printed
     resumed: RestoreReport | None = None
     resume_ckpt: dict | None = None
     baseline: dict | None = None
@@ -181,6 +189,50 @@ class Run:
     def say(self, text: str) -> None:
         if self.world.is_main:
             print(text, flush=True)
+
+
+def verify_backends(run: Run) -> None:
+    """First-use verification of every fused backend this run may pick on its device (cached per
+    device, versions and source; mgm_fast/ops/_verify.py): a failing one is excluded with a
+    warning, or stops the run under --strict-backends. Writes backends.json."""
+    dtypes = [torch.float32, *{"bf16": [torch.bfloat16], "fp16": [torch.float16]}.get(run.args.precision, [])]
+    for op in REGISTRY.values():  # this run's own verdicts and record (several runs may share a process)
+        op.exclusions.clear()
+        op.resolutions.clear()
+    try:
+        run.verdicts = verify_for_run(run.device, tuple(dtypes), strict=run.args.strict_backends,
+                                      log=lambda text: print(text, file=sys.stderr, flush=True))
+    except BackendVerificationError as err:
+        raise SystemExit(f"error: {err}") from None
+    checked = [v for per_op in run.verdicts.values() for v in per_op.values()]
+    excluded = [f"{v.op}/{v.backend}" for v in checked if not v.passed]
+    fresh = [v for v in checked if not v.cached]
+    run.say(f"fused backends on {run.device}: {len(checked) - len(excluded)} verified"
+            f"{f' ({len(fresh)} self-tested now, {sum(v.seconds for v in fresh):.1f} s)' if fresh else ' (cached)'}"
+            f"{', excluded: ' + ', '.join(excluded) if excluded else ''}")
+    write_backends(run)
+
+
+def write_backends(run: Run) -> None:
+    """backends.json: per op the verification verdicts, what auto picks on this device and why not
+    the others, and the backend every call so far resolved to (rank 0)."""
+    if run.world.is_main:
+        record = backends_record(run.device, run.verdicts)
+        (run.out / "backends.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def report_backends(run: Run, phase_name: str) -> None:
+    """After a phase's first logged window: print the backends its steps used that no earlier
+    phase did, and rewrite backends.json."""
+    write_backends(run)
+    new = []
+    for name, op in sorted(REGISTRY.items()):
+        for kind, how in op.resolutions.items():
+            if (name, kind) not in run.backends_reported:
+                run.backends_reported.add((name, kind))
+                new.append(f"{name} {how['backend']} ({kind})")
+    if new:
+        run.say(f"{phase_name} uses: {', '.join(new)} (why, in {run.out / 'backends.json'})")
 
 
 def precision_context(precision: str, device: torch.device):
@@ -265,6 +317,8 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
                 skipped = {"skipped": dict(ctx.skipped)} if ctx.skipped else {}
                 run.record(phase=name, step=run.step, epoch=done // steps_per_epoch, images_per_s=rate,
                            **means, **skipped)
+                if done == run.args.log_every or done == total:
+                    report_backends(run, name)
                 bar.set_postfix({**{k.split("/")[-1] if k.startswith("mt/") else k: f"{v:.3f}"
                                     for k, v in means.items()}, "img/s": f"{rate:.0f}"})
             stop = run.args.stop_at is not None and run.step >= run.args.stop_at
@@ -525,6 +579,7 @@ def train(run: Run) -> dict[str, float]:
     run.say(f"run folder {run.out} | data {args.data}: {run.split.counts()} | loader {labelled.kind} | "
             f"device {run.device} | method {args.method} | engine {args.engine} ({args.precision}"
             f"{', channels_last' if args.channels_last else ''}){ranks}")
+    verify_backends(run)
 
     def validate_fn(nets, with_scene):
         if args.eval_every <= 0 and args.baseline is None:
@@ -571,6 +626,7 @@ def train(run: Run) -> dict[str, float]:
         distributed.barrier(world)
         return {}
     run.record(phase="eval", step=run.step, **metrics)
+    write_backends(run)
     (run.out / "eval.json").write_text(json.dumps(metrics, indent=2))
     table = format_table({args.method: metrics}, percent=True)
     (run.out / "eval.md").write_text(table + "\n")

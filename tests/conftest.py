@@ -31,3 +31,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _verification_cache(tmp_path_factory):
+    """First-use backend verdicts go to a folder of this test session, not the user's cache
+    (subprocesses inherit it; tests that need an empty cache set their own)."""
+    os.environ.setdefault("MGM_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("mgm_fast_cache")))
