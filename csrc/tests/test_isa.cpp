@@ -1,6 +1,7 @@
 // Unit tests of the ISA level choice (csrc/kernels/cpu/isa.*): level names, the supported list,
 // MGM_FAST_CPU_ISA, set_cpu_isa and its errors, and that a dispatcher runs the version compiled
-// for the active level. Built and run by CMake/ctest at every level and in the portable build.
+// for the active level (of a plain body and of one templated on the level). Built and run by
+// CMake/ctest at every level and in the portable build.
 #include "kernels/cpu/isa.h"
 #include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
@@ -28,6 +29,13 @@ MGM_FAST_ISA_BODY int add_into_body(std::vector<int>& out, const std::vector<int
   return static_cast<int>(out.size());
 }
 constexpr auto& add_into = MGM_FAST_ISA_DISPATCH(add_into_body);
+
+// A body templated on the level: the dispatcher must run the instance of the active level.
+template <CpuIsa kIsa>
+MGM_FAST_ISA_BODY int scaled_vector_floats_body(int scale) {
+  return scale * mgm_fast::cpu::vector_floats(kIsa);
+}
+constexpr auto& scaled_vector_floats = MGM_FAST_ISA_DISPATCH_PER_LEVEL(scaled_vector_floats_body);
 
 // (1 + 2^-12)^2 - (1 + 2^-11) = 2^-24 exactly; the float product rounds the 2^-24 away.
 float probe_multiply_add() {
@@ -93,6 +101,9 @@ void test_forced_levels_run_their_version() {
     const int n = add_into(out, {1, 2, 3}, 10);
     EXPECT(n == 4 && out == std::vector<int>({7, 11, 12, 13}), "%s: arguments not forwarded",
            cpu_isa_name(isa));
+    const int floats = scaled_vector_floats(3);
+    EXPECT(floats == 3 * vector_floats(isa), "%s: the per-level body ran the %d-float instance",
+           cpu_isa_name(isa), floats / 3);
   }
   set_cpu_isa("auto");
   EXPECT(active_cpu_isa() == best_cpu_isa(), "set_cpu_isa(auto) must pick the best level");

@@ -12,6 +12,16 @@
 // worker's name, that branches on the process-wide level (one relaxed load and a predictable
 // branch per call).
 //
+// A body whose register blocking depends on the level is a template on it instead,
+//
+//   template <CpuIsa kIsa>
+//   MGM_FAST_ISA_BODY void block_scores_body(...) { /* vectors of vector_floats(kIsa) */ }
+//   constexpr auto& block_scores = MGM_FAST_ISA_DISPATCH_PER_LEVEL(block_scores_body);
+//
+// and each wrapper inlines the body's instance for its own level. GCC keeps a generic vector
+// wider than the target's registers (16 floats under AVX2) in memory, and an accumulator of
+// that type on the stack, so such bodies size their vectors by vector_floats().
+//
 // The level is the best one this CPU supports unless the environment variable MGM_FAST_CPU_ISA
 // (auto | baseline | x86-64-v3 | x86-64-v4, read at the first use) or set_cpu_isa() forces one,
 // so every version can be tested on an AVX-512 machine; asking for a level the CPU lacks, or an
@@ -21,7 +31,8 @@
 // test at every level (skipped where the CPU lacks it) and once in a portable build.
 //
 // Portable builds -- MGM_FAST_NO_TARGET_CLONES defined, or not GCC/Clang on x86-64 Linux --
-// compile each body once as a plain function, and the only level is "baseline".
+// compile each body once as a plain function (a per-level body: its baseline instance), and the
+// only level is "baseline".
 #pragma once
 
 #include <atomic>
@@ -48,6 +59,12 @@ namespace cpu {
 
 /// Instruction-set levels of the kernels, in increasing order.
 enum class CpuIsa : int { kBaseline = 0, kX86_64_V3 = 1, kX86_64_V4 = 2 };
+
+/// Floats in one vector register at a level: 16 (AVX-512), 8 (AVX2), 4 (SSE2, and the 128-bit
+/// vectors a portable build can count on).
+constexpr int vector_floats(CpuIsa isa) {
+  return isa == CpuIsa::kX86_64_V4 ? 16 : isa == CpuIsa::kX86_64_V3 ? 8 : 4;
+}
 
 /// The environment variable that forces a level.
 inline constexpr const char* kCpuIsaEnv = "MGM_FAST_CPU_ISA";
@@ -105,22 +122,24 @@ MGM_FAST_INLINE CpuIsa dispatch_cpu_isa() {
 // ISA-dependent ABI.
 #define MGM_FAST_ISA_BODY MGM_FAST_INLINE
 
-/// The per-level wrappers of the always-inlined function Body, and their dispatcher, with
-/// Body's exact signature. Each wrapper's body is Body inlined and compiled for its target, as
+/// The per-level wrappers of always-inlined functions with one signature -- V4Body for
+/// x86-64-v4, V3Body for x86-64-v3, BaselineBody for baseline -- and their dispatcher, with that
+/// exact signature. Each wrapper's body is its function inlined and compiled for its target, as
 /// a target_clones clone would be; unlike the ifunc of target_clones, the choice can be forced
 /// at run time.
-template <auto Body>
-struct IsaVersions;
+template <auto V4Body, auto V3Body, auto BaselineBody>
+struct IsaLevelVersions;
 
-template <typename R, typename... Args, R (*Body)(Args...)>
-struct IsaVersions<Body> {
+template <typename R, typename... Args, R (*V4Body)(Args...), R (*V3Body)(Args...),
+          R (*BaselineBody)(Args...)>
+struct IsaLevelVersions<V4Body, V3Body, BaselineBody> {
   __attribute__((target("arch=x86-64-v4"))) static R x86_64_v4(Args... args) {
-    return Body(static_cast<Args&&>(args)...);
+    return V4Body(static_cast<Args&&>(args)...);
   }
   __attribute__((target("arch=x86-64-v3"))) static R x86_64_v3(Args... args) {
-    return Body(static_cast<Args&&>(args)...);
+    return V3Body(static_cast<Args&&>(args)...);
   }
-  static R baseline(Args... args) { return Body(static_cast<Args&&>(args)...); }
+  static R baseline(Args... args) { return BaselineBody(static_cast<Args&&>(args)...); }
 
   static R dispatch(Args... args) {
     const CpuIsa isa = detail::dispatch_cpu_isa();
@@ -130,13 +149,25 @@ struct IsaVersions<Body> {
   }
 };
 
+/// The wrappers of one body at every level.
+template <auto Body>
+using IsaVersions = IsaLevelVersions<Body, Body, Body>;
+
 /// The dispatcher of a worker body, a function reference with the body's signature.
 #define MGM_FAST_ISA_DISPATCH(body) (::mgm_fast::cpu::IsaVersions<&body>::dispatch)
+
+/// The dispatcher of a worker body template on the level (template <CpuIsa> ...), each level
+/// running its own instance.
+#define MGM_FAST_ISA_DISPATCH_PER_LEVEL(body)                                              \
+  (::mgm_fast::cpu::IsaLevelVersions<&body<::mgm_fast::cpu::CpuIsa::kX86_64_V4>,           \
+                                     &body<::mgm_fast::cpu::CpuIsa::kX86_64_V3>,           \
+                                     &body<::mgm_fast::cpu::CpuIsa::kBaseline>>::dispatch)
 
 #else
 
 #define MGM_FAST_ISA_BODY
 #define MGM_FAST_ISA_DISPATCH(body) (body)
+#define MGM_FAST_ISA_DISPATCH_PER_LEVEL(body) (body<::mgm_fast::cpu::CpuIsa::kBaseline>)
 
 #endif
 

@@ -1,5 +1,5 @@
-// Vectorisable float math shared by the CPU kernels (multitask_loss.cpp, ntxent.cpp,
-// sagan_attention.cpp).
+// Vectorisable float math and vector types shared by the CPU kernels (multitask_loss.cpp,
+// ntxent.cpp, sagan_attention.cpp).
 //
 // Header-only and always inlined, so each caller's ISA version (isa.h) compiles it for its own
 // vector width; plain C++ arithmetic with no selects or calls, so a loop over it vectorises
@@ -28,6 +28,28 @@ MGM_FAST_INLINE float as_float(uint32_t u) {
 }
 
 }  // namespace vec_math_detail
+
+// kFloats floats as one GCC/Clang vector, and the same vector at float alignment (the type
+// through which memory is read and written). A kernel body sizes them by vector_floats() of its
+// level (isa.h): wider ones are split by GCC and, as accumulators, kept in memory.
+template <int kFloats>
+struct FloatVec {
+  typedef float type __attribute__((vector_size(kFloats * sizeof(float))));
+  typedef float unaligned
+      __attribute__((vector_size(kFloats * sizeof(float)), aligned(alignof(float))));
+};
+
+// The kFloats floats at p as one vector, by reference (a vector passed or returned by value
+// would have an ISA-dependent ABI).
+template <int kFloats>
+MGM_FAST_INLINE typename FloatVec<kFloats>::unaligned& vec_at(float* p) {
+  return *reinterpret_cast<typename FloatVec<kFloats>::unaligned*>(p);
+}
+
+template <int kFloats>
+MGM_FAST_INLINE const typename FloatVec<kFloats>::unaligned& vec_at(const float* p) {
+  return *reinterpret_cast<const typename FloatVec<kFloats>::unaligned*>(p);
+}
 
 // exp(x) for x in [-104, 0] (callers clamp: exp(-104) is below half the smallest subnormal, so
 // the result rounds to 0). Select-free, so loops over it vectorise without -ffast-math:
