@@ -19,7 +19,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMR = 4;    // rows (or columns) per block: one score buffer row each
-constexpr int64_t kNC = 16;   // columns per micro-kernel step (two AVX2 / one AVX-512 vector)
+constexpr int64_t kNC = 16;   // columns per block of the packed panel (one AVX-512 vector)
 constexpr float kEps = 1e-12f;  // torch.nn.functional.normalize's eps
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -62,45 +62,49 @@ void pack_panel(const float* u, int64_t n, int64_t dim, int64_t ldu, float* out)
   }
 }
 
-// kNC floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by each
-// ISA version), and its unaligned-access twin.
-typedef float VecNC __attribute__((vector_size(kNC * sizeof(float))));
-typedef float VecNCu __attribute__((vector_size(kNC * sizeof(float)), aligned(alignof(float))));
-
-// Unaligned vector access (macros: a function taking a 64-byte vector by value would have an
-// ISA-dependent ABI).
-#define MGM_FAST_VEC_AT(p) (*reinterpret_cast<VecNCu*>(p))
-#define MGM_FAST_VEC_LOAD(p) (*reinterpret_cast<const VecNCu*>(p))
+// kNC floats at a level: kVecs vectors of kFloats floats. The micro-kernels' kMR x kVecs
+// accumulators, kVecs loaded vectors and a broadcast take 4 + 1 + 1 of the 32 zmm with AVX-512
+// and 8 + 2 + 1 of the 16 ymm with AVX2; SSE2 spills a few of its 16 + 4 + 1 and is still
+// faster so than in two passes of 8 columns.
+template <CpuIsa kIsa>
+struct Blocking {
+  static constexpr int kFloats = vector_floats(kIsa);
+  static constexpr int kVecs = static_cast<int>(kNC) / kFloats;
+  using Vec = typename FloatVec<kFloats>::type;
+};
 
 // s[r * lds + j] = scale * sum_d a[r * ldu + d] * u[j * ldu + d] for r < mr, j < n_pad
 // (n_pad a multiple of kNC), from the packed panel of u. The kMR x kNC accumulator block stays
 // in registers; the d loop streams one block of the panel and broadcasts one value of each of
 // the kMR rows. Rows past mr repeat row 0 (computed, not stored).
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void block_scores_body(const float* a, int64_t mr, int64_t ldu,
                                          const float* panel, int64_t n_pad, int64_t dim,
                                          float scale, float* s, int64_t lds) {
   static_assert(kMR == 4, "the micro-kernels are written for 4 rows");
-  const float* a0 = a;
-  const float* a1 = a + (mr > 1 ? 1 : 0) * ldu;
-  const float* a2 = a + (mr > 2 ? 2 : 0) * ldu;
-  const float* a3 = a + (mr > 3 ? 3 : 0) * ldu;
+  using B = Blocking<kIsa>;
+  using Vec = typename B::Vec;
+  constexpr int kF = B::kFloats, kV = B::kVecs;
+  const float* rows[kMR] = {a, a + (mr > 1 ? 1 : 0) * ldu, a + (mr > 2 ? 2 : 0) * ldu,
+                            a + (mr > 3 ? 3 : 0) * ldu};
   for (int64_t j0 = 0; j0 < n_pad; j0 += kNC) {
-    VecNC acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+    Vec acc[kMR][kV] = {};
     const float* b = panel + j0 * dim;
     for (int64_t d = 0; d < dim; ++d, b += kNC) {
-      const VecNC bv = MGM_FAST_VEC_LOAD(b);
-      acc0 += a0[d] * bv;
-      acc1 += a1[d] * bv;
-      acc2 += a2[d] * bv;
-      acc3 += a3[d] * bv;
+      Vec bv[kV];
+      for (int v = 0; v < kV; ++v) bv[v] = vec_at<kF>(b + v * kF);
+      for (int r = 0; r < kMR; ++r) {
+        const float x = rows[r][d];
+        for (int v = 0; v < kV; ++v) acc[r][v] += x * bv[v];
+      }
     }
-    MGM_FAST_VEC_AT(s + j0) = acc0 * scale;
-    if (mr > 1) MGM_FAST_VEC_AT(s + lds + j0) = acc1 * scale;
-    if (mr > 2) MGM_FAST_VEC_AT(s + 2 * lds + j0) = acc2 * scale;
-    if (mr > 3) MGM_FAST_VEC_AT(s + 3 * lds + j0) = acc3 * scale;
+    for (int r = 0; r < kMR; ++r) {
+      if (r >= mr) break;
+      for (int v = 0; v < kV; ++v) vec_at<kF>(s + r * lds + j0 + v * kF) = acc[r][v] * scale;
+    }
   }
 }
-constexpr auto& block_scores = MGM_FAST_ISA_DISPATCH(block_scores_body);
+constexpr auto& block_scores = MGM_FAST_ISA_DISPATCH_PER_LEVEL(block_scores_body);
 
 // In place: row s[0, n) of scores -> its logsumexp over k != self (returns it; s unchanged
 // except s[self] = -inf).
@@ -143,32 +147,34 @@ constexpr int64_t kJChunk = 256;  // vectors of u per pass of accumulate_block (
 // acc[r * ldu + d] = sum_j ds[r * lds + j] * u[j * ldu + d] for r < mr, j < n, d < ldu.
 // Chunks of kJChunk vectors of u (cache-resident) x kNC dims, with the kMR x kNC accumulators
 // in registers across the chunk; the chunks are added in order (deterministic).
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void accumulate_block_body(const float* ds, int64_t lds, int64_t mr,
                                              const float* u, int64_t n, int64_t ldu, float* acc) {
-  const float* d0 = ds;
-  const float* d1 = ds + (mr > 1 ? 1 : 0) * lds;
-  const float* d2 = ds + (mr > 2 ? 2 : 0) * lds;
-  const float* d3 = ds + (mr > 3 ? 3 : 0) * lds;
+  using B = Blocking<kIsa>;
+  using Vec = typename B::Vec;
+  constexpr int kF = B::kFloats, kV = B::kVecs;
+  const float* rows[kMR] = {ds, ds + (mr > 1 ? 1 : 0) * lds, ds + (mr > 2 ? 2 : 0) * lds,
+                            ds + (mr > 3 ? 3 : 0) * lds};
   for (int64_t k = 0; k < kMR * ldu; ++k) acc[k] = 0.0f;
   for (int64_t j0 = 0; j0 < n; j0 += kJChunk) {
     const int64_t j1 = j0 + kJChunk < n ? j0 + kJChunk : n;
     for (int64_t dc = 0; dc < ldu; dc += kNC) {
-      VecNC acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+      Vec sums[kMR][kV] = {};
       for (int64_t j = j0; j < j1; ++j) {
-        const VecNC uv = MGM_FAST_VEC_LOAD(u + j * ldu + dc);
-        acc0 += d0[j] * uv;
-        acc1 += d1[j] * uv;
-        acc2 += d2[j] * uv;
-        acc3 += d3[j] * uv;
+        Vec uv[kV];
+        for (int v = 0; v < kV; ++v) uv[v] = vec_at<kF>(u + j * ldu + dc + v * kF);
+        for (int r = 0; r < kMR; ++r) {
+          const float x = rows[r][j];
+          for (int v = 0; v < kV; ++v) sums[r][v] += x * uv[v];
+        }
       }
-      MGM_FAST_VEC_AT(acc + dc) += acc0;
-      MGM_FAST_VEC_AT(acc + ldu + dc) += acc1;
-      MGM_FAST_VEC_AT(acc + 2 * ldu + dc) += acc2;
-      MGM_FAST_VEC_AT(acc + 3 * ldu + dc) += acc3;
+      for (int r = 0; r < kMR; ++r) {
+        for (int v = 0; v < kV; ++v) vec_at<kF>(acc + r * ldu + dc + v * kF) += sums[r][v];
+      }
     }
   }
 }
-constexpr auto& accumulate_block = MGM_FAST_ISA_DISPATCH(accumulate_block_body);
+constexpr auto& accumulate_block = MGM_FAST_ISA_DISPATCH_PER_LEVEL(accumulate_block_body);
 
 // grad[d] = (g[d] - u[d] (u . g)) * inv with g = acc * scale, d < dim.
 void finish_normalize(const float* acc, const float* u, float inv, float scale, int64_t dim,
