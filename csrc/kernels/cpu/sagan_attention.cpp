@@ -21,103 +21,140 @@ namespace {
 
 constexpr int64_t kL = 16;       // lanes per block: one AVX-512 (two AVX2) register of floats
 constexpr int64_t kChunk = 128;  // positions per backward chunk: its buffers stay in L1
-// Register blocks: 8 independent accumulators hide the FMA latency with AVX-512 (on AVX2 a
-// vector is two registers and they spill a little; 4 and 8 measured alike on the AVX-512 EPYC).
-constexpr int64_t kTB = 8;  // positions per register block of lane_scores
-constexpr int64_t kKB = 8;  // reduced channels per register block of lane_dots
 
 // Below this much work (multiply-adds, an exp counted as 8) a parallel region costs more than
 // it saves.
 constexpr int64_t kParallelWork = int64_t{1} << 20;
 constexpr int64_t kExpCost = 8;
 
-// kL floats as one GCC/Clang vector (lowered to 1 AVX-512, 2 AVX2 or 4 SSE registers by each
-// ISA version) and its unaligned-access twin.
-typedef float VecL __attribute__((vector_size(kL * sizeof(float))));
-typedef float VecLu __attribute__((vector_size(kL * sizeof(float)), aligned(alignof(float))));
-
-// Unaligned vector access (macros: a function taking a 64-byte vector by value would have an
-// ISA-dependent ABI).
-#define MGM_FAST_SA_AT(p) (*reinterpret_cast<VecLu*>(p))
-#define MGM_FAST_SA_LOAD(p) (*reinterpret_cast<const VecLu*>(p))
+// A block's kL lanes at a level: kVecs vectors of kFloats floats.
+template <CpuIsa kIsa>
+struct Lanes {
+  static constexpr int kFloats = vector_floats(kIsa);
+  static constexpr int kVecs = static_cast<int>(kL) / kFloats;
+  using Vec = typename FloatVec<kFloats>::type;
+  // Register blocks of the micro-kernels (positions of lane_scores, reduced channels of
+  // lane_dots), kBlock x kVecs accumulators: 8 x 1 of the 32 zmm with AVX-512 (8 FMA chains
+  // hide the latency), 6 x 2 of the 16 ymm with AVX2 (faster than 4 x 2, and than 8 x 2, which
+  // spills), 4 x 4 xmm with SSE2 (spilling a few; as fast as 2 x 4 for scores, faster for dots).
+  static constexpr int kBlock =
+      kIsa == CpuIsa::kX86_64_V4 ? 8 : kIsa == CpuIsa::kX86_64_V3 ? 6 : 4;
+};
 
 // "scores": s[t * kL + l] = sum_k xt[t * ldx + k] * y[k * kL + l] for t < NT: the block's kL
 // lanes y (kdim vectors) against NT positions whose kdim values are broadcast. k runs in order,
 // so a (position, lane) value does not depend on the block it is computed in.
-template <int NT>
+template <CpuIsa kIsa, int NT>
 MGM_FAST_INLINE void lane_scores_block(const float* xt, int64_t ldx, const float* y, int64_t kdim,
                                        float* s) {
-  VecL acc[NT] = {};
+  using L = Lanes<kIsa>;
+  constexpr int kF = L::kFloats, kV = L::kVecs;
+  typename L::Vec acc[NT][kV] = {};
   for (int64_t k = 0; k < kdim; ++k) {
-    const VecL yv = MGM_FAST_SA_LOAD(y + k * kL);
-    for (int q = 0; q < NT; ++q) acc[q] += xt[q * ldx + k] * yv;
+    typename L::Vec yv[kV];
+    for (int v = 0; v < kV; ++v) yv[v] = vec_at<kF>(y + k * kL + v * kF);
+    for (int q = 0; q < NT; ++q) {
+      const float x = xt[q * ldx + k];
+      for (int v = 0; v < kV; ++v) acc[q][v] += x * yv[v];
+    }
   }
-  for (int q = 0; q < NT; ++q) MGM_FAST_SA_AT(s + q * kL) = acc[q];
+  for (int q = 0; q < NT; ++q) {
+    for (int v = 0; v < kV; ++v) vec_at<kF>(s + q * kL + v * kF) = acc[q][v];
+  }
 }
 
 // lane_scores_block over positions t < tn (xt: tn rows of ldx >= kdim floats).
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void lane_scores_body(const float* xt, int64_t ldx, const float* y, int64_t kdim,
                                         int64_t tn, float* s) {
+  constexpr int kTB = Lanes<kIsa>::kBlock;
   int64_t t = 0;
-  for (; t + kTB <= tn; t += kTB) lane_scores_block<kTB>(xt + t * ldx, ldx, y, kdim, s + t * kL);
-  for (; t < tn; ++t) lane_scores_block<1>(xt + t * ldx, ldx, y, kdim, s + t * kL);
+  for (; t + kTB <= tn; t += kTB) {
+    lane_scores_block<kIsa, kTB>(xt + t * ldx, ldx, y, kdim, s + t * kL);
+  }
+  for (; t < tn; ++t) lane_scores_block<kIsa, 1>(xt + t * ldx, ldx, y, kdim, s + t * kL);
 }
-constexpr auto& lane_scores = MGM_FAST_ISA_DISPATCH(lane_scores_body);
+constexpr auto& lane_scores = MGM_FAST_ISA_DISPATCH_PER_LEVEL(lane_scores_body);
 
 // "dots", accumulating: c[k * kL + l] += sum_{t < tn} xt[t * ldx + k] * p[t * kL + l] for
 // k < NK: each vector of p is loaded once for NK broadcast FMAs; t runs in order, so splitting
 // the positions into consecutive chunks gives the same bits.
-template <int NK>
+template <CpuIsa kIsa, int NK>
 MGM_FAST_INLINE void lane_dots_block(const float* p, int64_t tn, const float* xt, int64_t ldx,
                                      float* c) {
-  VecL acc[NK];
-  for (int q = 0; q < NK; ++q) acc[q] = MGM_FAST_SA_LOAD(c + q * kL);
-  for (int64_t t = 0; t < tn; ++t) {
-    const VecL pv = MGM_FAST_SA_LOAD(p + t * kL);
-    const float* xr = xt + t * ldx;
-    for (int q = 0; q < NK; ++q) acc[q] += xr[q] * pv;
+  using L = Lanes<kIsa>;
+  constexpr int kF = L::kFloats, kV = L::kVecs;
+  typename L::Vec acc[NK][kV];
+  for (int q = 0; q < NK; ++q) {
+    for (int v = 0; v < kV; ++v) acc[q][v] = vec_at<kF>(c + q * kL + v * kF);
   }
-  for (int q = 0; q < NK; ++q) MGM_FAST_SA_AT(c + q * kL) = acc[q];
+  for (int64_t t = 0; t < tn; ++t) {
+    typename L::Vec pv[kV];
+    for (int v = 0; v < kV; ++v) pv[v] = vec_at<kF>(p + t * kL + v * kF);
+    const float* xr = xt + t * ldx;
+    for (int q = 0; q < NK; ++q) {
+      const float x = xr[q];
+      for (int v = 0; v < kV; ++v) acc[q][v] += x * pv[v];
+    }
+  }
+  for (int q = 0; q < NK; ++q) {
+    for (int v = 0; v < kV; ++v) vec_at<kF>(c + q * kL + v * kF) = acc[q][v];
+  }
 }
 
-// lane_dots_block over every k < kdim.
+// lane_dots_block over every k < kdim: blocks of kKB, then the rest by 4, 2 and 1.
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void lane_dots_body(const float* p, int64_t tn, const float* xt, int64_t ldx,
                                       int64_t kdim, float* c) {
+  constexpr int kKB = Lanes<kIsa>::kBlock;
   int64_t k = 0;
-  for (; k + kKB <= kdim; k += kKB) lane_dots_block<kKB>(p, tn, xt + k, ldx, c + k * kL);
-  if (k + 4 <= kdim) {
-    lane_dots_block<4>(p, tn, xt + k, ldx, c + k * kL);
-    k += 4;
+  for (; k + kKB <= kdim; k += kKB) lane_dots_block<kIsa, kKB>(p, tn, xt + k, ldx, c + k * kL);
+  if constexpr (kKB > 4) {
+    if (k + 4 <= kdim) {
+      lane_dots_block<kIsa, 4>(p, tn, xt + k, ldx, c + k * kL);
+      k += 4;
+    }
   }
-  if (k + 2 <= kdim) {
-    lane_dots_block<2>(p, tn, xt + k, ldx, c + k * kL);
-    k += 2;
+  if constexpr (kKB > 2) {
+    if (k + 2 <= kdim) {
+      lane_dots_block<kIsa, 2>(p, tn, xt + k, ldx, c + k * kL);
+      k += 2;
+    }
   }
-  if (k < kdim) lane_dots_block<1>(p, tn, xt + k, ldx, c + k * kL);
+  if (k < kdim) lane_dots_block<kIsa, 1>(p, tn, xt + k, ldx, c + k * kL);
 }
-constexpr auto& lane_dots = MGM_FAST_ISA_DISPATCH(lane_dots_body);
+constexpr auto& lane_dots = MGM_FAST_ISA_DISPATCH_PER_LEVEL(lane_dots_body);
 
 // Forward softmax of tn >= 1 positions per lane: s -> exp(s - max) in place; max and the sum of
 // the exponentials per lane to max_out[kL], sum_out[kL].
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void lane_softmax_body(float* s, int64_t tn, float* max_out, float* sum_out) {
-  VecL m = MGM_FAST_SA_LOAD(s);
+  using L = Lanes<kIsa>;
+  constexpr int kF = L::kFloats, kV = L::kVecs;
+  typename L::Vec m[kV];
+  for (int v = 0; v < kV; ++v) m[v] = vec_at<kF>(s + v * kF);
   for (int64_t t = 1; t < tn; ++t) {
-    const VecL v = MGM_FAST_SA_LOAD(s + t * kL);
-    m = v > m ? v : m;
+    for (int v = 0; v < kV; ++v) {
+      const typename L::Vec x = vec_at<kF>(s + t * kL + v * kF);
+      m[v] = x > m[v] ? x : m[v];
+    }
   }
   float mx[kL];
-  std::memcpy(mx, &m, sizeof(mx));
+  static_assert(sizeof(mx) == sizeof(m), "kL lanes");
+  std::memcpy(mx, m, sizeof(mx));
   for (int64_t t = 0; t < tn; ++t) {
     float* st = s + t * kL;
 #pragma omp simd
     for (int64_t l = 0; l < kL; ++l) st[l] = exp_nonpos(st[l] - mx[l]);
   }
-  VecL sum = {};
-  for (int64_t t = 0; t < tn; ++t) sum += MGM_FAST_SA_LOAD(s + t * kL);
+  typename L::Vec sum[kV] = {};
+  for (int64_t t = 0; t < tn; ++t) {
+    for (int v = 0; v < kV; ++v) sum[v] += vec_at<kF>(s + t * kL + v * kF);
+  }
   std::memcpy(max_out, mx, sizeof(mx));
-  std::memcpy(sum_out, &sum, sizeof(mx));
+  std::memcpy(sum_out, sum, sizeof(mx));
 }
-constexpr auto& lane_softmax = MGM_FAST_ISA_DISPATCH(lane_softmax_body);
+constexpr auto& lane_softmax = MGM_FAST_ISA_DISPATCH_PER_LEVEL(lane_softmax_body);
 
 // Query lanes (backward): s -> dS = exp(s - lse) (dp - delta), lse and delta per lane.
 MGM_FAST_ISA_BODY void lane_dscores_body(float* s, const float* dp, int64_t tn, const float* lse,
@@ -143,14 +180,19 @@ MGM_FAST_ISA_BODY void lane_probs_body(float* s, int64_t tn, const float* lse) {
 constexpr auto& lane_probs = MGM_FAST_ISA_DISPATCH(lane_probs_body);
 
 // Key lanes (backward): dp -> dS = P (dp - delta[t]), delta per position.
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void lane_dscores_keys_body(float* dp, const float* p, int64_t tn,
                                               const float* delta) {
+  using L = Lanes<kIsa>;
+  constexpr int kF = L::kFloats, kV = L::kVecs;
   for (int64_t t = 0; t < tn; ++t) {
-    const VecL d = MGM_FAST_SA_LOAD(dp + t * kL);
-    MGM_FAST_SA_AT(dp + t * kL) = MGM_FAST_SA_LOAD(p + t * kL) * (d - delta[t]);
+    for (int v = 0; v < kV; ++v) {
+      const typename L::Vec d = vec_at<kF>(dp + t * kL + v * kF);
+      vec_at<kF>(dp + t * kL + v * kF) = vec_at<kF>(p + t * kL + v * kF) * (d - delta[t]);
+    }
   }
 }
-constexpr auto& lane_dscores_keys = MGM_FAST_ISA_DISPATCH(lane_dscores_keys_body);
+constexpr auto& lane_dscores_keys = MGM_FAST_ISA_DISPATCH_PER_LEVEL(lane_dscores_keys_body);
 
 // out[k * kL + l] = x[k * ld + l] for l < nl, 0 for nl <= l < kL, k < kdim: a block's lanes
 // (positions i0 .. i0 + nl of the rows of a (kdim, ld) array starting at x = row 0 + i0).
