@@ -189,6 +189,9 @@ void test_exp() {
   EXPECT(mgm_fast::cpu::ntxent_exp(-std::numeric_limits<float>::infinity()) == 0.0f, "exp(-inf)");
   EXPECT(mgm_fast::cpu::ntxent_exp(-200.0f) == 0.0f, "exp(-200)");
   EXPECT(mgm_fast::cpu::ntxent_exp(0.0f) == 1.0f, "exp(0)");
+  EXPECT(mgm_fast::cpu::ntxent_exp(-104.0f) == 0.0f, "exp(-104) rounds to 0");
+  EXPECT(mgm_fast::cpu::ntxent_exp(-103.5f) > 0.0f, "exp(-103.5) is a subnormal, not 0");
+  EXPECT(std::isnan(mgm_fast::cpu::ntxent_exp(std::nanf(""))), "exp(NaN) must be NaN");
 }
 
 void test_bad_index() {

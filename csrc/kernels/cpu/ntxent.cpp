@@ -136,8 +136,9 @@ MGM_FAST_ISA_BODY void col_dscores_body(float* sc, int64_t n, const float* lse, 
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float prob = exp_nonpos(sc[i] - lse[i]);
-    const float target = pos[i] == j ? 1.0f : 0.0f;
-    sc[i] = self[i] == j ? 0.0f : g * (prob - target);
+    // selects by bit masks, so the loop vectorises without AVX-512 masking (vec_math.h)
+    const float target = zero_unless(pos[i] == j, 1.0f);
+    sc[i] = zero_unless(self[i] != j, g * (prob - target));
   }
 }
 constexpr auto& col_dscores = MGM_FAST_ISA_DISPATCH(col_dscores_body);

@@ -84,10 +84,21 @@ MGM_FAST_INLINE float exp_clamped(float x) {
          as_float(static_cast<uint32_t>(e2 + 127) << 23);
 }
 
-// exp(x) for x <= 0: clamped to [-104, 0] first (also maps -inf to -104), then exp_clamped.
-MGM_FAST_INLINE float exp_nonpos(float x) {
-  return exp_clamped(x < -104.0f ? -104.0f : x);
+// x where keep is true, else +0, by a bit mask: GCC turns a select of a computed value and a
+// constant into a branch around that computation (the computation sunk into it), which only
+// AVX-512 masking vectorises; a loop over this one vectorises under AVX2 and SSE2 too.
+MGM_FAST_INLINE float zero_unless(bool keep, float x) {
+  using vec_math_detail::as_bits;
+  using vec_math_detail::as_float;
+  return as_float(as_bits(x) & (keep ? ~0u : 0u));
 }
+
+// exp(x) for x <= 0: exp_clamped(x), and 0 below -104 (-inf included), where exp_clamped(-104)
+// rounds to 0 too; NaN stays NaN. exp_clamped runs on every x (below -104 its value is
+// meaningless but free of undefined behaviour) and zero_unless drops it: clamping the argument
+// instead let GCC fold the clamped path to a constant and branch around exp_clamped, so the
+// loops over exp_nonpos stayed scalar under AVX2 and SSE2.
+MGM_FAST_INLINE float exp_nonpos(float x) { return zero_unless(!(x < -104.0f), exp_clamped(x)); }
 
 }  // namespace cpu
 }  // namespace mgm_fast
