@@ -20,20 +20,30 @@ constexpr uint32_t kRoundA = 0xD2511F53u;
 constexpr uint32_t kRoundB = 0xCD9E8D57u;
 constexpr uint32_t kKeyA = 0x9E3779B9u;
 constexpr uint32_t kKeyB = 0xBB67AE85u;
-constexpr int64_t kLanes = 16;             // groups per vector step
 constexpr int64_t kGroupsPerChunk = 4096;  // 16K elements per parallel chunk (a 64 KB buffer)
 
 MGM_FAST_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// kLanes-wide GCC/Clang vectors (each ISA version lowers them to AVX-512, AVX2 or SSE). The
-// helpers take and return them by reference and are always inlined (a by-value vector
-// argument would have an ISA-dependent ABI).
-typedef uint32_t VU32 __attribute__((vector_size(kLanes * 4)));
-typedef int32_t VI32 __attribute__((vector_size(kLanes * 4)));
-typedef uint64_t VU64 __attribute__((vector_size(kLanes * 8)));
-typedef float VF __attribute__((vector_size(kLanes * 4)));
+// GCC/Clang vectors of the groups of one step: kLanes 32-bit lanes, one register at the level
+// normals_body is compiled for (GCC keeps a wider vector in memory and moves it through general
+// registers). The helpers take and return them by reference and are always inlined (a
+// by-value vector argument would have an ISA-dependent ABI).
+template <int kLanes>
+struct GroupVecs {
+  typedef uint32_t VU32 __attribute__((vector_size(kLanes * 4)));
+  typedef int32_t VI32 __attribute__((vector_size(kLanes * 4)));
+  typedef uint64_t VU64 __attribute__((vector_size(kLanes * 8)));
+  typedef float VF __attribute__((vector_size(kLanes * 4)));
+};
+
+// The vector types of GroupVecs<kLanes> by their short names, in a helper templated on kLanes.
+#define MGM_FAST_GROUP_VECS(kLanes)                                \
+  using VU32 [[maybe_unused]] = typename GroupVecs<kLanes>::VU32; \
+  using VI32 [[maybe_unused]] = typename GroupVecs<kLanes>::VI32; \
+  using VU64 [[maybe_unused]] = typename GroupVecs<kLanes>::VU64; \
+  using VF [[maybe_unused]] = typename GroupVecs<kLanes>::VF
 
 // High 32 bits of the 32 x 32-bit products a * b, lane by lane.
 #define MGM_FAST_MULHI_V(a, b) \
@@ -41,7 +51,10 @@ typedef float VF __attribute__((vector_size(kLanes * 4)));
 
 // Triton's uint_to_uniform_float: the bits as int32, negatives complemented, times
 // 4.6566127342e-10 (the largest scale keeping 2^31 - 1 below 1 after float rounding).
-MGM_FAST_INLINE void to_uniform(const VU32& bits, VF& out) {
+template <int kLanes>
+MGM_FAST_INLINE void to_uniform(const typename GroupVecs<kLanes>::VU32& bits,
+                                typename GroupVecs<kLanes>::VF& out) {
+  MGM_FAST_GROUP_VECS(kLanes);
   const VI32 v = (VI32)bits;  // same-size vector casts reinterpret the bits
   const VI32 folded = v < 0 ? ~v : v;
   out = __builtin_convertvector(folded, VF) * 4.6566127342e-10f;
@@ -49,7 +62,10 @@ MGM_FAST_INLINE void to_uniform(const VU32& bits, VF& out) {
 
 // log(x) for normal x > 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(t),
 // t = (m - 1) / (m + 1), |t| < 0.172, by its series to t^9 (truncation < 1e-9 relative).
-MGM_FAST_INLINE void log_normal(const VF& x, VF& out) {
+template <int kLanes>
+MGM_FAST_INLINE void log_normal(const typename GroupVecs<kLanes>::VF& x,
+                                typename GroupVecs<kLanes>::VF& out) {
+  MGM_FAST_GROUP_VECS(kLanes);
   const VU32 b = (VU32)x;
   VI32 e = ((VI32)b >> 23) - 127;
   VF m = (VF)((b & 0x007fffffu) | 0x3f800000u);
@@ -69,7 +85,10 @@ MGM_FAST_INLINE void log_normal(const VF& x, VF& out) {
 // sqrt(y) for y > 0 as y / sqrt(y): an integer-trick estimate of 1 / sqrt(y) refined by three
 // Newton steps (relative error 3e-2 -> 1e-3 -> 2e-6 -> 5e-12); libm's sqrtf keeps a scalar
 // errno path unless the whole build uses -fno-math-errno.
-MGM_FAST_INLINE void sqrt_positive(const VF& y, VF& out) {
+template <int kLanes>
+MGM_FAST_INLINE void sqrt_positive(const typename GroupVecs<kLanes>::VF& y,
+                                   typename GroupVecs<kLanes>::VF& out) {
+  MGM_FAST_GROUP_VECS(kLanes);
   VF r = (VF)(0x5f3759dfu - ((VU32)y >> 1));
   r = r * (1.5f - 0.5f * y * r * r);
   r = r * (1.5f - 0.5f * y * r * r);
@@ -80,7 +99,11 @@ MGM_FAST_INLINE void sqrt_positive(const VF& y, VF& out) {
 // sin and cos of 2 pi v for v in [0, 1): reduced to the nearest quarter turn q, the rest
 // a = 2 pi (v - round(v) - q / 4) in [-pi/4, pi/4] by Taylor polynomials (degree 9 / 10,
 // truncation < 3e-9), then rotated by q. Computing in turns skips the rounding of 2 pi v.
-MGM_FAST_INLINE void sincos_turns(const VF& v, VF& sin_out, VF& cos_out) {
+template <int kLanes>
+MGM_FAST_INLINE void sincos_turns(const typename GroupVecs<kLanes>::VF& v,
+                                  typename GroupVecs<kLanes>::VF& sin_out,
+                                  typename GroupVecs<kLanes>::VF& cos_out) {
+  MGM_FAST_GROUP_VECS(kLanes);
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const VF w = v - ((v + kShift) - kShift);     // [-0.5, 0.5]
   const VF q = (4.0f * w + kShift) - kShift;    // nearest quarter turn, -2..2
@@ -102,9 +125,13 @@ MGM_FAST_INLINE void sincos_turns(const VF& v, VF& sin_out, VF& cos_out) {
   cos_out = k == 0 ? ca : (k == 1 ? -sa : (k == 2 ? -ca : sa));
 }
 
-// z[4 (q - q0) + lane] for the groups q in [q0, q0 + count): Philox on kLanes groups at a time,
-// then Box-Muller on the two pairs of uniforms of each group.
+// z[4 (q - q0) + lane] for the groups q in [q0, q0 + count): Philox on kLanes groups at a time
+// (one vector register of 32-bit lanes), then Box-Muller on the two pairs of uniforms of each
+// group. A group's values do not depend on kLanes.
+template <CpuIsa kIsa>
 MGM_FAST_ISA_BODY void normals_body(uint64_t seed, uint64_t q0, int64_t count, float* z) {
+  constexpr int kLanes = vector_floats(kIsa);
+  MGM_FAST_GROUP_VECS(kLanes);
   VU32 lane_ids;
   for (int64_t l = 0; l < kLanes; ++l) lane_ids[l] = static_cast<uint32_t>(l);
   for (int64_t g0 = 0; g0 < count; g0 += kLanes) {
@@ -128,12 +155,12 @@ MGM_FAST_ISA_BODY void normals_body(uint64_t seed, uint64_t q0, int64_t count, f
     const VU32 words[4] = {c0, c1, c2, c3};
     for (int p = 0; p < 2; ++p) {
       VF a, b, log_a, r, sn, cs;
-      to_uniform(words[2 * p], a);
-      to_uniform(words[2 * p + 1], b);
+      to_uniform<kLanes>(words[2 * p], a);
+      to_uniform<kLanes>(words[2 * p + 1], b);
       a = a > 1.0e-7f ? a : VF{} + 1.0e-7f;
-      log_normal(a, log_a);
-      sqrt_positive(-2.0f * log_a, r);
-      sincos_turns(b, sn, cs);
+      log_normal<kLanes>(a, log_a);
+      sqrt_positive<kLanes>(-2.0f * log_a, r);
+      sincos_turns<kLanes>(b, sn, cs);
       n[2 * p] = r * cs;
       n[2 * p + 1] = r * sn;
     }
@@ -143,7 +170,7 @@ MGM_FAST_ISA_BODY void normals_body(uint64_t seed, uint64_t q0, int64_t count, f
     }
   }
 }
-constexpr auto& normals = MGM_FAST_ISA_DISPATCH(normals_body);
+constexpr auto& normals = MGM_FAST_ISA_DISPATCH_PER_LEVEL(normals_body);
 
 }  // namespace
 

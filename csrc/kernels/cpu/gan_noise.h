@@ -16,8 +16,9 @@
 // identical bit for bit. The float transforms here are vectorised polynomials (log, 1/sqrt by
 // Newton, sin/cos of the turn 2 pi b computed in turns), about 1e-6 from libdevice's (or the
 // interpreter's numpy) results, so the normals agree to ~1e-6, not bit for bit. Philox runs on
-// 16 groups at a time in GCC/Clang vectors, compiled per ISA (isa.h). out is computed as
-// x + (std * n) with two roundings, as the formula reads.
+// one vector register of groups at a time in GCC/Clang vectors, compiled per ISA (isa.h: 16
+// groups with AVX-512, 8 with AVX2, 4 with SSE2; a group's values do not depend on how many).
+// out is computed as x + (std * n) with two roundings, as the formula reads.
 #pragma once
 
 #include <cstdint>
