@@ -192,6 +192,27 @@ def test_tiles_bias_and_bf16(case):
     check_2x_rule(inputs, grad, upsample=upsample, dtype=dtype)
 
 
+@interpreter_only
+@pytest.mark.parametrize("index", range(4), ids=lambda i: f"gpu_tile{i}")
+def test_every_gpu_tile_candidate_under_the_interpreter(monkeypatch, index):
+    """The tiles the GPU autotuner picks from (and, first of each list, the only ones with
+    MGM_FAST_TRITON_AUTOTUNE=0) compute the same as the interpreter's small tiles: several
+    tiles on the channel axes, partial tiles, both layouts."""
+    import triton
+
+    kernels = {"fwd": gb._fwd_kernel, "dinput": gb._dinput_kernel, "dweight": gb._dweight_kernel}
+    assert set(gb.GPU_TILES) == set(kernels) and all(len(t) > index for t in gb.GPU_TILES.values())
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(kernel, "configs", [triton.Config(gb.GPU_TILES[name][index], num_warps=4, num_stages=1)])
+    for case in [(2, 5, 70, 3, 5, True, "half", False), (1, 70, 9, 4, 6, False, "full", True)]:
+        batch, cin, cout, height, width, upsample, residual, channels_last = case
+        inputs, grad = make_inputs(
+            batch, cin, cout, height, width, upsample=upsample, residual=residual, dtype=torch.float32,
+            channels_last=channels_last,
+        )  # fmt: skip
+        check_2x_rule(inputs, grad, upsample=upsample, dtype=torch.float32)
+
+
 def test_weight_split_k(monkeypatch):
     """dW split over pixel ranges (uneven last range) gives the same gradients as one range."""
     inputs, grad = make_inputs(2, 5, 6, 3, 5, upsample=True, residual=None, dtype=torch.float32)

@@ -41,8 +41,10 @@ How (all exact rewrites, no approximation beyond float32 summation order):
 
 fp32 inputs use TF32 products exactly when torch's own cuDNN convolutions do
 (``torch.backends.cudnn.allow_tf32``). Tiles are autotuned on GPU: the first call per shape
-and dtype compiles and benchmarks the candidate tiles (warm up before capturing a CUDA graph);
-``MGM_FAST_TRITON_AUTOTUNE=0`` takes the first candidate without benchmarking. Under
+and dtype compiles and benchmarks the candidate tiles (warm up before capturing a CUDA graph).
+``MGM_FAST_TRITON_AUTOTUNE=0`` in the environment when this module is imported turns that off:
+each kernel then has only its first GPU tile configuration, so nothing is benchmarked and every
+shape compiles one variant (the GPU suite's selftest and tests stages set it). Under
 ``TRITON_INTERPRET=1`` (the CPU interpreter used by the tests) a single tile configuration is
 used and bf16 products are carried out in float32, because the interpreter's bf16 ``tl.dot``
 is wrong. Backward scratch: float32 dW partials of (splits <= 64, 16, Cin, Cout) and dscale /
@@ -84,6 +86,11 @@ _INTERPRET = (
 """Read once at import, as Triton does: ``@triton.jit`` picks GPU or interpreter when it decorates
 (Triton's own reading of TRITON_INTERPRET, which also accepts "true" and "on")."""
 
+_AUTOTUNE = os.environ.get("MGM_FAST_TRITON_AUTOTUNE", "1").strip() != "0"
+"""Read once at import, like TRITON_INTERPRET: ``MGM_FAST_TRITON_AUTOTUNE=0`` gives each kernel
+its first GPU tile configuration only, so the autotuner neither prunes nor benchmarks (whatever
+the Triton version) -- for short GPU test runs, where tuning would cost more than the tests."""
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ELEMENTS = 2**31 - 1  # the kernels use 32-bit element offsets
 _DX_BLOCK_M = 64  # fixed (not tuned): it sets the dscale/dshift partials' size
@@ -94,22 +101,29 @@ _DW_MAX_SPLITS = 64
 # row (or column) of parity a reads the same low-res row as the 2x2 phase tap d.
 _TAP_MAP = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
 
+GPU_TILES: dict[str, list[dict]] = {}
+"""Each kernel's candidate GPU tiles (the autotuner's list, first = the untuned choice)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # kernels
 
 if triton is not None:
 
-    def _configs(interpret: dict, gpu: list[tuple[dict, int, int]]) -> list:
-        """One config under the interpreter (its autotuner cannot benchmark), else the list."""
+    def _configs(kernel: str, interpret: dict, gpu: list[tuple[dict, int, int]]) -> list:
+        """One config under the interpreter (its autotuner cannot benchmark); on the GPU the
+        list, or only its first entry with MGM_FAST_TRITON_AUTOTUNE=0 (a single config is
+        never benchmarked). The GPU candidates are kept in ``GPU_TILES[kernel]`` (tests run
+        each of them under the interpreter)."""
+        GPU_TILES[kernel] = [dict(meta) for meta, _, _ in gpu]
         if _INTERPRET:
             return [triton.Config(interpret, num_warps=4, num_stages=1)]
-        return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
+        configs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
+        return configs if _AUTOTUNE else configs[:1]
 
     def _pruner(sizes: dict[str, str]) -> dict:
         """Autotuner pruning: drop tiles far wider than the problem (``sizes`` maps a tile
-        parameter to the argument it tiles), and keep only the first remaining config when
-        MGM_FAST_TRITON_AUTOTUNE=0 (no benchmarking on first use, e.g. in short GPU test runs)."""
+        parameter to the argument it tiles)."""
 
         def prune(configs, named_args, **kwargs):
             def fits(config):
@@ -118,8 +132,7 @@ if triton is not None:
                     for tile, arg in sizes.items()
                 )
 
-            kept = [c for c in configs if fits(c)] or configs[:1]
-            return kept[:1] if os.environ.get("MGM_FAST_TRITON_AUTOTUNE") == "0" else kept
+            return [c for c in configs if fits(c)] or configs[:1]
 
         return {"early_config_prune": prune}
 
@@ -149,6 +162,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=_configs(
+            "fwd",
             {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16},
             [
                 ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
@@ -229,6 +243,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=_configs(
+            "dinput",
             {"BLOCK_N": 16, "BLOCK_K": 16},
             [
                 ({"BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
@@ -307,6 +322,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=_configs(
+            "dweight",
             {"BLOCK_CI": 16, "BLOCK_CO": 16, "BLOCK_K": 64},
             [
                 ({"BLOCK_CI": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, 4, 3),
