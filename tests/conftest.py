@@ -38,3 +38,15 @@ def _verification_cache(tmp_path_factory):
     """First-use backend verdicts go to a folder of this test session, not the user's cache
     (subprocesses inherit it; tests that need an empty cache set their own)."""
     os.environ.setdefault("MGM_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("mgm_fast_cache")))
+
+
+@pytest.fixture(autouse=True)
+def _tf32_off():
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions in every test, whatever torch's
+    defaults or an earlier test set, and the previous values restored afterwards. A test that
+    wants TF32 turns it on itself with monkeypatch (torch.backends.cudnn, "allow_tf32", True)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
