@@ -114,7 +114,8 @@ def _is_pytest_benchmark(doc) -> bool:
 
 def load_results(folder: str | Path) -> Results:
     """Every pytest-benchmark JSON in ``folder`` (not recursive), plus the GPU suite's env.json,
-    matmul_rate.json, triton_check.json and stages.tsv where present. Other JSON is ignored."""
+    matmul_rate.json, triton_check.json and stages.tsv where present. Other JSON is ignored. A
+    folder with none of these is an error; one with suite files but no benchmark JSON is not."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BenchError(f"{folder}: not a directory")
@@ -165,13 +166,15 @@ def load_results(folder: str | Path) -> Results:
                 if isinstance(err, BenchError):
                     raise
                 raise BenchError(f"{path}: benchmarks[{i}] is not in pytest-benchmark format ({err!r})") from err
-    if not sources:
-        raise BenchError(f"{folder}: no pytest-benchmark JSON (a file with 'benchmarks' and 'machine_info'); "
-                         "write one with pytest --benchmark-json=FILE")
     stages = None
     if (folder / STAGES_FILE).is_file():
         lines = (folder / STAGES_FILE).read_text().splitlines()
         stages = [line.split("\t") for line in lines[1:] if line.count("\t") == 2]
+    if not sources and env is None and matmul is None and triton is None and stages is None:
+        # a GPU suite folder (env.json, stages.tsv, ...) gets a report even when no benchmark
+        # finished; a folder with none of them is most likely the wrong one
+        raise BenchError(f"{folder}: no pytest-benchmark JSON (a file with 'benchmarks' and 'machine_info'); "
+                         "write one with pytest --benchmark-json=FILE")
     return Results(folder, sources, rows, env, matmul, skipped, triton, stages)
 
 
@@ -442,6 +445,8 @@ def render_report(results: Results, plots: dict[str, list[tuple[str, str]]] | No
     timers = sorted({r.timer for r in results.rows})
     lines.append(f"* Timer: {', '.join(f'`{t}`' for t in timers) or 'none'}. Times are per call of the timed "
                  "function: median and minimum over pytest-benchmark rounds. Compare rows within a group.")
+    if not results.sources:
+        lines.append("* No pytest-benchmark JSON in this folder: no benchmark finished (see the suite stages).")
     if results.skipped:
         lines.append(f"* Left out (no statistics): {', '.join(results.skipped)}.")
     lines += ["", "## Speed-ups", ""]
