@@ -16,7 +16,7 @@ TRAIN_ARGS ?=
 BENCH_DEVICE ?= cpu-2core-epyc
 BENCH_DIR := benchmarks/results/$(BENCH_DEVICE)
 
-.PHONY: setup build train info lint native-test test test-all lock bench clean
+.PHONY: setup build train info lint native-test test test-all lock bench gpu-wheels clean
 
 $(DEPS_STAMP): requirements/cpu.txt $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,40 @@ bench: build
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only --benchmark-json=$(BENCH_DIR)/benchmarks.json
 	$(BIN)/python -m mgm_fast.bench env --out $(BENCH_DIR)/env.json > /dev/null
 	$(BIN)/python -m mgm_fast.bench report $(BENCH_DIR) --plots
+
+# Wheels for benchmarks/gpu_suite.sh on a GPU machine without network (CPython 3.12, x86_64,
+# manylinux): pytest, pytest-benchmark and their dependencies, mgm_fast's own dependencies and
+# the build tools, each pinned to requirements/lock.txt where that version has such a wheel
+# (else the newest that has one, with a note). torch and triton must already be on that machine.
+# The folder is checked to resolve on its own (pip --no-index, for Python 3.12) and to fit in
+# $(GPU_WHEELS_MAX_MIB) MiB. Use: benchmarks/gpu_suite.sh --wheels $(GPU_WHEELS) OUT_DIR
+GPU_WHEELS ?= gpu-wheels
+GPU_WHEELS_MAX_MIB ?= 64
+GPU_WHEELS_PIP ?= $(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip)
+GPU_WHEELS_PKGS := pytest pluggy iniconfig packaging Pygments pytest-benchmark py-cpuinfo2 \
+	numpy pillow PyYAML tqdm ninja pybind11 setuptools wheel pip
+GPU_WHEELS_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	--platform any
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	mkdir -p $(GPU_WHEELS)
+	@set -e; for pkg in $(GPU_WHEELS_PKGS); do \
+	  pin=$$(grep -i -m1 "^$$pkg==" $(LOCK) | sed 's/[+;].*//' || true); \
+	  if [ -n "$$pin" ] && $(GPU_WHEELS_PIP) download --quiet --no-deps $(GPU_WHEELS_TARGET) -d $(GPU_WHEELS) "$$pin"; then \
+	    echo "$$pin"; \
+	  else \
+	    echo "note: $${pin:-$$pkg (not in $(LOCK))} has no CPython 3.12 manylinux wheel: taking the newest $$pkg that has one"; \
+	    $(GPU_WHEELS_PIP) download --quiet --no-deps $(GPU_WHEELS_TARGET) -d $(GPU_WHEELS) "$$pkg"; \
+	  fi; \
+	done
+	$(GPU_WHEELS_PIP) install --quiet --dry-run --ignore-installed --no-index --find-links $(GPU_WHEELS) \
+	  $(GPU_WHEELS_TARGET) --target $(GPU_WHEELS)/.never-written $(GPU_WHEELS_PKGS)
+	@kib=$$(du -sk $(GPU_WHEELS) | cut -f1); \
+	  echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS) | wc -l) wheels, $$((kib / 1024)) MiB ($$kib KiB)"; \
+	  if [ $$kib -gt $$(( $(GPU_WHEELS_MAX_MIB) * 1024 )) ]; then \
+	    echo "error: $(GPU_WHEELS) is over $(GPU_WHEELS_MAX_MIB) MiB"; exit 1; fi
 
 clean:
 	rm -rf $(CMAKE_BUILD) build mgm_fast/_C*.so *.egg-info
