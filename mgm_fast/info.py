@@ -137,7 +137,8 @@ def collect(models_preset: str | None = None) -> dict:
             "build": _native.build_info(),
         },
         "ops": ops_table(),
-        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "TORCH_CUDA_ARCH_LIST") if k in os.environ},
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k in ("TRITON_INTERPRET", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS") or k.startswith("MGM_FAST_")},
     }
     if models_preset is not None:
         from mgm_fast.config import preset
@@ -161,6 +162,8 @@ def _print(report: dict) -> None:
               f"passed with (`make setup` installs them):", file=sys.stderr)
         for line in lock["differences"]:
             print(f"  {line}", file=sys.stderr)
+    if report["env"]:
+        print("set in the environment: " + " ".join(f"{k}={v}" for k, v in report["env"].items()))
     print("devices")
     for dev in report["devices"]:
         extra = ", ".join(f"{k} {v}" for k, v in dev.items() if k not in ("device", "name"))
