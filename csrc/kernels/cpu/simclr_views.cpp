@@ -31,11 +31,11 @@
 
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/threads.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace mgm_fast {
 namespace cpu {
 namespace {
-
 
 // ITU-R 601-2 luma weights (augment.GRAY_WEIGHTS), as float32 like torch's scalar arithmetic.
 constexpr float kGrayR = 0.299f;
@@ -53,14 +53,18 @@ MGM_FAST_INLINE float clamp_range(float v, float lo, float hi) {
   return a > hi ? hi : a;
 }
 
-// 1.0f if c else 0.0f, made by an integer select and a bit copy. Written as a float select,
-// gcc turns "x + (c ? 1 : 0) * y" back into "c ? x + y : x", a conditionally evaluated float
-// op that it will not vectorise under the default -ftrapping-math.
+// clamp_range by bit-mask selects (vec_math.h), for hue_row: there the plain selects become
+// branches (a clamped 0 or 1 simplifies the arithmetic after it) that only AVX-512 masking
+// vectorises. Same result, NaN included.
+MGM_FAST_INLINE float clamp_bits(float v, float lo, float hi) {
+  const float a = select_bits(v < lo, lo, v);
+  return select_bits(a > hi, hi, a);
+}
+
+// 1.0f if c else 0.0f, by a bit mask (an integer select would be a branch again, see
+// clamp_bits).
 MGM_FAST_INLINE float one_if(bool c) {
-  const uint32_t bits = c ? 0x3f800000u : 0u;  // the bits of 1.0f
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+  return vec_math_detail::as_float(0x3f800000u & (0u - static_cast<uint32_t>(c)));
 }
 
 // floor(x) for |x| <= 2^22 (larger values are clamped there first), exact and vectorisable
@@ -69,7 +73,7 @@ MGM_FAST_INLINE float one_if(bool c) {
 MGM_FAST_INLINE float floor_exact(float x) {
   constexpr float kLimit = 4194304.0f;   // 2^22
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound has unit spacing
-  const float xc = clamp_range(x, -kLimit, kLimit);
+  const float xc = clamp_bits(x, -kLimit, kLimit);
   const float r = (xc + kRound) - kRound;
   return r - one_if(r > xc);
 }
@@ -84,41 +88,55 @@ MGM_FAST_INLINE float row_sum(const float* __restrict__ v, int64_t n) {
 
 // Hue rotation of n pixels, the arithmetic of augment._hue_rotate_ step by step (shift4 is
 // 4 + 6 * shift), with its exact 0/1 channel masks as floats: every value is computed
-// unconditionally and combined by multiplies and selects, so the loop vectorises under the
-// default -ftrapping-math (a conditionally evaluated float add would not).
+// unconditionally and combined by multiplies and bit-mask selects (select_bits, clamp_bits,
+// one_if), so the loop vectorises under the default -ftrapping-math at every level.
 // The inputs are clamped to [0, 1] first (the clamp that ends every jitter round of the torch
 // path, including a hue round, before the rotation).
+//
+// With FMA (x86-64-v3 and v4) the kernel has always fused h * inv into the addition of
+// -4 * is_r and rounded the products chroma * d before subtracting them; the code pins those
+// roundings down: -4 * is_r and -2 * is_g are selects of constants (-4 * 0 is -0), so h * inv
+// is the only product that addition can fuse, and chroma * clamp(d, 1, 2) is a select of
+// 2 chroma and chroma * max(d, 1), which no subtraction can fuse. Every other product is of
+// a 0/1 mask or of 2 or 6, exact whether fused or not.
 MGM_FAST_INLINE void hue_row(float* __restrict__ r, float* __restrict__ g, float* __restrict__ b,
                              int64_t n, float shift4) {
   for (int64_t j = 0; j < n; ++j) {
-    const float R = clamp01(r[j]), G = clamp01(g[j]), B = clamp01(b[j]);
-    const float mx = R < G ? G : R;
-    const float maxc = mx < B ? B : mx;
-    const float mn = G < R ? G : R;
-    const float minc = B < mn ? B : mn;
+    const float R = clamp_bits(r[j], 0.0f, 1.0f);
+    const float G = clamp_bits(g[j], 0.0f, 1.0f);
+    const float B = clamp_bits(b[j], 0.0f, 1.0f);
+    const float mx = select_bits(R < G, G, R);
+    const float maxc = select_bits(mx < B, B, mx);
+    const float mn = select_bits(G < R, G, R);
+    const float minc = select_bits(B < mn, B, mn);
     const float chroma = maxc - minc;
-    const float inv = 1.0f / (chroma < 1e-30f ? 1e-30f : chroma);  // grays: numerator is 0
-    const float is_r = one_if(R == maxc);
-    float is_g = one_if(G == maxc);
-    is_g = is_g - is_g * is_r;  // R wins ties
+    const float inv = 1.0f / select_bits(chroma < 1e-30f, 1e-30f, chroma);  // grays: numerator 0
+    const bool r_max = R == maxc;
+    const bool g_max = (G == maxc) & !r_max;  // R wins ties
+    const float is_r = one_if(r_max);
+    const float is_g = one_if(g_max);
     float h = R - G;
     const float t1 = (G - B) - h;
     const float t2 = (B - R) - h;
     h = h + is_r * t1;
     h = h + is_g * t2;
-    h = h * inv;
-    h = h + -4.0f * is_r;
-    h = h + -2.0f * is_g;
+    h = h * inv + select_bits(r_max, -4.0f, -0.0f);  // + -4 * is_r
+    h = h + select_bits(g_max, -2.0f, -0.0f);        // + -2 * is_g
     h = h + shift4;
     h = h - 6.0f * floor_exact(h / 6.0f);  // wrap into [0, 6)
-    const float base = minc + 2.0f * chroma;
+    const float two_chroma = 2.0f * chroma;
+    const float base = minc + two_chroma;
     const float to_red = 6.0f - h;
-    const float dr = clamp_range(to_red < h ? to_red : h, 1.0f, 2.0f);
-    const float dg = clamp_range(std::fabs(h - 2.0f), 1.0f, 2.0f);
-    const float db = clamp_range(std::fabs(h - 4.0f), 1.0f, 2.0f);
-    r[j] = base - chroma * dr;
-    g[j] = base - chroma * dg;
-    b[j] = base - chroma * db;
+    const float dr = select_bits(to_red < h, to_red, h);
+    const float dg = std::fabs(h - 2.0f);
+    const float db = std::fabs(h - 4.0f);
+    const float ar = select_bits(dr < 1.0f, 1.0f, dr);
+    const float ag = select_bits(dg < 1.0f, 1.0f, dg);
+    const float ab = select_bits(db < 1.0f, 1.0f, db);
+    // base - chroma * clamp(d, 1, 2)
+    r[j] = base - select_bits(ar > 2.0f, two_chroma, chroma * ar);
+    g[j] = base - select_bits(ag > 2.0f, two_chroma, chroma * ag);
+    b[j] = base - select_bits(ab > 2.0f, two_chroma, chroma * ab);
   }
 }
 

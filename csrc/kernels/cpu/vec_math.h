@@ -1,5 +1,5 @@
 // Vectorisable float math and vector types shared by the CPU kernels (multitask_loss.cpp,
-// ntxent.cpp, sagan_attention.cpp).
+// ntxent.cpp, sagan_attention.cpp, simclr_views.cpp).
 //
 // Header-only and always inlined, so each caller's ISA version (isa.h) compiles it for its own
 // vector width; plain C++ arithmetic with no selects or calls, so a loop over it vectorises
@@ -91,6 +91,17 @@ MGM_FAST_INLINE float zero_unless(bool keep, float x) {
   using vec_math_detail::as_bits;
   using vec_math_detail::as_float;
   return as_float(as_bits(x) & (keep ? ~0u : 0u));
+}
+
+// c ? x : y by a bit mask, both computed unconditionally. GCC turns a select between a value
+// and a constant into a branch when the constant lets it simplify what follows the select (a
+// clamped 0 or 1, a 0/1 factor), and a loop with such branches around float arithmetic only
+// vectorises with AVX-512 masking; it does not branch on these bit operations.
+MGM_FAST_INLINE float select_bits(bool c, float x, float y) {
+  using vec_math_detail::as_bits;
+  using vec_math_detail::as_float;
+  const uint32_t m = 0u - static_cast<uint32_t>(c);  // all ones if c
+  return as_float((as_bits(x) & m) | (as_bits(y) & ~m));
 }
 
 // exp(x) for x <= 0: exp_clamped(x), and 0 below -104 (-inf included), where exp_clamped(-104)
