@@ -42,27 +42,19 @@ constexpr float kGrayR = 0.299f;
 constexpr float kGrayG = 0.587f;
 constexpr float kGrayB = 0.114f;
 
-// clamp(v, 0, 1) with torch's NaN propagation; compiles to max/min (or compare + blend).
-MGM_FAST_INLINE float clamp01(float v) {
-  const float lo = v < 0.0f ? 0.0f : v;
-  return lo > 1.0f ? 1.0f : lo;
-}
-
+// clamp(v, lo, hi) with torch's NaN propagation, by bit-mask selects (vec_math.h). Plain
+// selects vectorise here too, but GCC merges the two of a clamp into a longer compare-and-blend
+// chain, and in hue_row it turns them into branches (a clamped 0 or 1 simplifies the
+// arithmetic after it) that only AVX-512 masking vectorises.
 MGM_FAST_INLINE float clamp_range(float v, float lo, float hi) {
-  const float a = v < lo ? lo : v;
-  return a > hi ? hi : a;
-}
-
-// clamp_range by bit-mask selects (vec_math.h), for hue_row: there the plain selects become
-// branches (a clamped 0 or 1 simplifies the arithmetic after it) that only AVX-512 masking
-// vectorises. Same result, NaN included.
-MGM_FAST_INLINE float clamp_bits(float v, float lo, float hi) {
   const float a = select_bits(v < lo, lo, v);
   return select_bits(a > hi, hi, a);
 }
 
+MGM_FAST_INLINE float clamp01(float v) { return clamp_range(v, 0.0f, 1.0f); }
+
 // 1.0f if c else 0.0f, by a bit mask (an integer select would be a branch again, see
-// clamp_bits).
+// clamp_range).
 MGM_FAST_INLINE float one_if(bool c) {
   return vec_math_detail::as_float(0x3f800000u & (0u - static_cast<uint32_t>(c)));
 }
@@ -73,7 +65,7 @@ MGM_FAST_INLINE float one_if(bool c) {
 MGM_FAST_INLINE float floor_exact(float x) {
   constexpr float kLimit = 4194304.0f;   // 2^22
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound has unit spacing
-  const float xc = clamp_bits(x, -kLimit, kLimit);
+  const float xc = clamp_range(x, -kLimit, kLimit);
   const float r = (xc + kRound) - kRound;
   return r - one_if(r > xc);
 }
@@ -88,7 +80,7 @@ MGM_FAST_INLINE float row_sum(const float* __restrict__ v, int64_t n) {
 
 // Hue rotation of n pixels, the arithmetic of augment._hue_rotate_ step by step (shift4 is
 // 4 + 6 * shift), with its exact 0/1 channel masks as floats: every value is computed
-// unconditionally and combined by multiplies and bit-mask selects (select_bits, clamp_bits,
+// unconditionally and combined by multiplies and bit-mask selects (select_bits, clamp_range,
 // one_if), so the loop vectorises under the default -ftrapping-math at every level.
 // The inputs are clamped to [0, 1] first (the clamp that ends every jitter round of the torch
 // path, including a hue round, before the rotation).
@@ -102,9 +94,9 @@ MGM_FAST_INLINE float row_sum(const float* __restrict__ v, int64_t n) {
 MGM_FAST_INLINE void hue_row(float* __restrict__ r, float* __restrict__ g, float* __restrict__ b,
                              int64_t n, float shift4) {
   for (int64_t j = 0; j < n; ++j) {
-    const float R = clamp_bits(r[j], 0.0f, 1.0f);
-    const float G = clamp_bits(g[j], 0.0f, 1.0f);
-    const float B = clamp_bits(b[j], 0.0f, 1.0f);
+    const float R = clamp01(r[j]);
+    const float G = clamp01(g[j]);
+    const float B = clamp01(b[j]);
     const float mx = select_bits(R < G, G, R);
     const float maxc = select_bits(mx < B, B, mx);
     const float mn = select_bits(G < R, G, R);
