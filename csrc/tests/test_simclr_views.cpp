@@ -186,6 +186,35 @@ void test_hue() {
     }
     EXPECT(back < 4e-6, "hue shift %g and back: max error %.3g", shift, back);
   }
+  // every pixel gets the same bits in the loop's vector body as alone (in its scalar tail):
+  // inputs outside [0, 1], ties, grays and tiny chromas included
+  {
+    const int64_t m = 1031;  // odd: a tail at every vector width
+    std::vector<float> r3 = uniform(rng, m, -0.25f, 1.25f);
+    std::vector<float> g3 = uniform(rng, m, -0.25f, 1.25f);
+    std::vector<float> b3 = uniform(rng, m, -0.25f, 1.25f);
+    const float edge[][3] = {{0.5f, 0.5f, 0.2f}, {0.2f, 0.5f, 0.5f}, {0.5f, 0.2f, 0.5f},
+                             {0.7f, 0.7f, 0.7f}, {-1, 2, 0.5f},      {1e-31f, 0, 0},
+                             {0.25f, 0.25f + 1e-7f, 0.25f},          {-0.0f, 0.0f, -0.0f}};
+    for (size_t k = 0; k < sizeof(edge) / sizeof(edge[0]); ++k) {
+      r3[3 * k] = edge[k][0];
+      g3[3 * k] = edge[k][1];
+      b3[3 * k] = edge[k][2];
+    }
+    for (float shift : {0.5f, -0.3f, 0.1f}) {
+      std::vector<float> rr = r3, gg = g3, bb = b3;
+      cpu::hue_rotate(rr.data(), gg.data(), bb.data(), m, shift);
+      int64_t differ = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        float one[3] = {r3[i], g3[i], b3[i]};
+        cpu::hue_rotate(one, one + 1, one + 2, 1, shift);
+        differ += std::memcmp(&one[0], &rr[i], 4) != 0 || std::memcmp(&one[1], &gg[i], 4) != 0 ||
+                  std::memcmp(&one[2], &bb[i], 4) != 0;
+      }
+      EXPECT(differ == 0, "hue shift %g: %lld pixels differ between a row and alone", shift,
+             static_cast<long long>(differ));
+    }
+  }
   // grays are exactly unchanged; red turns green after a third of a turn
   float gr[2] = {0.3f, 1.0f}, gg2[2] = {0.3f, 0.0f}, gb[2] = {0.3f, 0.0f};
   cpu::hue_rotate(gr, gg2, gb, 2, 1.0f / 3.0f);
