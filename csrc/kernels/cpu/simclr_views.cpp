@@ -14,10 +14,11 @@
 //             line, the horizontal taps along it, scaled to [-1, 1] into the output
 //
 // The row loops are unit-stride float32 arithmetic on data in L1/L2 (a 128 x 128 view is
-// ~200 KB), written so that the compiler vectorises them without -ffast-math: selects instead
-// of branches, 0/1 masks as floats, a rounding-trick floor, no libm calls in the pixel loops.
-// They are compiled three times (baseline x86-64, x86-64-v3, x86-64-v4) and run at the level
-// chosen in isa.h.
+// ~200 KB), written so that the compiler vectorises them without -ffast-math: bit-mask
+// selects instead of branches (select_bits: GCC turns plain selects into branches that only
+// AVX-512 masking vectorises), 0/1 masks as floats, a rounding-trick floor, no libm calls in
+// the pixel loops. They are compiled three times (baseline x86-64, x86-64-v3, x86-64-v4) and
+// run at the level chosen in isa.h; the pixel loops vectorise at every level.
 #include "simclr_views.h"
 
 #include <cmath>
