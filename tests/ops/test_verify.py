@@ -130,7 +130,7 @@ def test_environment_forces_backends(monkeypatch, clean_ops):
         assert op.select("auto", *inputs).name == "cpp"
     monkeypatch.setenv("MGM_FAST_IMPL", "cpp")
     monkeypatch.delenv("MGM_FAST_IMPL_SAGAN_ATTENTION", raising=False)
-    with pytest.raises(ValueError, match="MGM_FAST_IMPL='cpp'.*MGM_FAST_IMPL_<OP>"):
+    with pytest.raises(ValueError, match=r"MGM_FAST_IMPL='cpp'.*MGM_FAST_IMPL_<OP>"):
         op.select("auto", *inputs)
     monkeypatch.setenv("MGM_FAST_IMPL", "auto")
     monkeypatch.setenv("MGM_FAST_IMPL_SAGAN_ATTENTION", "fast")
