@@ -31,8 +31,10 @@ import torch
 SIZES = ("small", "paper")
 LAYOUTS = ("contiguous", "channels_last")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SLACK = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-"""The rule's floor, relative to the largest true entry: results that both paths get ~exact."""
+SLACK = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+"""The rule's floor, relative to the largest true entry: for results that both paths get ~exact
+(float32: 8 ulps), and in 16-bit dtypes one ulp at that entry, so that a result rounded twice
+(once more than the plain path does) is not a failure."""
 
 VERDICTS = ("pass", "fail", "error", "n/a")
 
@@ -186,28 +188,36 @@ def _compare(fused, plain, truth, dtype: torch.dtype) -> tuple[bool, float, floa
 
 
 def run_case(op, backend: str, case: Case, device: torch.device | str, dtype: torch.dtype,
-             layout: str = "contiguous", seed: int = 0) -> Result:
+             layout: str = "contiguous", seed: int = 0, memo: dict | None = None) -> Result:
     """One case of ``op`` (a :class:`~mgm_fast.ops.FusedOp`) through ``backend``; see the module
-    docstring for the rule and the verdicts."""
+    docstring for the rule and the verdicts. ``memo`` (one dict per case and seed) keeps the
+    inputs, the truth per layout and the plain path per dtype and layout between calls: they do
+    not depend on the backend."""
     device = torch.device(device)
+    memo = {} if memo is None else memo
     result = Result(op.name, backend, case.name, case.size, str(dtype).replace("torch.", ""), layout, "n/a")
     impl = op.backends.get(backend)
     if impl is None:
         result.detail = "not implemented for this op"
         return result
-    inputs = case.build(torch.Generator().manual_seed(seed))
+    if "inputs" not in memo:
+        memo["inputs"] = case.build(torch.Generator().manual_seed(seed))
+    inputs = memo["inputs"]
     if layout == "channels_last" and not inputs.channels_last:
         result.detail = "no 4-d input"
         return result
     args, kwargs, _ = _materialize(inputs, dtype, layout, device)
     reasons = impl.not_supported_reasons(*args, **kwargs)
+    del args, kwargs
     if reasons:
         result.detail = "; ".join(reasons)
         return result
     reference = op.backends["reference"].fn
-    try:
-        truth = evaluate(case.truth or reference, inputs, torch.float64, "contiguous", device, seed)
-        plain = evaluate(case.plain or reference, inputs, dtype, layout, device, seed)
+    try:  # the truth in the test layout too: a result may depend on it (a stream in memory order)
+        if ("truth", layout) not in memo:
+            memo["truth", layout] = evaluate(case.truth or reference, inputs, torch.float64, layout, device, seed)
+        if ("plain", dtype, layout) not in memo:
+            memo["plain", dtype, layout] = evaluate(case.plain or reference, inputs, dtype, layout, device, seed)
     except Exception as err:  # the twins themselves cannot run this dtype here
         result.detail = f"the reference cannot run {result.dtype} on {device.type}: {err}"
         return result
@@ -220,7 +230,8 @@ def run_case(op, backend: str, case: Case, device: torch.device | str, dtype: to
         result.verdict, result.detail = "error", f"{type(err).__name__}: {err}"
         return result
     result.seconds = time.perf_counter() - start
-    passed, result.error, result.bound, result.detail = _compare(fused, plain, truth, dtype)
+    passed, result.error, result.bound, result.detail = _compare(
+        fused, memo["plain", dtype, layout], memo["truth", layout], dtype)
     result.verdict = "pass" if passed else "fail"
     return result
 
@@ -240,7 +251,8 @@ def run_op(op, device: torch.device | str, backends: Sequence[str] | None = None
     names = [b for b in op.backends if b != "reference"] if backends is None else list(backends)
     results = []
     for case in cases_of(op, sizes):
-        has_4d = bool(case.build(torch.Generator().manual_seed(0)).channels_last)
+        memo = {"inputs": case.build(torch.Generator().manual_seed(0))}
+        has_4d = bool(memo["inputs"].channels_last)
         for backend in names:
             if case.backends is not None and backend not in case.backends:
                 continue
@@ -252,5 +264,5 @@ def run_op(op, device: torch.device | str, backends: Sequence[str] | None = None
                         results.append(Result(op.name, backend, case.name, case.size, str(dtype)[6:], layout,
                                               "n/a", detail="Triton interpreter: small cases only"))
                         continue
-                    results.append(run_case(op, backend, case, device, dtype, layout))
+                    results.append(run_case(op, backend, case, device, dtype, layout, memo=memo))
     return results
