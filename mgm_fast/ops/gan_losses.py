@@ -28,6 +28,8 @@ uniforms of each counter, lane e % 4 (exactly Triton's ``tl.randn4x(seed, q)``).
 cos implementations differ), but NOT the numbers torch.randn would give for the same seed. Both
 are N(0, 1) and independent across elements; the tests check moments, neighbour and lane
 correlations, reproducibility for equal seeds, and ``out == x + std * noise``.
+:func:`noisy_twin` evaluates that stream in plain torch (its integers bit for bit,
+:func:`philox_uniforms`; the normals in float64 or float32): the twin of the self-test cases.
 
 ``seed_or_generator``: an int in [0, 2^63) is the Philox key itself (reference: a fresh
 torch.Generator on x's device seeded with it), equal seeds give equal noise. A
@@ -250,3 +252,157 @@ def noisy(
     """x + std * N(0, 1) (x's shape, dtype, device); ``(out, noise)`` with ``return_noise``.
     See the module docstring for the streams of the backends."""
     return NOISY_OP(x, std, seed_or_generator, return_noise=return_noise, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 twins and self-test cases (mgm_fast.ops._selftest)
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)  # multipliers of counter words 0 and 2
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float (rounded to float32)
+_UNIFORM_FLOOR = 1.0e-7  # Box-Muller's floor of the radius uniform (float32, as the kernels)
+
+
+def philox_uniforms(seed: int, groups: int) -> torch.Tensor:
+    """(groups, 4) float32 uniforms of the fused noise stream for the counters q < groups.
+
+    Philox4x32-10 keyed by the 64-bit seed (k0 = low word, k1 = high word) on the counter
+    (q mod 2^32, q div 2^32, 0, 0); each output word as int32, negatives complemented, times
+    4.6566127342e-10 in float32 -- exactly Triton's ``tl.rand4x(seed, q)`` and the CPU kernel
+    (csrc/kernels/cpu/gan_noise.cpp), bit for bit (numpy integer arithmetic).
+    """
+    import numpy as np
+
+    q = np.arange(groups, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    c = [q & mask, q >> np.uint64(32), np.zeros(groups, np.uint64), np.zeros(groups, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    a_mul, b_mul = np.uint64(_PHILOX_ROUND[0]), np.uint64(_PHILOX_ROUND[1])
+    for _ in range(10):  # words held in uint64, always < 2^32: the products cannot overflow
+        p0, p2 = c[0] * a_mul, c[2] * b_mul
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(_PHILOX_KEY_STEP[0])) & mask, (k1 + np.uint64(_PHILOX_KEY_STEP[1])) & mask
+    v = np.stack(c, axis=1).astype(np.uint32).view(np.int32)
+    folded = np.where(v < 0, ~v, v)
+    return torch.from_numpy(folded.astype(np.float32) * np.float32(_UNIFORM_SCALE))
+
+
+def philox_normals(seed: int, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The first n normals of the fused noise stream, element e = lane e % 4 of counter e // 4:
+    Box-Muller on the float32 uniforms (u0, u1) -> (r cos 2 pi u1, r sin 2 pi u1),
+    (u2, u3) -> lanes 2, 3, with r = sqrt(-2 log max(u, 1e-7)), evaluated in ``dtype``
+    (float64: the truth the kernels approximate; float32: a plain evaluation)."""
+    u = philox_uniforms(seed, (n + 3) // 4).to(dtype)
+    radius = u[:, 0::2].clamp_min(float(torch.tensor(_UNIFORM_FLOOR, dtype=torch.float32)))
+    r = torch.sqrt(-2 * torch.log(radius))
+    t = 2 * torch.pi * u[:, 1::2]
+    z = torch.stack((r[:, 0] * torch.cos(t[:, 0]), r[:, 0] * torch.sin(t[:, 0]),
+                     r[:, 1] * torch.cos(t[:, 1]), r[:, 1] * torch.sin(t[:, 1])), dim=1)  # fmt: skip
+    return z.reshape(-1)[:n]
+
+
+def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
+    expected, dense = 1, True
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            dense = False
+            break
+        expected *= size
+    return x.stride() if dense and x.numel() else torch.empty(x.shape).stride()
+
+
+def noisy_twin(x, std, seed_or_generator, *, return_noise=False):
+    """:func:`noisy` with the fused backends' Philox stream (not torch.randn's), in x's dtype:
+    the float64 truth of the self-test, and in float32 / float16 / bfloat16 the plain path (the
+    normals computed in float32, rounded to x's dtype like a ``torch.randn`` draw, then
+    ``x + std * noise`` in x's dtype). Element e of x's memory order takes normal e."""
+    _check_noise_args(x, std, seed_or_generator)
+    seed = _fused_seed(seed_or_generator, x.device)
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = philox_normals(seed, x.numel(), work).to(device=x.device, dtype=x.dtype)
+    noise = flat.as_strided(x.shape, _dense_strides(x))
+    out = x + std * noise
+    return (out, noise) if return_noise else out
+
+
+def hinge_d_float64(d_real, d_fake):
+    """mean ReLU(1 - d_real) + mean ReLU(1 + d_fake) in the inputs' dtype (the reference
+    accumulates in float32)."""
+    return torch.relu(1.0 - d_real).mean() + torch.relu(1.0 + d_fake).mean()
+
+
+def hinge_g_float64(d_fake):
+    """-mean d_fake in the input's dtype."""
+    return -d_fake.mean()
+
+
+def _scores(gen, shape):
+    """Discriminator scores ~ 1.5 N(0, 1) on a grid of 2^-6 (exact in every test dtype), the 3rd
+    and 4th of every five exactly on a hinge (+1, -1): relu'(0) = 0 as in torch."""
+    s = torch.round(1.5 * torch.randn(shape, generator=gen, dtype=torch.float64) * 64) / 64
+    s.view(-1)[2::5] = 1.0
+    s.view(-1)[3::5] = -1.0
+    return s
+
+
+def _hinge_d_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(real_shape, fake_shape):
+        def build(gen):
+            return Inputs(kwargs=dict(d_real=_scores(gen, real_shape), d_fake=_scores(gen, fake_shape)),
+                          grad=("d_real", "d_fake"))  # fmt: skip
+
+        return build
+
+    specs = [("b1", "small", (1,), (1,)), ("real (37,), fake (20, 1)", "small", (37,), (20, 1)),
+             ("patch scores (3, 1, 5, 5)", "small", (3, 1, 5, 5), (3, 1, 5, 5)),
+             ("paper: D(real), D(fake) (32,)", "paper", (32,), (32,))]  # fmt: skip
+    return [Case("hinge_d_loss", name, size, make(r, f), truth=hinge_d_float64) for name, size, r, f in specs]
+
+
+def _hinge_g_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(shape):
+        def build(gen):
+            return Inputs(kwargs=dict(d_fake=_scores(gen, shape)), grad=("d_fake",))
+
+        return build
+
+    specs = [("b1", "small", (1,)), ("(37, 1)", "small", (37, 1)), ("paper: D(G(z)) (32,)", "paper", (32,))]
+    return [
+        Case("hinge_g_loss", name, size, make(shape), truth=hinge_g_float64) for name, size, shape in specs
+    ]
+
+
+def _noisy_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(shape, std, seed, return_noise):
+        def build(gen):
+            x = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1  # images in [-1, 1]
+            return Inputs(kwargs=dict(x=x, std=std, seed_or_generator=seed, return_noise=return_noise),
+                          grad=("x",))  # fmt: skip
+
+        return build
+
+    specs = [  # name, size, shape, std, seed, return_noise
+        ("(3, 5, 7) (a partial group of 4), std 0.3, seed 2^40 + 17, with its draw", "small", (3, 5, 7), 0.3,
+         2**40 + 17, True),
+        ("b1 (1, 3, 13, 11), std 1, seed 2^63 - 1, with its draw", "small", (1, 3, 13, 11), 1.0, 2**63 - 1, True),
+        ("b2 (2, 3, 9, 6), std 0.01 (released), seed 5", "small", (2, 3, 9, 6), 0.01, 5, False),
+        ("paper: D input (32, 3, 128, 128), std 0.01, with its draw", "paper", (32, 3, 128, 128), 0.01, 1234,
+         True),
+    ]  # fmt: skip
+    # x stays out of channels_last: the stream follows memory order, and the truth is evaluated
+    # on contiguous inputs.
+    return [Case("noisy", name, size, make(shape, std, seed, rn), truth=noisy_twin, plain=noisy_twin)
+            for name, size, shape, std, seed, rn in specs]  # fmt: skip
+
+
+HINGE_D_OP.selftest_cases = _hinge_d_cases
+HINGE_G_OP.selftest_cases = _hinge_g_cases
+NOISY_OP.selftest_cases = _noisy_cases

@@ -768,3 +768,217 @@ def cbn_relu_conv3x3(
     )
     _validate_piece(a)
     return PIECE_OP(**a, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test cases (mgm_fast.ops._selftest). The reference backend computes in the inputs' dtype,
+# so it is its own float64 truth. The running statistics (updated in place) are not compared.
+#
+# ReLU margins. d relu(t) / dt jumps at t = 0: where a pre-activation lies within rounding
+# error of 0, the float64 truth and a low-precision evaluation may take opposite sides, and that
+# one element's gradient is then off by the whole incoming gradient (the max-error rule's worst
+# entry becomes a coin flip: at the paper shapes, millions of pre-activations put a few within
+# float32 rounding of 0). The cases therefore place each ReLU's kink in a gap of the data: the
+# beta of every (class or sample, channel) row puts the zero of gamma * (xhat - t) at t, the
+# middle of the widest gap between consecutive values of xhat near a random quantile of that
+# row's values. About half the pixels stay active, every mask pattern is still exercised, and no
+# pre-activation lies closer to 0 than half that gap (>> float32 error at the paper shapes;
+# typically >> bfloat16 error at the small ones).
+
+_MARGIN = 0.02
+"""Where x itself is an input of the ReLU's batch norm (a GenBlock's CBN1, the piece), the values
+of x within this distance (in xhat units) of the kink are moved to the edge of that band, which
+keeps the gap open for bfloat16 too (~1.6% of the values at the paper shapes). CBN2 normalises h,
+a conv output: there only the natural gap of the data is used."""
+
+_BLOCK_GRADS = ("x", "embed1", "weight1", "bias1", "embed2", "weight2", "bias2", "weight0", "bias0")
+_BLOCK_STATS = ("running_mean1", "running_var1", "running_mean2", "running_var2")
+
+
+def _paper_blocks() -> list[tuple[int, int, int]]:
+    """(Cin, Cout, input resolution) of every GenBlock of the paper preset's generator."""
+    from mgm_fast.config import preset
+
+    model = preset("paper").model
+    ch = [m * model.g_conv_dim for m in model.g_mults]
+    return [(ch[k - 1], ch[k], 4 * 2 ** (k - 1)) for k in range(1, len(ch))]
+
+
+def _xhat(x: Tensor, running_mean: Tensor, running_var: Tensor, training: bool, eps: float) -> Tensor:
+    """BatchNorm2d's normalised x (batch statistics, biased variance, in training)."""
+    if training:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = running_mean, running_var
+    return (x - mean[:, None, None]) * torch.rsqrt(var + eps)[:, None, None]
+
+
+def _kinks(xhat: Tensor, rows: Tensor, n_rows: int, quantile: Tensor) -> Tensor:
+    """(n_rows, C) thresholds t: for the samples b with rows[b] == k, t[k, c] is the middle of
+    the widest gap between consecutive values of xhat[b, c] within +-0.1 of quantile[k, c] of
+    them (rows without samples: 0). Above 4096 values per row the band's ends are quantiles of
+    an evenly strided subsample, and only the values between them are sorted."""
+    channels = xhat.shape[1]
+    t = torch.zeros(n_rows, channels, dtype=xhat.dtype)
+    for k in range(n_rows):
+        sel = (rows == k).nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        v = xhat.index_select(0, sel).transpose(0, 1).reshape(channels, -1)
+        n = v.shape[1]
+        if n == 1:
+            t[k] = v[:, 0] + torch.where(quantile[k] > 0.5, -0.5, 0.5)
+            continue
+        step = max(1, n // 2048)
+        sub = v[:, ::step].sort(dim=1).values
+        m = sub.shape[1]
+        lo = ((quantile[k] - 0.1).clamp(0, 1) * (m - 1)).long().clamp(max=m - 2)
+        hi = torch.maximum(((quantile[k] + 0.1).clamp(0, 1) * (m - 1)).long(), lo + 1)
+        if step == 1:  # every value: the gaps between ranks lo .. hi
+            gaps = sub[:, 1:] - sub[:, :-1]  # gap i lies between sub[i] and sub[i + 1]
+            index = torch.arange(m - 1)
+            inside = (index >= lo[:, None]) & (index < hi[:, None])
+            best = torch.where(inside, gaps, -1.0).argmax(dim=1, keepdim=True)
+            t[k] = 0.5 * (sub.gather(1, best) + sub.gather(1, best + 1)).squeeze(1)
+            continue
+        lo_v, hi_v = sub.gather(1, lo[:, None])[:, 0], sub.gather(1, hi[:, None])[:, 0]
+        for c in range(channels):
+            w = v[c][(v[c] >= lo_v[c]) & (v[c] <= hi_v[c])].sort().values
+            i = int((w[1:] - w[:-1]).argmax())
+            t[k, c] = 0.5 * (w[i] + w[i + 1])
+    return t
+
+
+def _clear(x: Tensor, xhat: Tensor, kinks: Tensor, rows: Tensor, std: Tensor, margin: float) -> Tensor:
+    """x with the values whose xhat lies within ``margin`` of their row's kink moved to the
+    nearer edge of that band (std: x units per xhat unit, per channel)."""
+    d = xhat - kinks[rows][:, :, None, None]
+    edge = torch.where(d < 0, -margin, margin)
+    return torch.where(d.abs() < margin, x + (edge - d) * std[:, None, None], x)
+
+
+def _std(x: Tensor, running_var: Tensor, training: bool, eps: float) -> Tensor:
+    var = torch.var(x, dim=(0, 2, 3), correction=0) if training else running_var
+    return torch.sqrt(var + eps)
+
+
+def _genblock_cases():
+    from mgm_fast.config import preset
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(b, cin, cout, h, w, classes, training=True):
+        def build(gen):
+            def r(*shape, scale=1.0, shift=0.0):
+                return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+            def gamma(*shape):  # kept away from 0, so the gap around each kink stays open
+                return 1.0 + 0.3 * torch.randn(*shape, generator=gen, dtype=torch.float64).clamp(-2, 2)
+
+            eps = 1e-5
+            x = r(b, cin, h, w, scale=1.5, shift=0.3)
+            y = torch.randint(0, classes, (b,), generator=gen)
+            gamma1, gamma2 = gamma(classes, cin), gamma(classes, cout)
+            weight1, bias1 = r(cout, cin, 3, 3, scale=(9 * cin) ** -0.5), r(cout, scale=0.1)
+            weight2, bias2 = r(cout, cout, 3, 3, scale=(9 * cout) ** -0.5), r(cout, scale=0.1)
+            weight0, bias0 = r(cout, cin, 1, 1, scale=cin**-0.5), r(cout, scale=0.1)
+            mean1, var1 = r(cin, scale=0.1), torch.rand(cin, generator=gen, dtype=torch.float64) + 0.5
+            mean2, var2 = r(cout, scale=0.1), torch.rand(cout, generator=gen, dtype=torch.float64) + 0.5
+            q1 = 0.2 + 0.6 * torch.rand(classes, cin, generator=gen, dtype=torch.float64)
+            q2 = 0.2 + 0.6 * torch.rand(classes, cout, generator=gen, dtype=torch.float64)
+            kinks1 = _kinks(_xhat(x, mean1, var1, training, eps), y, classes, q1)
+            x = _clear(x, _xhat(x, mean1, var1, training, eps), kinks1, y, _std(x, var1, training, eps), _MARGIN)
+            xhat1 = _xhat(x, mean1, var1, training, eps)
+            beta1 = -gamma1 * kinks1
+            act1 = torch.relu(gamma1[y][:, :, None, None] * (xhat1 + (beta1 / gamma1)[y][:, :, None, None]))
+            hidden = up2_conv3x3(act1, weight1, bias1)  # the block's h, in float64
+            beta2 = -gamma2 * _kinks(_xhat(hidden, mean2, var2, training, eps), y, classes, q2)
+            kwargs = dict(
+                x=x, y=y, embed1=torch.cat([gamma1, beta1], 1), weight1=weight1, bias1=bias1,
+                embed2=torch.cat([gamma2, beta2], 1), weight2=weight2, bias2=bias2, weight0=weight0,
+                bias0=bias0, running_mean1=mean1, running_var1=var1, running_mean2=mean2, running_var2=var2,
+                num_batches_tracked1=torch.tensor(7), num_batches_tracked2=torch.tensor(7), training=training,
+                momentum=0.001, eps=eps,
+            )  # fmt: skip
+            # In training, CBN2's batch statistics remove any per-channel constant, so d bias1 is
+            # identically 0 and its computed value is rounding noise of the size of its summands,
+            # which the rule's per-tensor floor (relative to the tensor's own, zero, scale) cannot
+            # judge: it is compared in eval mode only. Channels_last models convert x and the conv
+            # weights; the BN buffers stay float32.
+            grad = _BLOCK_GRADS if not training else tuple(k for k in _BLOCK_GRADS if k != "bias1")
+            return Inputs(kwargs=kwargs, grad=grad, channels_last=("x", "weight1", "weight2", "weight0"),
+                          keep_float32=_BLOCK_STATS)  # fmt: skip
+
+        return build
+
+    classes = preset("paper").model.num_scenes
+    specs = [
+        ("b3 5->7 3x5, training", "small", (3, 5, 7, 3, 5, 4)),
+        ("b1 6->3 4x7, training, one class", "small", (1, 6, 3, 4, 7, 1)),
+        ("b2 17->9 5x3, eval (running statistics)", "small", (2, 17, 9, 5, 3, 5), False),
+    ]
+    specs += [(f"paper block{k}: b32 {cin}->{cout} {res}x{res}, training", "paper", (32, cin, cout, res, res, classes))
+              for k, (cin, cout, res) in enumerate(_paper_blocks(), start=1)]  # fmt: skip
+    return [Case("genblock", name, size, make(*dims, *rest)) for name, size, dims, *rest in specs]
+
+
+def _piece_cases():
+    from mgm_fast.config import preset
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(b, c, cout, h, w, *, upsample=True, residual=None, bias=True, training=True, momentum=0.001,
+             bn_affine=False):  # fmt: skip
+        def build(gen):
+            def r(*shape, scale=1.0, shift=0.0):
+                return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+            eps = 1e-5
+            ho, wo = (2 * h, 2 * w) if upsample else (h, w)
+            x = r(b, c, h, w, scale=1.2, shift=-0.2)
+            rows = 1 if bn_affine else b  # the output head: one BatchNorm2d's affine row for the batch
+            gamma = 1.0 + 0.3 * torch.randn(rows, c, generator=gen, dtype=torch.float64).clamp(-2, 2)
+            q = 0.2 + 0.6 * torch.rand(rows, c, generator=gen, dtype=torch.float64)
+            mean, var = r(c, scale=0.1), torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+            row_of = torch.zeros(b, dtype=torch.int64) if bn_affine else torch.arange(b)
+            kinks = _kinks(_xhat(x, mean, var, training, eps), row_of, rows, q)
+            x = _clear(x, _xhat(x, mean, var, training, eps), kinks, row_of, _std(x, var, training, eps), _MARGIN)
+            beta = -gamma * kinks
+            kwargs = dict(
+                x=x,
+                gamma=gamma.expand(b, c).clone(),
+                beta=beta.expand(b, c).clone(),
+                weight=r(cout, c, 3, 3, scale=(9 * c) ** -0.5),
+                bias=r(cout, scale=0.1) if bias else None,
+                running_mean=mean,
+                running_var=var,
+                num_batches_tracked=torch.tensor(3),
+                residual=None if residual is None else r(b, cout, *((ho, wo) if residual == "full" else (ho // 2, wo // 2))),
+                training=training,
+                momentum=momentum,
+                eps=eps,
+                upsample=upsample,
+            )  # fmt: skip
+            grad = tuple(k for k in ("x", "gamma", "beta", "weight", "bias", "residual") if kwargs[k] is not None)
+            return Inputs(kwargs=kwargs, grad=grad, channels_last=("x", "weight", "residual"),
+                          keep_float32=("running_mean", "running_var"))  # fmt: skip
+
+        return build
+
+    cfg = preset("paper").model
+    head = cfg.g_mults[-1] * cfg.g_conv_dim
+    specs = [
+        ("b3 5->7 3x5, up2, no residual (a GenBlock's first conv)", "small", (3, 5, 7, 3, 5), {}),
+        ("b2 7->5 6x4, no up2, half-resolution residual (a GenBlock's second conv)", "small", (2, 7, 5, 6, 4),
+         dict(upsample=False, residual="half")),
+        ("b1 6->3 4x7, up2, full residual, no bias", "small", (1, 6, 3, 4, 7),
+         dict(residual="full", bias=False)),
+        ("b2 9->3 6x5, output head (BN affine rows, momentum 1e-4), eval", "small", (2, 9, 3, 6, 5),
+         dict(upsample=False, training=False, momentum=1e-4, bn_affine=True)),
+        (f"paper output head: b32 {head}->3 {cfg.image_size}x{cfg.image_size}, BN affine rows, momentum 1e-4, "
+         "training", "paper", (32, head, 3, cfg.image_size, cfg.image_size),
+         dict(upsample=False, momentum=1e-4, bn_affine=True)),
+    ]  # fmt: skip
+    return [Case("cbn_relu_conv3x3", name, size, make(*dims, **opts)) for name, size, dims, opts in specs]
+
+
+OP.selftest_cases = _genblock_cases
+PIECE_OP.selftest_cases = _piece_cases

@@ -441,3 +441,111 @@ def multitask_loss(
         reduction,
         impl=impl,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test cases (mgm_fast.ops._selftest)
+
+
+def multitask_loss_float64(
+    seg_logits,
+    depth_pred,
+    normal_pred,
+    seg_target,
+    depth_target,
+    normal_target,
+    depth_mask=None,
+    normal_mask=None,
+    ignore_index=None,
+    reduction="all",
+):
+    """The formulas of the module docstring in the predictions' dtype: the float64 truth of
+    the self-test (the reference accumulates in float32). Masks and targets are promoted to
+    the predictions' dtype; a 1-channel normal mask counts 3 times under "valid"."""
+    dtype = seg_logits.dtype
+    logp = torch.log_softmax(seg_logits, dim=1)
+    valid = torch.ones_like(seg_target, dtype=torch.bool) if ignore_index is None else seg_target != ignore_index
+    nll = -logp.gather(1, torch.where(valid, seg_target, 0).unsqueeze(1)).squeeze(1) * valid
+    seg = nll.sum() / (valid.numel() if ignore_index is None else valid.sum().clamp_min(1))
+
+    def l1(pred, target, mask):
+        err = (pred - target.to(pred.dtype)).abs()
+        w = torch.ones_like(err) if mask is None else mask.to(pred.dtype).expand_as(err)
+        count = err.numel() if reduction == "all" else w.sum().clamp_min(1)
+        return (err * w).sum() / count
+
+    return seg.to(dtype), l1(depth_pred, depth_target, depth_mask), l1(normal_pred, normal_target, normal_mask)
+
+
+def _grid(t, step=2.0**-6):
+    """t rounded to multiples of step (exact in bfloat16 / float16 for |t| < 4): ties and edge
+    values built this way stay ties in every test dtype."""
+    return torch.round(t / step) * step
+
+
+def _selftest_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(b, c, h, w, *, ignore_index=None, void=0.0, reduction="all", depth_mask=None, normal_mask="bool1",
+             extremes=False):  # fmt: skip
+        def build(gen):
+            def randn(*shape):
+                return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+            def rand(*shape):
+                return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+            seg_logits = 3.0 * randn(b, c, h, w)
+            seg_target = torch.randint(0, c, (b, h, w), generator=gen)
+            if ignore_index is not None:
+                seg_target[rand(b, h, w) < void] = ignore_index
+            depth_pred = randn(b, 1, h, w)
+            depth_target = randn(b, 1, h, w)
+            depth_pred.view(-1)[::7] = _grid(depth_pred.view(-1)[::7])
+            depth_target.view(-1)[::7] = depth_pred.view(-1)[::7]  # exact ties: sign(0) = 0
+            normal_pred = rand(b, 3, h, w)
+            normal_target = (randn(b, 3, h, w).clamp(-1, 1) + 1) / 2  # "released01" targets
+            if extremes:
+                seg_logits[0, :, 0, 0] = -1e4  # a pixel far below ...
+                seg_logits[-1, -1, -1, -1] = 1e4  # ... and a class far above the rest
+                if ignore_index is not None:
+                    seg_target[0] = ignore_index  # a whole image ignored
+                normal_pred.view(-1)[::5] = _grid(normal_pred.view(-1)[::5])
+                normal_target.view(-1)[::5] = normal_pred.view(-1)[::5]
+            masks = {
+                None: lambda ch: None,
+                "bool1": lambda ch: rand(b, 1, h, w) > 0.3,
+                "bool3": lambda ch: rand(b, ch, h, w) > 0.3,
+                "uint8": lambda ch: torch.randint(0, 3, (b, ch, h, w), generator=gen, dtype=torch.uint8),
+                "float3": lambda ch: _grid(rand(b, ch, h, w)),  # weights, exact in every dtype
+            }
+            kwargs = dict(
+                seg_logits=seg_logits, depth_pred=depth_pred, normal_pred=normal_pred, seg_target=seg_target,
+                depth_target=depth_target, normal_target=normal_target, depth_mask=masks[depth_mask](1),
+                normal_mask=masks[normal_mask](3), ignore_index=ignore_index, reduction=reduction,
+            )  # fmt: skip
+            # data tensors stay float32 under any test dtype (they come from the loader); the
+            # predictions come from channels_last models in the fast engine
+            return Inputs(kwargs=kwargs, grad=_PREDICTIONS, channels_last=_PREDICTIONS,
+                          keep_float32=("depth_target", "normal_target", "depth_mask", "normal_mask"))  # fmt: skip
+
+        return build
+
+    specs = [  # name, size, (B, C, H, W), options
+        ("b1 c13 7x5, released (no ignore index, all, normal mask bool (B,1,H,W))", "small", (1, 13, 7, 5), {}),
+        ("b2 c27 1x70 (W past the CPU tile), ignore -1 (30% void), valid, depth mask bool, normal mask float "
+         "(B,3,H,W)", "small", (2, 27, 1, 70), dict(ignore_index=-1, void=0.3, reduction="valid", depth_mask="bool1",
+                              normal_mask="float3")),
+        ("b2 c40 9x6, ignore 255, valid, uint8 masks, logits +-1e4, an image all ignored, ties", "small",
+         (2, 40, 9, 6), dict(ignore_index=255, void=0.2, reduction="valid", depth_mask="uint8",
+                             normal_mask="uint8", extremes=True)),
+        ("paper: b32 c40 128x128, released (no ignore index, all, normal mask bool (B,1,H,W))", "paper",
+         (32, 40, 128, 128), {}),
+        ("paper: b32 c40 128x128, ignore -1 (10% void), valid, depth mask bool", "paper", (32, 40, 128, 128),
+         dict(ignore_index=-1, void=0.1, reduction="valid", depth_mask="bool1")),
+    ]  # fmt: skip
+    return [Case("multitask_loss", name, size, make(*dims, **opts), truth=multitask_loss_float64)
+            for name, size, dims, opts in specs]  # fmt: skip
+
+
+OP.selftest_cases = _selftest_cases

@@ -171,3 +171,108 @@ def simclr_views(
     """
     oh, ow = _validate(x, params, src_index, out_hw, blur_kernel, select)
     return OP(x, params, src_index, (oh, ow), blur_kernel, select=select, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 twin and self-test cases (mgm_fast.ops._selftest)
+
+
+def simclr_views_float64(x, params, src_index, out_hw, blur_kernel=3, select="auto"):
+    """The views of the module docstring one at a time in x's dtype, step by step as
+    :func:`mgm_fast.data.augment.augment_reference` (which computes in float32): the float64
+    truth of the self-test. Both fused and batched paths compute in float32."""
+    del select
+    aug = _augment()
+    oh, ow = _out_hw(out_hw)
+    p = {k: params[k].cpu() for k in aug.PARAM_KEYS}
+    luma = torch.tensor(aug.GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    taps = torch.arange(blur_kernel, dtype=x.dtype, device=x.device) - (blur_kernel - 1) / 2
+    rad = blur_kernel // 2
+    views = []
+    for n, src in enumerate(src_index.tolist()):
+        top, left, ch, cw = p["crop"][n].tolist()
+        img = ((x[src] + 1) / 2).clamp(0, 1)[None, :, top : top + ch, left : left + cw]
+        img = torch.nn.functional.interpolate(img, size=(oh, ow), mode="bilinear", align_corners=False)[0]
+        if bool(p["flip"][n]):
+            img = img.flip(-1)
+        if bool(p["jitter"][n]):
+            for op in p["order"][n].tolist():
+                f = float(p["factors"][n, op])
+                if op == aug.BRIGHTNESS:
+                    img = (f * img).clamp(0, 1)
+                elif op == aug.CONTRAST:
+                    img = (f * img + (1 - f) * (luma * img).sum(0).mean()).clamp(0, 1)
+                elif op == aug.SATURATION:
+                    img = (f * img + (1 - f) * (luma * img).sum(0, keepdim=True)).clamp(0, 1)
+                elif f != 0:
+                    hsv = aug.rgb_to_hsv(img)
+                    hsv = torch.stack((torch.remainder(hsv[0] + f, 1.0), hsv[1], hsv[2]))
+                    img = aug.hsv_to_rgb(hsv).clamp(0, 1)
+        if bool(p["gray"][n]):
+            img = (luma * img).sum(0, keepdim=True).expand(3, -1, -1)
+        if bool(p["blur"][n]):
+            sigma = float(p["sigma"][n])
+            k = torch.exp(-(taps * taps) / (2 * sigma * sigma))
+            k = k / k.sum()
+            padded = torch.nn.functional.pad(img[None], (rad, rad, rad, rad), mode="reflect")  # reflect-101
+            img = torch.nn.functional.conv2d(padded, torch.outer(k, k).expand(3, 1, -1, -1), groups=3)[0]
+        views.append((img * 2 - 1).clamp(-1, 1))
+    return torch.stack(views) if views else x.new_empty(0, 3, oh, ow)
+
+
+def _extreme_params(h, w):
+    """Six views of two (h, w) images with edge parameters: one-pixel crops at opposite
+    corners, a full-image crop, flips, hue +-0.5, zero factors, grayscale, sigma tiny / large."""
+    crop = torch.tensor([[0, 0, 1, 1], [h - 1, w - 1, 1, 1], [0, 0, h, w], [1, 2, h - 1, w - 3],
+                         [h - 2, 0, 2, w], [0, w - 2, h, 2]])  # fmt: skip
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [3, 0, 1, 2], [0, 2, 3, 1]])
+    factors = torch.tensor([[1.8, 0.2, 1.8, 0.5], [0.0, 1.0, 1.0, -0.5], [1.2, 0.0, 0.0, 0.2],
+                            [0.7, 1.8, 1.5, -0.2], [1.0, 1.0, 1.0, 0.5], [0.3, 1.9, 0.0, 0.0]])  # fmt: skip
+    return {
+        "crop": crop,
+        "flip": torch.tensor([False, True, True, False, True, True]),
+        "jitter": torch.tensor([True, True, True, True, True, False]),
+        "order": order,
+        "factors": factors,
+        "gray": torch.tensor([False, False, False, True, False, True]),
+        "blur": torch.tensor([True, False, True, True, True, True]),
+        "sigma": torch.tensor([0.01, 1.0, 5.0, 0.3, 2.0, 1e-3]),
+    }
+
+
+def _selftest_cases():
+    from mgm_fast.ops._selftest import Case, Inputs
+
+    def make(b, h, w, out_hw, kernel, aug_args=None, extreme=False):
+        def build(gen):
+            aug = _augment()
+            x = torch.rand(b, 3, h, w, generator=gen, dtype=torch.float64) * 2 - 1
+            if extreme:
+                params, src = _extreme_params(h, w), torch.tensor([0, 1, 1, 0, 0, 1])
+                x[1, :, : h // 2] = x[1, :1, : h // 2]  # gray pixels: chroma 0 under the hue rotation
+            else:  # two views of every image, as SimCLRAugment.two_views draws them
+                a = aug.SimCLRAugment(**(aug_args or {}))
+                p1, p2 = a.sample_params(b, h, w, gen), a.sample_params(b, h, w, gen)
+                params = {k: torch.cat((p1[k], p2[k])) for k in aug.PARAM_KEYS}
+                src = torch.arange(b).repeat(2)
+            return Inputs(kwargs=dict(x=x, params=params, src_index=src, out_hw=out_hw, blur_kernel=kernel),
+                          channels_last=("x",))  # fmt: skip
+
+        return build
+
+    specs = [  # name, size, (B, H, W), out_hw, blur kernel, SimCLRAugment arguments, extreme parameters
+        ("b1 13x11 -> 9x15, two views, blur p 0.7", "small", (1, 13, 11), (9, 15), 3, dict(blur_p=0.7), False),
+        ("b3 23x18 -> 23x18, every op on (jitter 1, gray 0.3, blur 0.7, hue 0.5), blur 5", "small",
+         (3, 23, 18), (23, 18), 5, dict(jitter_p=1.0, gray_p=0.3, blur_p=0.7, hue=0.5), False),
+        ("b2 17x9 -> 12x20, edge parameters (1-pixel crops, hue +-0.5, zero factors, sigma 1e-3..5)",
+         "small", (2, 17, 9), (12, 20), 3, None, True),
+        ("paper: b32 128x128, two views (64 views) 128x128, released augment (blur 3)", "paper",
+         (32, 128, 128), (128, 128), 3, None, False),
+    ]  # fmt: skip
+    # No gradients (no autograd: views are inputs). The params dict passes through the self-test
+    # untouched (int64 / bool / float32 CPU tensors, as drawn; the backends move them).
+    return [Case("simclr_views", name, size, make(*dims, out_hw, k, args, ext), truth=simclr_views_float64)
+            for name, size, dims, out_hw, k, args, ext in specs]  # fmt: skip
+
+
+OP.selftest_cases = _selftest_cases
