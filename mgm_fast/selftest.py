@@ -72,12 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     layouts = _split(args.layouts, LAYOUTS, "layouts")
     sizes = _split(args.sizes, SIZES, "sizes")
 
+    from mgm_fast.ops._verify import device_description
+
+    def write_json(complete: bool) -> None:
+        if args.json:  # rewritten after every op, so a run stopped by a time limit leaves its results
+            report = {"device": device_description(device), "torch": torch.__version__, "complete": complete,
+                      "seconds": time.perf_counter() - start, "counts": _counts(results),
+                      "results": [r.to_dict() for r in results]}
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+            os.replace(tmp, args.json)
+
     start = time.perf_counter()
     results = []
-    for name in ops:
-        op = REGISTRY[name]
-        names = [b for b in op.backends if b != "reference" and (backends is None or b in backends)]
-        results += run_op(op, device, names, dtypes, layouts, sizes)
+    for size in sizes:  # every op's small cases first: they say the most per second
+        for name in ops:
+            op = REGISTRY[name]
+            names = [b for b in op.backends if b != "reference" and (backends is None or b in backends)]
+            results += run_op(op, device, names, dtypes, layouts, (size,))
+            write_json(complete=False)
     elapsed = time.perf_counter() - start
 
     shown = [r for r in results if args.all_rows or r.verdict != "n/a"]
@@ -91,17 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     print(line(header))
     for row in rows:
         print(line(row))
-    counts = {v: sum(r.verdict == v for r in results) for v in ("pass", "fail", "error", "n/a")}
+    counts = _counts(results)
     print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
           f"{counts['n/a']} not applicable, in {elapsed:.1f} s")
-    if args.json:
-        from mgm_fast.ops._verify import device_description
-
-        report = {"device": device_description(device), "torch": torch.__version__, "seconds": elapsed,
-                  "counts": counts, "results": [r.to_dict() for r in results]}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    write_json(complete=True)
     return 1 if counts["fail"] or counts["error"] else 0
+
+
+def _counts(results) -> dict[str, int]:
+    return {v: sum(r.verdict == v for r in results) for v in ("pass", "fail", "error", "n/a")}
 
 
 if __name__ == "__main__":
