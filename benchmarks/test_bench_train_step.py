@@ -63,7 +63,7 @@ def _forever(loader):
 
 def _steps(ctx: schedule.StepContext, batches, count: int) -> float:
     for _ in range(count):
-        schedule.mgm_step(ctx, next(batches))
+        schedule.execute(schedule.mgm_step, ctx, next(batches))
     means = ctx.pop_means()
     return float(sum(means.values()))  # one read-back: the round's work is done
 

@@ -16,6 +16,10 @@ Subcommands:
   matmul-rate [--dtype bf16] [--size N] [--iters N] [--warmup N] [--out FILE]
       Dense matmul TFLOP/s of this device (CUDA events or perf_counter, warm-up excluded,
       median): the denominator of MFU. Works on the CPU too (default size 1024) and says so.
+  step-cost [--methods phase-a,mgm,mgm-light,mt] [--engine fast] [--compile] [--json FILE]
+      One step of each method counted on any device: ATen ops per sub-step, host read-backs,
+      graph breaks and recompiles under --compile, and the host floor (median step time at a
+      degenerate size). See mgm_fast/stepcost.py.
   triton-check [--require-compiled] [--out FILE]
       Launches a small Triton kernel, checks its result and says whether it was compiled for
       the GPU or ran under the interpreter (``TRITON_INTERPRET``).
@@ -760,7 +764,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("triton-check", help="run a small Triton kernel; compiled or interpreted?")
     p.add_argument("--require-compiled", action="store_true", help="fail unless the kernel was compiled")
     p.add_argument("--out", help="also write the JSON to this file")
+    p = sub.add_parser("step-cost", help="ATen ops, host syncs, graph breaks and host floor of one step per method",
+                       description="See mgm_fast/stepcost.py.")
+    from mgm_fast import stepcost
+
+    stepcost.add_arguments(p)
     args = parser.parse_args(argv)
+    if args.cmd == "step-cost":
+        return stepcost.run_cli(args)
     try:
         if args.cmd == "report":
             path = write_report(args.results_dir, args.out, args.plots)

@@ -259,7 +259,7 @@ def _parse_value(text: str, current: Any, type_hint: str) -> Any:
             return False
         raise ValueError(f"expected a boolean, got {text!r}")
     if isinstance(current, tuple) or hint.startswith("tuple"):
-        items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
+        items = [t for t in text.strip().strip("()[]").split(",") if t.strip()]
         elem = int if "int" in hint else float if "float" in hint else str
         return tuple(elem(t.strip()) for t in items)
     if isinstance(current, int) or hint == "int":

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-backends", action="store_true",
                    help="stop when a fused backend fails its first-use self-test on this device "
                         "(default: exclude it with a warning and use the next backend)")
+    p.add_argument("--check-values", action="store_true",
+                   help="debugging aid: ops check label and index values inside every step, on every "
+                        "device (default: the loaders check labels once at the data boundary and a step "
+                        "reads nothing back to the host)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every network (first steps are slower while compiling)")
     p.add_argument("--sync-bn", action="store_true",
@@ -246,7 +250,10 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
     scaler = None
     if run.args.precision == "fp16":
         scaler = torch.amp.GradScaler(run.device.type)
-    gen = torch.Generator(device="cpu").manual_seed(run.world.seed_for(run.args.seed + 1))
+    # The views' parameters are drawn on the images' device (no host-to-device copy in a step);
+    # a run resumed from a checkpoint that drew them on the CPU keeps doing so.
+    aug_device = _saved_generator_device(run, "augment") or run.device
+    gen = torch.Generator(device=aug_device).manual_seed(run.world.seed_for(run.args.seed + 1))
     noise_gen = torch.Generator(device=run.device).manual_seed(run.world.seed_for(run.args.seed + 2))
     return schedule.StepContext(
         cfg=run.cfg,
@@ -262,7 +269,16 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         views=run.args.views,
         readback=engines.get(run.args.engine).readback,
         autograd=engines.get(run.args.engine).autograd,
+        check_values=run.args.check_values,
     )
+
+
+def _saved_generator_device(run: Run, name: str) -> torch.device | None:
+    """Device of the named generator in the checkpoint being resumed (None: no resume)."""
+    if run.resume_ckpt is None:
+        return None
+    entry = run.resume_ckpt.get("rng", {}).get("generators", {}).get(name, {})
+    return torch.device(entry["device"]) if "device" in entry else None
 
 
 def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, loader, epochs: int,
@@ -296,9 +312,9 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
     while done < total:
         for batch in loader:
             if weak_iter is not None:
-                step_fn(ctx, batch, next(weak_iter))
+                schedule.execute(step_fn, ctx, batch, next(weak_iter))
             else:
-                step_fn(ctx, batch)
+                schedule.execute(step_fn, ctx, batch)
             done += 1
             run.step += 1
             images += batch["rgb"].shape[0] * run.world.world_size
@@ -550,8 +566,13 @@ def loader_for(run: Run, ids, shuffle=True, drop_last=True, keys=None, sharded=T
     if sharded:
         kw.update(rank=world.rank, world_size=world.world_size)
     batch = s.batch_size // world.world_size if sharded else s.batch_size
-    return make_loader(run.dataset, ids, batch, run.device, run.args.seed, loader=run.args.loader,
-                       shuffle=shuffle, drop_last=drop_last, **kw)
+    loader = make_loader(run.dataset, ids, batch, run.device, run.args.seed, loader=run.args.loader,
+                         shuffle=shuffle, drop_last=drop_last, **kw)
+    # The data boundary of the steps' label checks (the ops skip theirs inside a step).
+    uses_scenes = run.args.method in ("mgm", "mgm-light")
+    loader.require_labels(num_scenes=run.info.num_scenes if uses_scenes else None,
+                          num_seg_classes=run.info.num_seg_classes if "seg" in run.tasks else None)
+    return loader
 
 
 def build_nets(run: Run, tasks: tuple[str, ...] | None = None) -> MGMNets:

@@ -3,7 +3,7 @@
 // instance_noise_cpu(x, std, seed, return_noise) -> (out, noise or None)
 //   x: float32 CPU tensor, any shape. A dense tensor (any dimension order, channels_last
 //   included) is read in place in memory order and out keeps its strides; other strides are
-//   made contiguous first. seed in [0, 2^63). noise (same strides as out) only when
+//   made contiguous first. seed in [0, 2^63): an int, or a one-element int64 CPU tensor. noise (same strides as out) only when
 //   return_noise. Called by mgm_fast/ops/gan_losses.py, which owns the autograd.Function.
 #include <torch/extension.h>
 
@@ -39,13 +39,27 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> instance_noise_cpu(const at::T
   return {out, noise};
 }
 
+// The seed as a one-element int64 CPU tensor (drawn from a torch.Generator): read in place, so
+// the key never passes through Python and no op reads it back.
+std::tuple<at::Tensor, std::optional<at::Tensor>> instance_noise_cpu_seed_tensor(
+    const at::Tensor& x, double std, const at::Tensor& seed, bool return_noise) {
+  TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+                    "noisy (cpp backend): a tensor seed must be one int64 on the CPU, got ",
+                    seed.scalar_type(), " ", seed.sizes(), " on ", seed.device());
+  return instance_noise_cpu(x, std, *seed.data_ptr<int64_t>(), return_noise);
+}
+
 }  // namespace
 
 void register_gan_noise(pybind11::module_& m) {
+  m.def("instance_noise_cpu", &instance_noise_cpu_seed_tensor, pybind11::arg("x"),
+        pybind11::arg("std"), pybind11::arg("seed"), pybind11::arg("return_noise"),
+        "x + std * N(0, 1) with the counter-based (Philox) stream of the Triton backend, the seed a "
+        "one-element int64 CPU tensor (registered first: pybind11 would turn a tensor into an int by "
+        "reading it back): (out, noise or None).");
   m.def("instance_noise_cpu", &instance_noise_cpu, pybind11::arg("x"), pybind11::arg("std"),
         pybind11::arg("seed"), pybind11::arg("return_noise"),
-        "x + std * N(0, 1) with the counter-based (Philox) stream of the Triton backend: "
-        "(out, noise or None).");
+        "The same with an int seed.");
 }
 
 }  // namespace bindings

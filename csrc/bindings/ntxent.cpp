@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> ntxent_rows_cpu_forward(const at::Tensor& row
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> ntxent_rows_cpu_backward(
     const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& row_index_in,
-    double temperature, const at::Tensor& lse, double grad_output, std::vector<bool> need_grad) {
+    double temperature, const at::Tensor& lse, const at::Tensor& grad_output,
+    std::vector<bool> need_grad) {
   TORCH_CHECK_VALUE(need_grad.size() == 2, kOp, "need_grad must have 2 entries");
   const at::Tensor rows = projections(rows_in, "rows");
   const at::Tensor cols = projections(cols_in, "cols");
@@ -91,13 +92,19 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> ntxent_rows_cpu
   TORCH_CHECK_VALUE(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 1 &&
                         lse.size(0) == p.num_rows && lse.is_contiguous(),
                     kOp, "lse must be the (R,) float32 tensor of the forward");
+  // The upstream gradient stays a tensor and is read in place: no op reads it back.
+  TORCH_CHECK_VALUE(grad_output.device().is_cpu() && grad_output.scalar_type() == at::kFloat &&
+                        grad_output.numel() == 1,
+                    kOp, "grad_output must be one float32 on the CPU, got ", grad_output.scalar_type(),
+                    " ", grad_output.sizes());
+  const float scale = *grad_output.data_ptr<float>();
   std::optional<at::Tensor> grad_rows, grad_cols;
   if (need_grad[0]) grad_rows = at::empty({p.num_rows, p.dim}, rows.options());
   if (need_grad[1]) grad_cols = at::empty({p.num_cols, p.dim}, cols.options());
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release no_gil;
-    k::ntxent_backward(p, lse.data_ptr<float>(), static_cast<float>(grad_output),
+    k::ntxent_backward(p, lse.data_ptr<float>(), scale,
                        grad_rows ? grad_rows->data_ptr<float>() : nullptr,
                        grad_cols ? grad_cols->data_ptr<float>() : nullptr, threads);
   }

@@ -999,7 +999,10 @@ class DaliLoader(_Loader):
                             f"DALI loader: batch {start + k} of epoch {epoch} holds samples {got[:8]}, the plan "
                             f"says {want[:8]} (a reader left the file-list order)"
                         )
-                yield self.layout.finish(out, want, self.device)
+                batch = self.layout.finish(out, want, self.device)
+                # the loader already reads the index outputs back for every batch (above)
+                self._check_label_batch(batch, batch.get("id", []))
+                yield batch
                 k += 1
             if start + k != n:
                 raise RuntimeError(f"DALI loader: epoch {epoch} ended after {start + k} of {n} batches")

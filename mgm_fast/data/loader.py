@@ -84,7 +84,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from mgm_fast.data.sample import TENSOR_KEYS, DataError, collate
+from mgm_fast.data.sample import IGNORE_INDEX, TENSOR_KEYS, DataError, collate
 
 __all__ = [
     "LOADER_KINDS",
@@ -340,6 +340,37 @@ class _Loader:
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[dict]:
         raise NotImplementedError
 
+    label_limits: dict[str, int] | None = None
+    """Upper bounds of the label fields (``scene``, ``seg``) set by :meth:`require_labels`."""
+
+    def require_labels(self, num_scenes: int | None = None, num_seg_classes: int | None = None) -> None:
+        """Guarantee that every batch holds labels the networks can index: ``scene`` in
+        [0, num_scenes), ``seg`` in [0, num_seg_classes) or the ignore index.
+
+        This is the data boundary of the training engine, whose ops skip their own value checks
+        (they would read device values inside every step, see
+        :func:`mgm_fast.ops._dispatch.value_checks_enabled`): the memory loader checks its stored
+        samples once, here; streaming loaders check each batch on the host before it is copied to
+        the device. Raises :class:`DataError` naming the samples."""
+        self.label_limits = {k: v for k, v in (("scene", num_scenes), ("seg", num_seg_classes)) if v is not None}
+
+    def _check_label_batch(self, batch: Mapping, ids: Sequence[str]) -> None:
+        for key, limit in (self.label_limits or {}).items():
+            if key not in batch:
+                continue
+            value = batch[key]
+            low = IGNORE_INDEX if key == "seg" else 0
+            bad = (value < low) | (value >= limit)
+            if key == "seg":
+                bad &= value != IGNORE_INDEX
+            if bad.any():
+                rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
+                shown = [ids[i] for i in rows[:3]] if len(ids) == bad.shape[0] else rows[:3]
+                example = int(value[bad].flatten()[0])
+                allowed = f"[0, {limit})" + (f" or {IGNORE_INDEX} (ignored)" if key == "seg" else "")
+                raise DataError(f"'{key}' label {example} in samples {shown}{'...' if len(rows) > 3 else ''} "
+                                f"is outside {allowed} ({type(self.dataset).__name__})")
+
     def state_dict(self) -> dict:
         """Data-order state: plain ints/bools/str (``torch.load(weights_only=True)`` safe)."""
         return {
@@ -496,6 +527,10 @@ class MemoryLoader(_Loader):
             start = stop
         if start != n:
             raise DataError(f"{type(dataset).__name__}: decoding returned {start} samples for {n} indices")
+
+    def require_labels(self, num_scenes: int | None = None, num_seg_classes: int | None = None) -> None:
+        super().require_labels(num_scenes, num_seg_classes)
+        self._check_label_batch(self.data, self.ids)  # once: the stored samples are all there is
 
     def nbytes(self) -> int:
         """Bytes held by the stored tensors (ids not counted)."""
@@ -657,6 +692,7 @@ class TorchLoader(_Loader):
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[dict]:
         self.sampler.set_epoch(epoch, start)
         for batch in self.loader:
+            self._check_label_batch(batch, batch.get("id", []))  # host tensors: no device sync
             yield {k: v.to(self.device, non_blocking=True) if k != "id" else v for k, v in batch.items()}
 
 

@@ -40,6 +40,7 @@ from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.engine import distributed
 from mgm_fast.engine.distributed import SINGLE, World
 from mgm_fast.models import MGMNets
+from mgm_fast.ops._dispatch import value_checks
 from mgm_fast.ops.gan_losses import hinge_d_loss, hinge_g_loss, noisy
 from mgm_fast.ops.multitask_loss import multitask_loss as fused_multitask_loss
 from mgm_fast.ops.ntxent import ntxent_loss, ntxent_rows
@@ -84,8 +85,10 @@ class StepContext:
 
     ``autocast`` is a factory of the precision context (``contextlib.nullcontext`` for fp32);
     ``scaler`` a GradScaler for fp16 or None; ``aug_generator`` the seeded generator of the
-    SimCLR views; ``noise_generator`` the run's generator of in-kernel instance noise (on the
-    images' device; unused with ``schedule.noise_impl="reference"``); ``totals`` the on-device running sums of every logged loss; ``world`` this
+    SimCLR views (on the images' device, so that the view parameters are drawn there);
+    ``noise_generator`` the run's generator of in-kernel instance noise (on the images' device;
+    unused with ``schedule.noise_impl="reference"``); ``totals`` the on-device running sums of
+    every logged loss; ``world`` this
     process's place in a torchrun job (gradients are averaged over ranks before every
     optimiser step); ``on_nonfinite`` what a non-finite loss does: ``"stop"`` (the caller
     checks the logged means every log window and stops) or ``"skip"`` (the sub-step is skipped:
@@ -94,7 +97,9 @@ class StepContext:
     execution choices of the engine (:mod:`mgm_fast.engine.engines`): SimCLR views in one
     batched pass or per sample with PIL; losses read back once per log window or after every
     sub-step; weight gradients only where an optimiser applies them ("pruned") or everywhere
-    ("released").
+    ("released"). ``check_values``: whether ops check label and index values inside a step
+    (False: the loaders checked them at the data boundary, so a step reads nothing back; True:
+    on every device, a debugging aid; see :func:`mgm_fast.ops._dispatch.value_checks`).
     """
 
     cfg: Config
@@ -110,6 +115,7 @@ class StepContext:
     views: str = "batched"
     readback: str = "window"
     autograd: str = "pruned"
+    check_values: bool | None = False
     totals: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
@@ -398,7 +404,14 @@ def mgm_light_step(ctx: StepContext, batch: dict, weak: dict) -> None:
     simclr_step(ctx, weak["rgb"], "weak")
 
 
+def execute(step_fn, ctx: StepContext, *batches: dict) -> None:
+    """One training step ``step_fn(ctx, *batches)`` as the engines run it: with the ops' value
+    checks as ``ctx.check_values`` says (off by default: no host read-backs inside a step)."""
+    with value_checks(ctx.check_values):
+        step_fn(ctx, *batches)
+
+
 def run_steps(step_fn, ctx: StepContext, batches: Iterable[dict]) -> None:
-    """Apply ``step_fn(ctx, batch)`` to every batch (convenience for tests and tools)."""
+    """:func:`execute` ``step_fn`` on every batch (convenience for tests and tools)."""
     for batch in batches:
-        step_fn(ctx, batch)
+        execute(step_fn, ctx, batch)

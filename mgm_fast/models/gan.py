@@ -25,6 +25,7 @@ from mgm_fast.models.layers import (
     SNEmbedding,
     SNLinear,
     SpectralNormLayer,
+    refreshes_spectral_norm,
 )
 from mgm_fast.ops import BackendUnavailable
 from mgm_fast.ops import genblock as genblock_ops
@@ -94,8 +95,9 @@ class GenBlock(nn.Module):
 
     ``impl`` (:data:`GENBLOCK_IMPLS`): "reference" is the module path :func:`genblock_reference`;
     anything else calls the fused op :func:`mgm_fast.ops.genblock.genblock` with the effective
-    (spectrally normalised) weights -- the power iteration stays here, once per conv and
-    forward, exactly as on the reference path -- and the BN buffers, which it updates in place.
+    (spectrally normalised) weights -- ``sn_weight()``, the weights the generator's batched
+    refresh prepared for this forward (one power iteration per conv and forward, exactly as on
+    the reference path) -- and the BN buffers, which it updates in place.
 
     x (B, in_channels, H, W), y (B,) int64 -> (B, out_channels, 2H, 2W).
     """
@@ -159,7 +161,9 @@ class Generator(nn.Module):
     output resolution is ``cfg.attn_resolution``, then ``bn`` (BatchNorm2d, momentum 1e-4),
     ReLU, ``snconv2d1`` 3x3 -> 3 channels, tanh.
 
-    z (B, z_dim) float, y (B,) int64 -> (B, 3, image_size, image_size) in [-1, 1].
+    z (B, z_dim) float, y (B,) int64 -> (B, 3, image_size, image_size) in [-1, 1]. Each forward
+    first prepares the normalised weights of all SN layers at once
+    (:func:`~mgm_fast.models.layers.refresh_spectral_norm`).
     """
 
     def __init__(self, cfg: ModelConfig, impl: str | None = None) -> None:
@@ -191,6 +195,7 @@ class Generator(nn.Module):
         self.snconv2d1 = SNConv2d(ch[-1], 3, 3, padding=1)
         init_gan_(self)
 
+    @refreshes_spectral_norm
     def forward(self, z: Tensor, y: Tensor) -> Tensor:
         h = self.snlinear0(z).view(z.shape[0], self.base_channels, 4, 4)
         for k in range(1, self.num_blocks + 1):
@@ -244,7 +249,8 @@ class DiscBlock(nn.Module):
 
     ``keep_unused_shortcut``: a block that needs no shortcut conv still owns ``snconv2d0`` (the
     released code builds it unconditionally); it is never called, so neither its output nor its
-    spectral-norm buffers change.
+    spectral-norm buffers change (:meth:`idle_spectral_norm_layers` keeps it out of the
+    network's spectral-norm refresh).
 
     (B, in, H, W) -> (B, out, H/2, W/2) if downsample else (B, out, H, W).
     """
@@ -265,6 +271,10 @@ class DiscBlock(nn.Module):
         self.snconv2d2 = SNConv2d(out_channels, out_channels, 3, padding=1)
         if self.learnable_shortcut or keep_unused_shortcut:
             self.snconv2d0 = SNConv2d(in_channels, out_channels, 1)
+
+    def idle_spectral_norm_layers(self) -> list[nn.Module]:
+        """The SN layers this block owns but never calls: the kept unused shortcut."""
+        return [] if self.learnable_shortcut or not hasattr(self, "snconv2d0") else [self.snconv2d0]
 
     def forward(self, x: Tensor) -> Tensor:
         a = F.relu(x)
@@ -288,7 +298,9 @@ class Discriminator(nn.Module):
     whose output resolution is ``cfg.attn_resolution`` (at 128: after block1, 32x32, 128
     channels), ReLU, global sum pool h, output ``snlinear1``(h) + <h, ``sn_embedding1``[y]>.
 
-    x (B, 3, image_size, image_size) float, y (B,) int64 -> (B,) float.
+    x (B, 3, image_size, image_size) float, y (B,) int64 -> (B,) float. Each forward first
+    prepares the normalised weights of all SN layers it calls at once
+    (:func:`~mgm_fast.models.layers.refresh_spectral_norm`); :meth:`features` alone does not.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -338,6 +350,7 @@ class Discriminator(nn.Module):
                 h = self.self_attn(h)
         return F.relu(h).sum(dim=(2, 3))
 
+    @refreshes_spectral_norm
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         h = self.features(x)
         return self.snlinear1(h).squeeze(1) + (h * self.sn_embedding1(y)).sum(dim=1)

@@ -6,7 +6,10 @@
   parameter ``weight_orig``, buffers ``weight_u`` (size out) and ``weight_v`` (size
   in*kh*kw), one power iteration per call in training mode, none in eval mode.
   :meth:`~SpectralNormLayer.sn_weight` returns the normalised weight so that fused kernels can take
-  it as an input.
+  it as an input. A network whose forward is decorated with :func:`refreshes_spectral_norm`
+  computes the weights of all its SN layers at once (:func:`spectral_norm_weights`: foreach
+  normalisations, one autograd node for all ``W / sigma``), a few ops per layer instead of
+  dozens; the layers then take those weights.
 * :class:`ConditionalBatchNorm2d` -- BN without affine, then a per-class gamma/beta.
 * :class:`SelfAttention` -- the SAGAN/BigGAN self-attention block with 2x2-pooled keys/values.
 * :class:`BasicBlock` -- the ResNet basic block of the taskgrouping encoder.
@@ -18,7 +21,10 @@ are int64 tensors of shape (B,).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +49,17 @@ class SpectralNormLayer(nn.Module):
     Subclasses create ``weight_orig`` (first dimension = output size) and then call
     :meth:`_init_spectral_norm`. The weight is viewed as the matrix
     ``weight_orig.reshape(out, -1)`` (torch's ``dim=0``).
+
+    A network that holds several SN layers prepares all their weights at once at the start of
+    its forward (:func:`refresh_spectral_norm`, :func:`refreshes_spectral_norm`); each layer then
+    takes the weight prepared for it. A layer called on its own computes its weight itself.
     """
 
     n_power_iterations: int
     eps: float
+    _prepared_weight: Tensor | None = None
+    """The normalised weight :func:`refresh_spectral_norm` computed for the next call, if any
+    (a plain attribute, not state: checkpoints never see it)."""
 
     def _init_spectral_norm(self, n_power_iterations: int, eps: float) -> None:
         if n_power_iterations <= 0:
@@ -66,28 +79,18 @@ class SpectralNormLayer(nn.Module):
     def sn_weight(self) -> Tensor:
         """The spectrally normalised weight ``weight_orig / sigma``, shaped like ``weight_orig``.
 
-        In training mode this first runs ``n_power_iterations`` power-iteration steps and stores
-        the new ``weight_u`` / ``weight_v`` (new tensors: the previous ones may be saved for a
-        pending backward), so call it exactly once per forward pass. In eval mode the stored vectors
-        are used unchanged. Gradients flow into ``weight_orig`` through both the numerator and
-        ``sigma = u . (W v)``.
+        Returns the weight prepared by the enclosing network's :func:`refresh_spectral_norm` when
+        there is one (and forgets it: it serves one call), else computes it for this layer alone
+        with :func:`spectral_norm_weights`. In training mode that runs ``n_power_iterations``
+        power-iteration steps and replaces ``weight_u`` / ``weight_v``, so call it exactly once per
+        forward pass. In eval mode the stored vectors are used unchanged. Gradients flow into
+        ``weight_orig`` through both the numerator and ``sigma = u . (W v)``.
         """
-        weight = self.weight_orig
-        weight_mat = weight.reshape(weight.shape[0], -1)
-        u, v = self.weight_u, self.weight_v
-        if self.training:
-            # fp32 (the buffers' dtype) even under autocast, which would run mv in bf16 on CUDA.
-            with torch.no_grad(), _autocast_off(weight.device):
-                for _ in range(self.n_power_iterations):
-                    v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps)
-                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
-            # The new vectors replace the buffers instead of being written into them: a later
-            # forward runs the iteration again before one backward through both (the GAN
-            # pattern D(real) + D(fake)), and the tensors this forward saved for backward must
-            # stay unchanged -- also under torch.compile, whose graphs save them directly.
-            self.weight_u, self.weight_v = u, v
-        sigma = torch.dot(u, torch.mv(weight_mat, v))
-        return weight / sigma
+        prepared = self._prepared_weight
+        if prepared is not None:
+            self._prepared_weight = None
+            return prepared
+        return spectral_norm_weights([self])[0]
 
 
 class SNConv2d(SpectralNormLayer):
@@ -200,6 +203,175 @@ class SNEmbedding(SpectralNormLayer):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+# -------------------------------------------------------------------------------------------
+# Spectral norm of a group of layers: one batched refresh per network forward.
+
+
+def _matrix(weight: Tensor) -> Tensor:
+    """The (out, in*kh*kw) matrix view of a weight (no op for a matrix already)."""
+    return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+
+
+def _normalize(xs: list[Tensor], eps: list[float]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``F.normalize(x, dim=0, eps=eps)`` of 1-D tensors, batched: (x / max(|x|, eps), |x|,
+    max(|x|, eps)), the last two 0-dim tensors."""
+    norms = torch._foreach_norm(xs)
+    clamped = torch._foreach_clamp_min(norms, eps)
+    return torch._foreach_div(xs, clamped), norms, clamped
+
+
+def _power_iteration(layers: Sequence[SpectralNormLayer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(sigma, u, v) of training-mode layers after their power iteration, which stores the new
+    ``weight_u`` / ``weight_v``. No gradient; call under autocast off (fp32 iteration).
+
+    Per step only the two products ``W^T u`` and ``W v`` are per layer; the normalisations are
+    foreach ops over the group. Layer i takes ``n_power_iterations`` steps (mixed counts work).
+    sigma = u . (W v) with u = W v / max(|W v|, eps) is |W v|^2 / max(|W v|, eps), taken from the
+    last step's W v instead of a third product. sigma is 0-dim, u (out,), v (in*kh*kw,).
+    """
+    mats = [_matrix(layer.weight_orig) for layer in layers]
+    us = [layer.weight_u for layer in layers]
+    vs = [layer.weight_v for layer in layers]
+    norms: list[Tensor] = list(us)  # placeholders, every entry is overwritten below
+    clamped: list[Tensor] = list(us)
+    for step in range(max(layer.n_power_iterations for layer in layers)):
+        active = [i for i, layer in enumerate(layers) if layer.n_power_iterations > step]
+        eps = [layers[i].eps for i in active]
+        new_v, _, _ = _normalize([torch.mv(mats[i].t(), us[i]) for i in active], eps)
+        for i, v in zip(active, new_v):
+            vs[i] = v
+        new_u, wv_norm, wv_clamped = _normalize([torch.mv(mats[i], vs[i]) for i in active], eps)
+        for j, i in enumerate(active):
+            us[i], norms[i], clamped[i] = new_u[j], wv_norm[j], wv_clamped[j]
+    sigmas = torch._foreach_div(torch._foreach_mul(norms, norms), clamped)
+    # The new vectors replace the buffers instead of being written into them: a later forward
+    # runs the iteration again before one backward through both (the GAN pattern D(real) +
+    # D(fake)), and the tensors this forward saved for backward must stay unchanged -- also
+    # under torch.compile, whose graphs save them directly.
+    for layer, u, v in zip(layers, us, vs):
+        layer.weight_u, layer.weight_v = u, v
+    return sigmas, us, vs
+
+
+def _stored_sigma(layers: Sequence[SpectralNormLayer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(sigma = u . (W v), u, v) from the stored vectors (eval mode: no iteration)."""
+    us = [layer.weight_u for layer in layers]
+    vs = [layer.weight_v for layer in layers]
+    sigmas = [torch.dot(u, torch.mv(_matrix(layer.weight_orig), v)) for layer, u, v in zip(layers, us, vs)]
+    return sigmas, us, vs
+
+
+class _DivideBySigma(torch.autograd.Function):
+    """``W_i / sigma_i`` for a group of weights, with u_i, v_i and sigma_i = u_i . (W_i v_i)
+    treated as torch's spectral_norm treats them: u, v constants, sigma a function of W.
+
+    apply(n, W_1..W_n, sigma_1..sigma_n, u_1..u_n, v_1..v_n) -> (W_1/sigma_1, ..., W_n/sigma_n).
+    W_i any shape (out, ...), sigma_i 0-dim, u_i (out,), v_i (W_i.numel() / out,), one dtype per i.
+    Backward (d sigma / dW = u v^T): dW = g / sigma - (<g, W> / sigma^2) u v^T, batched with
+    foreach ops; per layer only the reduction <g, W> and the views that shape u and v.
+    """
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.n = n
+        ctx.save_for_backward(*tensors)
+        return tuple(torch._foreach_div(list(tensors[:n]), list(tensors[n : 2 * n])))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        n = ctx.n
+        saved = ctx.saved_tensors
+        weights, sigmas = list(saved[:n]), list(saved[n : 2 * n])
+        us, vs = saved[2 * n : 3 * n], saved[3 * n :]
+        grads_list = list(grads)
+        with _autocast_off(weights[0].device):
+            inner = [p.sum() for p in torch._foreach_mul(grads_list, weights)]  # <g, W>
+            coef = torch._foreach_div(inner, torch._foreach_mul(sigmas, sigmas))
+            # u as a column (out, 1, ...) and v shaped like one output row: u v^T by broadcasting
+            cols = [u.view(-1, *[1] * (w.dim() - 1)) for u, w in zip(us, weights)]
+            rows = [v if w.dim() == 2 else v.view(w.shape[1:]) for v, w in zip(vs, weights)]
+            grad_w = torch._foreach_div(grads_list, sigmas)
+            torch._foreach_addcmul_(grad_w, torch._foreach_mul(cols, coef), rows, value=-1.0)
+        return (None, *grad_w, *[None] * (3 * n))
+
+
+def spectral_norm_weights(layers: Sequence[SpectralNormLayer]) -> list[Tensor]:
+    """``weight_orig / sigma`` of every layer, computed for the whole group at once.
+
+    Training-mode layers run their power iteration (``n_power_iterations`` steps, exactly as
+    ``torch.nn.utils.spectral_norm`` does per call) and store the new ``weight_u`` /
+    ``weight_v``; eval-mode layers use the stored vectors. The iteration and sigma are fp32 (the
+    buffers' dtype) even under autocast, which would run mv in bf16 on CUDA. Gradients reach
+    each ``weight_orig`` through the numerator and sigma. No value is read on the host.
+
+    Returns one tensor per layer, in order, shaped and typed like its ``weight_orig``.
+    """
+    out: list[Tensor] = []
+    if not layers:
+        return out
+    with _autocast_off(layers[0].weight_orig.device):
+        slots: dict[int, Tensor] = {}
+        for training in (True, False):
+            group = [(i, layer) for i, layer in enumerate(layers) if layer.training == training]
+            if not group:
+                continue
+            members = [layer for _, layer in group]
+            with torch.no_grad():
+                sigmas, us, vs = _power_iteration(members) if training else _stored_sigma(members)
+            weights = [layer.weight_orig for layer in members]
+            normalised = _DivideBySigma.apply(len(members), *weights, *sigmas, *us, *vs)
+            slots.update((i, w) for (i, _), w in zip(group, normalised))
+        out = [slots[i] for i in range(len(layers))]
+    return out
+
+
+def spectral_norm_layers(module: nn.Module) -> list[SpectralNormLayer]:
+    """The SN layers under ``module`` (itself included) that its forward calls, in registration
+    order: every :class:`SpectralNormLayer` except those a submodule reports as never called
+    through an ``idle_spectral_norm_layers()`` method (e.g. a kept but unused shortcut)."""
+    layers: list[SpectralNormLayer] = []
+    idle: list[nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, SpectralNormLayer):
+            layers.append(m)
+        report = getattr(m, "idle_spectral_norm_layers", None)
+        if report is not None:
+            idle.extend(report())
+    return [layer for layer in layers if not any(layer is other for other in idle)]
+
+
+def refresh_spectral_norm(module: nn.Module) -> list[SpectralNormLayer]:
+    """Prepare the normalised weight of every SN layer ``module``'s forward calls
+    (:func:`spectral_norm_layers`), in one :func:`spectral_norm_weights` call: one power
+    iteration per layer, as if each layer ran its own, at a fraction of the ops. Each layer's
+    next :meth:`~SpectralNormLayer.sn_weight` returns its prepared weight.
+
+    Layers that still hold a prepared weight are left alone, so that a refreshing network inside
+    another one does not iterate twice per forward. Returns the layers it prepared.
+    """
+    layers = [layer for layer in spectral_norm_layers(module) if layer._prepared_weight is None]
+    for layer, weight in zip(layers, spectral_norm_weights(layers)):
+        layer._prepared_weight = weight
+    return layers
+
+
+def refreshes_spectral_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of a network's ``forward``: :func:`refresh_spectral_norm` first, and afterwards
+    (also when the forward raises) drop any prepared weight left unused, so that a layer later
+    called on its own never takes a weight of an earlier forward."""
+
+    @functools.wraps(forward)
+    def wrapped(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        layers = refresh_spectral_norm(self)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            for layer in layers:
+                layer._prepared_weight = None
+
+    return wrapped
 
 
 # -------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ not the ones before it (``FusedOp.resolutions``), so a run can record what compu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -163,6 +164,41 @@ class FusedOp:
 
 
 REGISTRY: dict[str, FusedOp] = {}
+
+_VALUE_CHECKS: list[bool | None] = [None]
+
+
+def value_checks_enabled(device: torch.device) -> bool:
+    """Whether ops check input *values* (label ranges, index bounds) of tensors on ``device``, on
+    top of their shapes and dtypes.
+
+    Such a check reads tensor values on the host: on a GPU it drains the stream, on the CPU it
+    is a host read per call. By default ops check CPU tensors only, so that a direct call with a
+    bad label gets a clear error where that costs no device synchronisation. The training engine
+    turns checks off inside its steps (``value_checks(False)``) because its data is validated once
+    at the data boundary (the loaders); ``python -m mgm_fast.train --check-values`` turns them on
+    for every device (``value_checks(True)``), a debugging aid.
+
+    Inside code traced by ``torch.compile`` (the compiled networks) no op checks values: a host
+    read would break the graph (and fail ``fullgraph=True``); the data there was checked at the
+    data boundary, and the fused kernels check label and index ranges themselves where they can
+    (e.g. the C++ kernels raise on an out-of-range label)."""
+    if torch.compiler.is_compiling():
+        return False
+    mode = _VALUE_CHECKS[-1]
+    return device.type == "cpu" if mode is None else mode
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool | None):
+    """Context in which value checks are on for every device (True), off (False), or as by
+    default (None: CPU tensors only). Nests; restores on exit."""
+    _VALUE_CHECKS.append(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.pop()
+
 
 IMPL_ENV = "MGM_FAST_IMPL"
 

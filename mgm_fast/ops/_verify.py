@@ -165,7 +165,10 @@ def verify(op: FusedOp, backend: str, device: torch.device | str, dtypes=VERIFY_
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry is simply redone
     start = time.perf_counter()
-    results = run_op(op, device, backends=[backend], dtypes=dtypes, layouts=LAYOUTS, sizes=("small",))
+    # The global random streams are left as they were: a run's numbers must not depend on
+    # whether its backends were verified now or read from the cache.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        results = run_op(op, device, backends=[backend], dtypes=dtypes, layouts=LAYOUTS, sizes=("small",))
     bad = [r for r in results if r.verdict in ("fail", "error")]
     ran = [r for r in results if r.verdict == "pass"]
     if bad:

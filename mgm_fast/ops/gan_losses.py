@@ -124,13 +124,13 @@ def _noisy_reference(x, std, seed_or_generator, *, return_noise=False):
 
 
 def _fused_seed(seed_or_generator, device: torch.device):
-    """The Philox key: the int itself, or one drawn from the generator (a device tensor for a
-    generator on an accelerator: the kernel reads it there, no host synchronisation)."""
+    """The Philox key: the int itself, or one drawn from the generator as a one-element int64
+    tensor on the generator's device, which the kernel reads there (no host read-back)."""
     if not isinstance(seed_or_generator, torch.Generator):
         return seed_or_generator
     gen = seed_or_generator
     if gen.device.type == "cpu":
-        return int(torch.randint(0, _SEED_LIMIT - 1, (), generator=gen))
+        return torch.randint(0, _SEED_LIMIT - 1, (1,), generator=gen)
     other_index = None not in (gen.device.index, device.index) and gen.device.index != device.index
     if gen.device.type != device.type or other_index:
         raise ValueError(f"noisy: the generator is on {gen.device} but x on {device}")
@@ -167,7 +167,7 @@ def _triton_draw(x, std, seed, return_noise):
 
 
 def _cpp_draw(x, std, seed, return_noise):
-    if isinstance(seed, torch.Tensor):
+    if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
         raise ValueError("noisy (cpp backend): pass an int seed or a CPU torch.Generator")
     return _native.extension().instance_noise_cpu(x, std, seed, return_noise)
 

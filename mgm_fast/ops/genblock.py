@@ -99,6 +99,7 @@ from mgm_fast.ops._dispatch import (
     triton_auto_exclusion,
     triton_devices,
     triton_reason,
+    value_checks_enabled,
 )
 
 __all__ = [
@@ -541,7 +542,7 @@ def _validate_genblock(a: dict) -> None:
     if not isinstance(y, Tensor) or y.shape != (b,) or y.dtype != torch.int64:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"{op}: y must be a (B,) = ({b},) int64 tensor of labels, got {got}")
-    if y.device.type == "cpu":  # elsewhere the check would synchronise the host
+    if value_checks_enabled(y.device):  # a host read of the labels
         lo, hi = (int(v) for v in torch.aminmax(y))
         if lo < 0 or hi >= classes:
             raise ValueError(f"{op}: y holds label {lo if lo < 0 else hi}, outside [0, {classes}) (embed1 has {classes} rows)")

@@ -172,9 +172,7 @@ class _CppMultitaskLoss(torch.autograd.Function):
         for saved, grad_output in zip(ctx.saved_tensors, grad_outputs):
             if saved is None or grad_output is None:
                 grads.append(None)
-            elif bool(grad_output == 1):  # CPU scalar: no synchronisation involved
-                grads.append(saved)
-            else:
+            else:  # always scaled: testing grad_output == 1 first would read it on the host
                 grads.append(saved * grad_output)
         return (*grads, None, None, None, None, None, None, None)
 

@@ -71,6 +71,7 @@ from mgm_fast.ops._dispatch import (
     triton_auto_exclusion,
     triton_devices,
     triton_reason,
+    value_checks_enabled,
 )
 
 __all__ = ["LOSS_OP", "ROWS_OP", "ntxent_loss", "ntxent_rows", "ntxent_rows_reference"]
@@ -121,7 +122,7 @@ def _check_rows(rows, cols, row_index, check_values: bool = True) -> None:
     for name, t in (("cols", cols), ("row_index", row_index)):
         if t.device != rows.device:
             raise ValueError(f"ntxent_rows: {name} is on {t.device} but rows on {rows.device}")
-    if check_values and row_index.device.type == "cpu" and row_index.numel():  # elsewhere a check would sync
+    if check_values and value_checks_enabled(row_index.device) and row_index.numel():  # a host read
         lo, hi = int(row_index.min()), int(row_index.max())
         if lo < 0 or hi >= n2:
             bad = lo if lo < 0 else hi
@@ -177,7 +178,7 @@ class _CppNtxentRows(torch.autograd.Function):
         rows, cols, row_index, lse = ctx.saved_tensors
         need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
         grad_rows, grad_cols = _native.extension().ntxent_rows_cpu_backward(
-            rows, cols, row_index, ctx.temperature, lse, float(grad_output), need
+            rows, cols, row_index, ctx.temperature, lse, grad_output.float(), need
         )
         return grad_rows, grad_cols, None, None
 

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 import torch
 
 from mgm_fast import _native
-from mgm_fast.ops._dispatch import Backend, FusedOp, register_op
+from mgm_fast.ops._dispatch import Backend, FusedOp, register_op, value_checks_enabled
 
 __all__ = ["OP", "simclr_views"]
 
@@ -70,7 +70,7 @@ def _validate(x, params, src_index, out_hw, blur_kernel, select) -> tuple[int, i
         )
         raise ValueError(f"simclr_views: src_index must be a (N,) int64 tensor, got {got}")
     aug._check_params(params, src_index.shape[0])
-    if src_index.device.type == "cpu" and src_index.numel():  # elsewhere a check would sync
+    if value_checks_enabled(src_index.device) and src_index.numel():  # a host read
         lo, hi = int(src_index.min()), int(src_index.max())
         if lo < 0 or hi >= x.shape[0]:
             bad = lo if lo < 0 else hi

@@ -168,3 +168,18 @@ def test_launch_probes_pass_on_this_gpu():
 
     assert _native.cuda_reason() is None  # the extension's kernels launched
     assert triton_reason() is None  # the probe kernel compiled, ran and computed x + 1
+
+
+def test_verification_leaves_the_global_random_streams_alone(tmp_path, monkeypatch):
+    # A run's numbers must not depend on whether its backends were verified now or read from
+    # the cache: self-tests that build modules or draw inputs may not consume the global RNG.
+    monkeypatch.setenv("MGM_FAST_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    ran = 0
+    for op in REGISTRY.values():
+        for backend in verify.candidates(op, torch.device("cpu")):
+            verify.verify(op, backend, "cpu", dtypes=(torch.float32,), use_cache=False)
+            ran += 1
+            assert torch.equal(torch.get_rng_state(), before), f"{op.name}/{backend} moved the global RNG"
+    assert ran >= 3

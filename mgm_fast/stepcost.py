@@ -1,0 +1,361 @@
+"""What one training step costs the host: ATen ops, host synchronisations, graph breaks, host floor.
+
+A GPU step is host-bound when the CPU needs longer to dispatch its ops than the card needs to
+run them, and it stalls whenever the host reads a device value (the stream drains). Both are
+properties of the code, not of the card, so they are counted here on any device, the CPU
+included:
+
+* **ops** -- every ATen op dispatched (a ``TorchDispatchMode`` sees each op once, forward and
+  backward, optimiser included), per sub-step of the schedule;
+* **syncs** -- every op that reads a tensor's value on the host or copies it to the CPU
+  (``aten._local_scalar_dense`` behind ``.item()``/``float(t)``/``bool(t)``, ``nonzero`` and
+  other ops whose output size depends on values, copies of a non-CPU tensor to the CPU), plus
+  ``Tensor.tolist()`` and ``Tensor.numpy()``, which read a CPU tensor without dispatching an op;
+  counted on every device, because on a GPU each one drains the stream;
+* **graph breaks / recompiles** under ``torch.compile`` (dynamo's counters), with ``--compile``;
+* **host floor** -- the wall time of a step at a degenerate size (tiny networks, 32x32 images,
+  batch 2), where compute is negligible and what is left is Python and dispatch overhead.
+
+Steps are built through the public training entry (``mgm_fast.train``'s parser, ``setup``,
+``build_nets``, ``make_context``, the engine's own loader), exactly as ``python -m mgm_fast.train``
+builds them. The first steps (optimiser state, compilation, caches) are run before counting.
+
+    python -m mgm_fast.bench step-cost [--engine fast] [--compile] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import inspect
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+METHOD_STEPS = {
+    "phase-a": ("mgm", "gan_pretrain_step"),
+    "mgm": ("mgm", "mgm_step"),
+    "mgm-light": ("mgm-light", "mgm_light_step"),
+    "mt": ("mt", "supervised_step"),
+}
+"""Each accounted step: name -> (``--method`` that runs it, function of ``engine.schedule``)."""
+
+SUB_STEPS = ("supervised_step", "refine_step", "simclr_step", "d_step", "g_step")
+"""Schedule functions whose ops are reported apart (with their tag where they take one)."""
+
+SYNC_OPS = frozenset({
+    "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.allclose",
+    "aten.nonzero", "aten.nonzero_static", "aten.masked_select", "aten._unique2", "aten.unique_dim",
+    "aten.unique_consecutive", "aten.bincount", "aten.histc",
+})
+"""Ops that read device values on the host (or size their output by them): each one drains a
+CUDA stream."""
+
+FLOOR_SET = ("model.image_size=32", "model.stem_width=4", "model.encoder_widths=4,4,4,4",
+             "model.decoder_widths=4,4,4,4,4", "model.clr_dim=4", "model.refine_stem_width=4",
+             "model.refine_widths=4,4,4", "model.refine_hidden=4", "model.z_dim=4",
+             "model.g_conv_dim=8", "model.g_channel_mults=1,1,1,1", "model.d_conv_dim=8",
+             "model.d_channel_mults=1,1,1,1", "model.attn_resolution=16")
+"""The degenerate size of the host floor: the tiny preset's topology with every width cut to the
+bone (8 channels where self-attention needs 8) and 32x32 images (``--set`` overrides)."""
+FLOOR_BATCH = 2
+
+
+def _is_copy_to_host(func, args, kwargs) -> bool:
+    name = str(func.overloadpacket)
+    if name == "aten._to_copy":
+        device = kwargs.get("device")
+        return device is not None and torch.device(device).type == "cpu" and args[0].device.type != "cpu"
+    if name == "aten.copy_":
+        return args[0].device.type == "cpu" and isinstance(args[1], torch.Tensor) and args[1].device.type != "cpu"
+    return False
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts every ATen op and every host synchronisation, per section.
+
+    ``section`` is the label the counts go to (set by :meth:`labelled`). ``ops[section]`` and
+    ``syncs[section]`` are Counters by op name (``aten.mv``); host reads that bypass the
+    dispatcher (``Tensor.tolist``/``Tensor.numpy``) are counted as ``Tensor.tolist`` /
+    ``Tensor.numpy`` while the counter is active.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section = "other"
+        self.ops: dict[str, Counter] = {}
+        self.syncs: dict[str, Counter] = {}
+        self._patches: list[tuple[str, Callable]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        self.ops.setdefault(self.section, Counter())[name] += 1
+        if name in SYNC_OPS or _is_copy_to_host(func, args, kwargs):
+            self.syncs.setdefault(self.section, Counter())[name] += 1
+        return func(*args, **kwargs)
+
+    def _count_host_read(self, method: str):
+        original = getattr(torch.Tensor, method)
+
+        @functools.wraps(original)
+        def counted(tensor, *a, **kw):
+            self.syncs.setdefault(self.section, Counter())[f"Tensor.{method}"] += 1
+            return original(tensor, *a, **kw)
+
+        return original, counted
+
+    def __enter__(self):
+        for method in ("tolist", "numpy"):
+            original, counted = self._count_host_read(method)
+            self._patches.append((method, original))
+            setattr(torch.Tensor, method, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self._patches:
+            setattr(torch.Tensor, method, original)
+        self._patches.clear()
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def labelled(self, section: str) -> Iterator[None]:
+        previous, self.section = self.section, section
+        try:
+            yield
+        finally:
+            self.section = previous
+
+    def total_ops(self) -> int:
+        return sum(sum(c.values()) for c in self.ops.values())
+
+    def total_syncs(self) -> int:
+        return sum(sum(c.values()) for c in self.syncs.values())
+
+
+@contextlib.contextmanager
+def sub_step_labels(counter: DispatchCounter) -> Iterator[None]:
+    """While active, each call of a schedule sub-step (``SUB_STEPS``) counts into its own section
+    (``refine_step/real``, ``d_step`` ...); everything else of the step into ``other``."""
+    from mgm_fast.engine import schedule
+
+    originals = {name: getattr(schedule, name) for name in SUB_STEPS}
+
+    def wrap(name, fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def labelled(ctx, *args, **kwargs):
+            tag = signature.bind(ctx, *args, **kwargs).arguments.get("tag")
+            section = f"{name}/{tag}" if tag else name
+            if counter.section != "other":  # a sub-step inside another keeps the outer label
+                return fn(ctx, *args, **kwargs)
+            with counter.labelled(section):
+                return fn(ctx, *args, **kwargs)
+
+        return labelled
+
+    for name, fn in originals.items():
+        setattr(schedule, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(schedule, name, fn)
+
+
+@dataclass
+class StepCost:
+    """The accounting of one step of one method."""
+
+    step: str
+    ops: int
+    syncs: int
+    ops_by_section: dict[str, int]
+    syncs_by_op: dict[str, int]
+    syncs_by_section: dict[str, dict[str, int]]
+    top_ops: list[tuple[str, int]]
+    graph_breaks: int | None = None
+    recompiles: int | None = None
+    host_floor_ms: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def prepare(method: str, engine: str, device: str, preset: str = "tiny", batch: int | None = None,
+            extra_args: list[str] | None = None, out: str | Path | None = None):
+    """(ctx, step function, batch source) of ``method`` built as ``python -m mgm_fast.train`` builds
+    it. ``method`` is a key of METHOD_STEPS. The batch source yields the step's arguments."""
+    import tempfile
+
+    from mgm_fast import train
+    from mgm_fast.engine import schedule
+    from mgm_fast.engine.distributed import SINGLE
+
+    train_method, step_name = METHOD_STEPS[method]
+    out = out or tempfile.mkdtemp(prefix="mgm_fast-stepcost-")
+    argv = ["--method", train_method, "--engine", engine, "--preset", preset, "--device", device, "--quiet",
+            "--out", str(out), "--regime", "0.5", "--data", f"synthetic:{max(8, (batch or 8)) * 10}",
+            *(["--batch-size", str(batch)] if batch else []), *(extra_args or [])]
+    args = train.build_parser().parse_args(argv)
+    run = train.setup(args, SINGLE, torch.device(device))
+    run.metrics_file.close()
+    run.metrics_file = None
+    nets = train.build_nets(run)
+    ctx = train.make_context(run, nets)
+    labelled = train._forever(train.loader_for(run, run.split.train_labelled))
+    weak = None
+    if method == "mgm-light":
+        weak = train._forever(train.loader_for(run, run.split.train_weak, keys=("rgb", "scene")))
+
+    def batches():
+        while True:
+            yield (next(labelled),) if weak is None else (next(labelled), next(weak))
+
+    def step(ctx, *args):  # looked up at call time, so that sub_step_labels sees it
+        schedule.execute(getattr(schedule, step_name), ctx, *args)
+
+    return ctx, step, batches()
+
+
+def _finish(ctx) -> None:
+    """Wait for the device: one read-back of the logged losses (outside the counted region)."""
+    means = ctx.pop_means()
+    if means:
+        float(sum(v.sum() for v in means.values()))
+
+
+def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: str = "tiny",
+               batch: int | None = None, extra_args: list[str] | None = None, warmup: int = 2,
+               compiled: bool = False) -> StepCost:
+    """Counts one step of ``method`` after ``warmup`` uncounted steps. With ``compiled`` the
+    networks are torch.compiled (``--compile``) and dynamo's graph breaks and recompiles during
+    the counted step are reported too."""
+    extra = list(extra_args or []) + (["--compile"] if compiled else [])
+    ctx, step_fn, batches = prepare(method, engine, device, preset, batch, extra)
+    for _ in range(warmup):
+        step_fn(ctx, *next(batches))
+    _finish(ctx)
+    args = next(batches)
+    breaks = recompiles = None
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+    counter = DispatchCounter()
+    with counter, sub_step_labels(counter):
+        step_fn(ctx, *args)
+    if compiled:
+        breaks = sum(counters["graph_break"].values())
+        recompiles = counters["stats"].get("unique_graphs", 0)
+    _finish(ctx)
+    flat = Counter()
+    for c in counter.ops.values():
+        flat.update(c)
+    syncs = Counter()
+    for c in counter.syncs.values():
+        syncs.update(c)
+    return StepCost(
+        step=method, ops=counter.total_ops(), syncs=counter.total_syncs(),
+        ops_by_section={k: sum(v.values()) for k, v in counter.ops.items()},
+        syncs_by_op=dict(syncs), syncs_by_section={k: dict(v) for k, v in counter.syncs.items()},
+        top_ops=flat.most_common(12), graph_breaks=breaks, recompiles=recompiles,
+    )
+
+
+def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: int = 10, warmup: int = 3,
+               compiled: bool = False) -> float:
+    """Median wall time (ms) of one step of ``method`` at the degenerate size (FLOOR_SET, batch
+    FLOOR_BATCH), each step finished by a read-back so that device work is included."""
+    extra = [a for s in FLOOR_SET for a in ("--set", s)] + (["--compile"] if compiled else [])
+    ctx, step_fn, batches = prepare(method, engine, device, "tiny", FLOOR_BATCH, extra)
+    for _ in range(warmup):
+        step_fn(ctx, *next(batches))
+    _finish(ctx)
+    times = []
+    for _ in range(steps):
+        args = next(batches)
+        t0 = time.perf_counter()
+        step_fn(ctx, *args)
+        _finish(ctx)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def account(methods: list[str], engine: str = "fast", device: str = "cpu", preset: str = "tiny",
+            batch: int | None = None, compiled: bool = False, floor: bool = True) -> list[StepCost]:
+    """:func:`count_step` (and :func:`host_floor` with ``floor``) for each method."""
+    out = []
+    for method in methods:
+        cost = count_step(method, engine, device, preset, batch, compiled=compiled)
+        if floor:
+            cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
+        out.append(cost)
+    return out
+
+
+def render(costs: list[StepCost], title: str) -> str:
+    """A markdown table of the costs (one row per step) and per step the sub-step breakdown."""
+    lines = [f"### {title}", "", "| step | ATen ops | host syncs | graph breaks | recompiles | host floor |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for c in costs:
+        na = "–"
+        lines.append(f"| {c.step} | {c.ops:,} | {c.syncs} | {na if c.graph_breaks is None else c.graph_breaks} | "
+                     f"{na if c.recompiles is None else c.recompiles} | "
+                     f"{na if c.host_floor_ms is None else f'{c.host_floor_ms:.1f} ms'} |")
+    for c in costs:
+        lines += ["", f"`{c.step}` by sub-step: " + ", ".join(f"{k} {v:,}" for k, v in c.ops_by_section.items())]
+        lines.append("most frequent: " + ", ".join(f"{k.removeprefix('aten.')} {v:,}" for k, v in c.top_ops))
+        if c.syncs:
+            lines.append("syncs: " + "; ".join(f"{k}: " + ", ".join(f"{op} {n}" for op, n in v.items())
+                                               for k, v in c.syncs_by_section.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mgm_fast.bench step-cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=",".join(METHOD_STEPS),
+                   help=f"comma-separated steps to account (default {','.join(METHOD_STEPS)})")
+    p.add_argument("--engine", default="fast", help="engine of the steps (default fast)")
+    p.add_argument("--device", default="cpu", help="device (default cpu)")
+    p.add_argument("--preset", default="tiny", help="preset of the counted steps (default tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch of the counted steps (default: preset)")
+    p.add_argument("--compile", action="store_true", help="count the torch.compiled networks (--compile)")
+    p.add_argument("--no-floor", action="store_true", help="skip the host-floor timing")
+    p.add_argument("--json", default=None, help="also write the accounting as JSON")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_STEPS]
+    if unknown:
+        raise SystemExit(f"error: unknown step {', '.join(unknown)}; choose from {', '.join(METHOD_STEPS)}")
+    torch.manual_seed(0)
+    costs = account(methods, args.engine, args.device, args.preset, args.batch_size, args.compile,
+                    floor=not args.no_floor)
+    title = (f"{args.engine}{'+compile' if args.compile else ''} engine, {args.device}, {args.preset} preset"
+             f"{f', batch {args.batch_size}' if args.batch_size else ''}")
+    print(render(costs, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "steps": [dataclasses.asdict(c) for c in costs]},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The step accounting tool (mgm_fast.stepcost) and the property it guards: a fast-engine step
+reads nothing back to the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mgm_fast import stepcost
+from mgm_fast.data.loader import MemoryLoader
+from mgm_fast.data.sample import DataError
+from mgm_fast.ops import genblock as genblock_op
+from mgm_fast.ops._dispatch import value_checks, value_checks_enabled
+
+
+def test_counter_counts_ops_and_every_kind_of_host_read():
+    x = torch.arange(6.0)
+    counter = stepcost.DispatchCounter()
+    with counter:
+        y = x * 2 + 1
+        float(y.sum())  # _local_scalar_dense
+        y.tolist()  # reads a CPU tensor without dispatching an op
+        (y > 3).nonzero()  # output size depends on the values
+        y.numpy()
+    assert counter.total_ops() >= 5
+    syncs = counter.syncs["other"]
+    assert syncs["aten._local_scalar_dense"] == 1 and syncs["aten.nonzero"] == 1
+    assert syncs["Tensor.tolist"] == 1 and syncs["Tensor.numpy"] == 1
+    assert counter.total_syncs() == 4
+    assert torch.Tensor.tolist is not None and x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # unpatched
+
+
+def test_counter_sections_nest_and_restore():
+    counter = stepcost.DispatchCounter()
+    with counter:
+        torch.ones(2) + 1
+        with counter.labelled("inner"):
+            torch.ones(2).sum().item()
+        torch.ones(2) * 3
+    assert set(counter.ops) == {"other", "inner"}
+    assert counter.syncs == {"inner": {"aten._local_scalar_dense": 1}}
+
+
+@pytest.mark.parametrize("method", ["mgm", "phase-a", "mgm-light"])
+def test_fast_engine_step_reads_nothing_back(method):
+    cost = stepcost.count_step(method, batch=4, warmup=1)
+    assert cost.syncs == 0, f"host read-backs in a fast {method} step: {cost.syncs_by_section}"
+    assert cost.ops > 500  # the counter saw the step
+    if method == "mgm":
+        assert {"supervised_step", "refine_step/real", "simclr_step/synth", "d_step", "g_step"} <= set(
+            cost.ops_by_section)
+
+
+def test_reference_engine_reads_losses_back_every_sub_step():
+    # the released .item() per sub-step: the counter must see what the fast engine avoids
+    cost = stepcost.count_step("mt", engine="reference", batch=4, warmup=1)
+    assert cost.syncs_by_op.get("aten._local_scalar_dense", 0) >= 3
+
+
+def test_check_values_restores_the_in_step_label_check():
+    with value_checks(True), pytest.raises(ValueError, match="outside"):
+        genblock_op.genblock(*_genblock_args(label=5), impl="reference")  # 3 classes
+    with pytest.raises(ValueError, match="outside"):  # default: CPU tensors are checked
+        genblock_op.genblock(*_genblock_args(label=5), impl="reference")
+    assert value_checks_enabled(torch.device("cpu")) and not value_checks_enabled(torch.device("meta"))
+    with value_checks(False):
+        assert not value_checks_enabled(torch.device("cpu"))
+        counter = stepcost.DispatchCounter()
+        with counter:
+            genblock_op.genblock(*_genblock_args(label=1), impl="reference")
+        assert counter.total_syncs() == 0 and counter.total_ops() > 10
+    with value_checks(True):
+        assert value_checks_enabled(torch.device("meta"))
+    assert value_checks_enabled(torch.device("cpu")) and not value_checks_enabled(torch.device("meta"))
+
+
+def _genblock_args(label: int):
+    b, cin, cout, classes = 2, 4, 4, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, cin, 4, 4, generator=g)
+    y = torch.tensor([0, label])
+    return (x, y, torch.randn(classes, 2 * cin, generator=g), torch.randn(cout, cin, 3, 3, generator=g),
+            torch.zeros(cout), torch.randn(classes, 2 * cout, generator=g), torch.randn(cout, cout, 3, 3, generator=g),
+            torch.zeros(cout), torch.randn(cout, cin, 1, 1, generator=g), torch.zeros(cout),
+            torch.zeros(cin), torch.ones(cin), torch.zeros(cout), torch.ones(cout))
+
+
+class _Labels(torch.utils.data.Dataset):
+    def __init__(self, scenes, seg_value=0):
+        self.scenes, self.seg_value = scenes, seg_value
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def sample_id(self, i):
+        return f"s{i}"
+
+    def __getitem__(self, i):
+        return {"rgb": torch.zeros(3, 4, 4), "seg": torch.full((4, 4), self.seg_value, dtype=torch.int64),
+                "depth": torch.zeros(1, 4, 4), "depth_mask": torch.ones(1, 4, 4, dtype=torch.bool),
+                "normal": torch.zeros(3, 4, 4), "normal_mask": torch.ones(1, 4, 4, dtype=torch.bool),
+                "scene": torch.tensor(self.scenes[i]), "id": f"s{i}"}
+
+
+def test_loaders_check_labels_once_at_the_data_boundary():
+    ok = MemoryLoader(_Labels([0, 1, 2, 1]), list(range(4)), 2, "cpu", 0)
+    ok.require_labels(num_scenes=3, num_seg_classes=5)
+    bad = MemoryLoader(_Labels([0, 1, 7, 1]), list(range(4)), 2, "cpu", 0)
+    with pytest.raises(DataError, match=r"'scene' label 7 in samples \['s2'\].*outside \[0, 3\)"):
+        bad.require_labels(num_scenes=3)
+    seg = MemoryLoader(_Labels([0, 0], seg_value=9), [0, 1], 2, "cpu", 0)
+    seg.require_labels(num_scenes=3)  # seg not required
+    with pytest.raises(DataError, match=r"'seg' label 9 .* or -1 \(ignored\)"):
+        seg.require_labels(num_seg_classes=5)
+    ignored = MemoryLoader(_Labels([0, 0], seg_value=-1), [0, 1], 2, "cpu", 0)
+    ignored.require_labels(num_scenes=1, num_seg_classes=5)
+
+
+def test_torch_loader_checks_each_batch_before_the_copy():
+    from mgm_fast.data.loader import TorchLoader
+
+    loader = TorchLoader(_Labels([0, 1, 4, 1]), list(range(4)), 2, "cpu", 0, shuffle=False)
+    loader.require_labels(num_scenes=3)
+    with pytest.raises(DataError, match=r"'scene' label 4 in samples \['s2'\]"):
+        list(loader)
