@@ -20,7 +20,7 @@ Steps are built through the public training entry (``mgm_fast.train``'s parser, 
 ``build_nets``, ``make_context``, the engine's own loader), exactly as ``python -m mgm_fast.train``
 builds them. The first steps (optimiser state, compilation, caches) are run before counting.
 
-    python -m mgm_fast.bench step-cost [--engine fast] [--compile] [--json FILE]
+    python -m mgm_fast.bench step-cost [--engines reference,fast,fast+compile] [--json FILE] [--out FILE]
 """
 
 from __future__ import annotations
@@ -230,12 +230,25 @@ def _finish(ctx) -> None:
         float(sum(v.sum() for v in means.values()))
 
 
+def _median_step_ms(step_fn, ctx, batches, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        args = next(batches)
+        t0 = time.perf_counter()
+        step_fn(ctx, *args)
+        _finish(ctx)  # the device's work is part of the step
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
 def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: str = "tiny",
                batch: int | None = None, extra_args: list[str] | None = None, warmup: int = 2,
-               compiled: bool = False) -> StepCost:
+               compiled: bool = False, timed_steps: int = 0) -> StepCost:
     """Counts one step of ``method`` after ``warmup`` uncounted steps. With ``compiled`` the
-    networks are torch.compiled (``--compile``) and dynamo's graph breaks and recompiles during
-    the counted step are reported too."""
+    networks are torch.compiled (``--compile``) and dynamo's graph breaks and the graphs compiled
+    during the counted step (recompiles: warm-up is over) are reported too. With ``timed_steps``
+    the median wall time of that many further steps is ``extra["step_ms"]`` (steady state)."""
     extra = list(extra_args or []) + (["--compile"] if compiled else [])
     ctx, step_fn, batches = prepare(method, engine, device, preset, batch, extra)
     for _ in range(warmup):
@@ -254,6 +267,7 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
         breaks = sum(counters["graph_break"].values())
         recompiles = counters["stats"].get("unique_graphs", 0)
     _finish(ctx)
+    extra = {"step_ms": _median_step_ms(step_fn, ctx, batches, timed_steps)} if timed_steps else {}
     flat = Counter()
     for c in counter.ops.values():
         flat.update(c)
@@ -264,7 +278,7 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
         step=method, ops=counter.total_ops(), syncs=counter.total_syncs(),
         ops_by_section={k: sum(v.values()) for k, v in counter.ops.items()},
         syncs_by_op=dict(syncs), syncs_by_section={k: dict(v) for k, v in counter.syncs.items()},
-        top_ops=flat.most_common(12), graph_breaks=breaks, recompiles=recompiles,
+        top_ops=flat.most_common(12), graph_breaks=breaks, recompiles=recompiles, extra=extra,
     )
 
 
@@ -277,44 +291,55 @@ def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: in
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
     _finish(ctx)
-    times = []
-    for _ in range(steps):
-        args = next(batches)
-        t0 = time.perf_counter()
-        step_fn(ctx, *args)
-        _finish(ctx)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    return _median_step_ms(step_fn, ctx, batches, steps)
 
 
-def account(methods: list[str], engine: str = "fast", device: str = "cpu", preset: str = "tiny",
-            batch: int | None = None, compiled: bool = False, floor: bool = True) -> list[StepCost]:
-    """:func:`count_step` (and :func:`host_floor` with ``floor``) for each method."""
-    out = []
-    for method in methods:
-        cost = count_step(method, engine, device, preset, batch, compiled=compiled)
-        if floor:
-            cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
-        out.append(cost)
+def parse_row(row: str) -> tuple[str, bool]:
+    """``"fast+compile"`` -> ("fast", True); ``"reference"`` -> ("reference", False)."""
+    engine, _, suffix = row.partition("+")
+    if suffix not in ("", "compile"):
+        raise ValueError(f"unknown row {row!r}: an engine name, optionally with +compile")
+    return engine, suffix == "compile"
+
+
+def account(methods: list[str], rows: list[str], device: str = "cpu", preset: str = "tiny",
+            batch: int | None = None, floor: bool = True, timed_steps: int = 0) -> dict[str, list[StepCost]]:
+    """Per row (an engine, optionally ``+compile``): :func:`count_step` of each method, with the
+    host floor (``floor``) and the steady-state step time (``timed_steps``)."""
+    out = {}
+    for row in rows:
+        engine, compiled = parse_row(row)
+        out[row] = []
+        for method in methods:
+            cost = count_step(method, engine, device, preset, batch, compiled=compiled, timed_steps=timed_steps)
+            if floor:
+                cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
+            out[row].append(cost)
     return out
 
 
-def render(costs: list[StepCost], title: str) -> str:
-    """A markdown table of the costs (one row per step) and per step the sub-step breakdown."""
-    lines = [f"### {title}", "", "| step | ATen ops | host syncs | graph breaks | recompiles | host floor |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for c in costs:
-        na = "–"
-        lines.append(f"| {c.step} | {c.ops:,} | {c.syncs} | {na if c.graph_breaks is None else c.graph_breaks} | "
-                     f"{na if c.recompiles is None else c.recompiles} | "
-                     f"{na if c.host_floor_ms is None else f'{c.host_floor_ms:.1f} ms'} |")
-    for c in costs:
-        lines += ["", f"`{c.step}` by sub-step: " + ", ".join(f"{k} {v:,}" for k, v in c.ops_by_section.items())]
-        lines.append("most frequent: " + ", ".join(f"{k.removeprefix('aten.')} {v:,}" for k, v in c.top_ops))
-        if c.syncs:
-            lines.append("syncs: " + "; ".join(f"{k}: " + ", ".join(f"{op} {n}" for op, n in v.items())
-                                               for k, v in c.syncs_by_section.items()))
+def render(costs: dict[str, list[StepCost]], title: str) -> str:
+    """Markdown: one table (row x step) of ops, syncs, graph breaks, recompiles, host floor and
+    steady-state step time, then per row and step the sub-step breakdown."""
+    na = "–"
+    timed = any("step_ms" in c.extra for cs in costs.values() for c in cs)
+    lines = [f"### {title}", "", "| engine | step | ATen ops | host syncs | graph breaks | recompiles | host floor |"
+             + (" step time |" if timed else ""), "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
+    for row, cs in costs.items():
+        for c in cs:
+            cells = [row, c.step, f"{c.ops:,}", str(c.syncs), na if c.graph_breaks is None else str(c.graph_breaks),
+                     na if c.recompiles is None else str(c.recompiles),
+                     na if c.host_floor_ms is None else f"{c.host_floor_ms:.1f} ms"]
+            if timed:
+                cells.append(f"{c.extra['step_ms']:.0f} ms" if "step_ms" in c.extra else na)
+            lines.append("| " + " | ".join(cells) + " |")
+    for row, cs in costs.items():
+        for c in cs:
+            lines += ["", f"`{row}` `{c.step}` by sub-step: " + ", ".join(f"{k} {v:,}" for k, v in c.ops_by_section.items()),
+                      "most frequent: " + ", ".join(f"{k.removeprefix('aten.')} {v:,}" for k, v in c.top_ops)]
+            if c.syncs:
+                lines.append("syncs: " + "; ".join(f"{k}: " + ", ".join(f"{op} {n}" for op, n in v.items())
+                                                   for k, v in c.syncs_by_section.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -328,32 +353,53 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHOD_STEPS),
                    help=f"comma-separated steps to account (default {','.join(METHOD_STEPS)})")
-    p.add_argument("--engine", default="fast", help="engine of the steps (default fast)")
+    p.add_argument("--engines", default="fast",
+                   help="comma-separated rows: an engine (fast, reference, fast-<ingredient>), optionally "
+                        "with +compile, e.g. reference,fast,fast+compile (default fast)")
+    p.add_argument("--compile", action="store_true", help="add +compile to every row")
     p.add_argument("--device", default="cpu", help="device (default cpu)")
     p.add_argument("--preset", default="tiny", help="preset of the counted steps (default tiny)")
     p.add_argument("--batch-size", type=int, default=None, help="batch of the counted steps (default: preset)")
-    p.add_argument("--compile", action="store_true", help="count the torch.compiled networks (--compile)")
     p.add_argument("--no-floor", action="store_true", help="skip the host-floor timing")
+    p.add_argument("--time-steps", type=int, default=0, metavar="N",
+                   help="also time N steady-state steps at the counted size (median)")
     p.add_argument("--json", default=None, help="also write the accounting as JSON")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
+    from mgm_fast.bench import collect_env
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_STEPS]
     if unknown:
         raise SystemExit(f"error: unknown step {', '.join(unknown)}; choose from {', '.join(METHOD_STEPS)}")
+    rows = [r.strip() + ("+compile" if args.compile and "+" not in r else "") for r in args.engines.split(",")
+            if r.strip()]
+    try:
+        for row in rows:
+            parse_row(row)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     torch.manual_seed(0)
-    costs = account(methods, args.engine, args.device, args.preset, args.batch_size, args.compile,
-                    floor=not args.no_floor)
-    title = (f"{args.engine}{'+compile' if args.compile else ''} engine, {args.device}, {args.preset} preset"
-             f"{f', batch {args.batch_size}' if args.batch_size else ''}")
-    print(render(costs, title))
+    costs = account(methods, rows, args.device, args.preset, args.batch_size, floor=not args.no_floor,
+                    timed_steps=args.time_steps)
+    title = f"{args.device}, {args.preset} preset{f', batch {args.batch_size}' if args.batch_size else ''}"
+    text = render(costs, title)
+    print(text)
+    if args.out:
+        env = collect_env()
+        header = (f"# Step cost\n\nGenerated by `python -m mgm_fast.bench step-cost` (mgm_fast/stepcost.py) on "
+                  f"{env['device_name']} ({env['cpu_cores_usable']} usable cores), torch {env['torch']}, "
+                  f"{env['date'][:10]}, commit {(env['commit'] or 'unknown')[:10]}.\n\n")
+        Path(args.out).write_text(header + text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"title": title, "steps": [dataclasses.asdict(c) for c in costs]},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(
+            {"title": title, "rows": {row: [dataclasses.asdict(c) for c in cs] for row, cs in costs.items()}},
+            indent=2) + "\n")
     return 0
 
 

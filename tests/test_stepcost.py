@@ -123,3 +123,19 @@ def test_torch_loader_checks_each_batch_before_the_copy():
     loader.require_labels(num_scenes=3)
     with pytest.raises(DataError, match=r"'scene' label 4 in samples \['s2'\]"):
         list(loader)
+
+
+def test_cli_writes_a_report_and_json_per_row(tmp_path):
+    import json
+
+    out, js = tmp_path / "cost.md", tmp_path / "cost.json"
+    assert stepcost.main(["--methods", "mt", "--engines", "reference,fast", "--batch-size", "2", "--no-floor",
+                          "--time-steps", "1", "--out", str(out), "--json", str(js)]) == 0
+    text = out.read_text()
+    assert "| reference | mt |" in text and "| fast | mt |" in text and "step time" in text
+    rows = json.loads(js.read_text())["rows"]
+    assert rows["fast"][0]["syncs"] == 0 and rows["reference"][0]["syncs"] >= 3
+    with pytest.raises(SystemExit, match="unknown row"):
+        stepcost.main(["--methods", "mt", "--engines", "fast+jit", "--no-floor"])
+    with pytest.raises(SystemExit, match="unknown step"):
+        stepcost.main(["--methods", "phase-b", "--no-floor"])
