@@ -2,7 +2,7 @@
 per-sample PIL loop.
 
 All three make two views of each image of a batch of 32 RGB 128 x 128 images in [-1, 1] (one MGM
-SimCLR step on real images, mgm_method.md section 3.2 step 3) on the CPU, with the same
+SimCLR step on real images, docs/method.md section 3.2 step 3) on the CPU, with the same
 augmentation parameters distribution (parameter sampling included in every timing), and sit in
 one pytest-benchmark group. Run with ``pytest benchmarks/test_bench_augment.py``; ``extra_info``
 records views/s and threads. The cpp case is skipped when the extension is not built.

@@ -10,19 +10,30 @@ backends that can run here (``cpp`` on the CPU; ``cuda`` and ``triton`` on a GPU
   (128->64 @4->8, 64->32 @8->16, 32->16 @16->32, 16->8 @32->64) and the whole generator.
   ``extra_info["saved_activation_bytes"]``: bytes of the tensors autograd keeps for backward
   (distinct storages), the CPU stand-in for peak memory.
+* CPU, paper shapes (batch 8; only when benchmarking, ``-k paper``): the paper's GenBlocks and
+  the paper generator. Besides ``reference`` and ``cpp`` (its default, ``auto``: the conv
+  algorithms timed once per shape, csrc/bindings/genblock.cpp), the block rows force each pair of
+  algorithms of the block's two convs, ``cpp[<conv1>+<conv2>]`` (MGM_FAST_GENBLOCK_ALGO /
+  MGM_FAST_GENBLOCK_CONV2_ALGO); ``cpp[phase+conv]`` is the fixed choice of earlier versions.
+  ``extra_info["algorithms"]``: what ``cpp`` chose.
 * GPU (only with CUDA): the paper's GenBlocks at batch 32 (1024->1024 @4->8, 1024->512 @8->16,
   512->256 @16->32, 256->128 @32->64, 128->64 @64->128) and the paper generator, float32 and
   bfloat16, channels_last inputs; ``peak_memory_bytes`` of one step.
 
-The compile rows take tens of seconds to compile on the CPU, so with ``--benchmark-disable`` (CI)
-they are skipped. ``pytest benchmarks/test_bench_genblock.py --benchmark-group-by=group``
+The compile rows take tens of seconds to compile on the CPU, and the paper rows minutes to run, so
+with ``--benchmark-disable`` (CI) they are skipped. ``pytest benchmarks/test_bench_genblock.py
+--benchmark-group-by=group`` (``OMP_NUM_THREADS=2 ... -k paper --benchmark-only`` for the paper
+rows).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+from mgm_fast import _native
 from mgm_fast.benchtools import peak_memory
 from mgm_fast.config import preset
 from mgm_fast.models.gan import GenBlock, Generator
@@ -30,7 +41,17 @@ from mgm_fast.ops import REGISTRY
 
 TINY = preset("tiny")
 TINY_BATCH = TINY.schedule.batch_size
-PAPER_BLOCKS = [(1024, 1024, 4), (1024, 512, 8), (512, 256, 16), (256, 128, 32), (128, 64, 64)]
+
+
+def _paper_blocks():
+    """(cin, cout, input resolution) of the paper generator's GenBlocks: 1024->1024 @4,
+    1024->512 @8, 512->256 @16, 256->128 @32, 128->64 @64."""
+    model = preset("paper").model
+    ch = [m * model.g_conv_dim for m in model.g_mults]
+    return [(ch[k], ch[k + 1], 4 * 2**k) for k in range(len(ch) - 1)]
+
+
+PAPER_BLOCKS = _paper_blocks()
 
 
 def _tiny_blocks():
@@ -82,9 +103,9 @@ def _module_step(module, inputs, grad_out_seed=0):
     return step
 
 
-def _block(cin, cout, impl, device="cpu", dtype=torch.float32):
+def _block(cin, cout, impl, device="cpu", dtype=torch.float32, classes=TINY.model.num_scenes):
     torch.manual_seed(0)
-    block = GenBlock(cin, cout, TINY.model.num_scenes, impl="reference" if impl == "compile" else impl)
+    block = GenBlock(cin, cout, classes, impl="reference" if impl == "compile" else impl)
     with torch.no_grad():  # CBN affine rows away from their identity init, as after training
         block.cond_bn1.embed.weight.normal_(0.8, 0.3)
         block.cond_bn2.embed.weight.normal_(0.8, 0.3)
@@ -139,6 +160,73 @@ def test_bench_genblock_generator_cpu(benchmark, impl):
     )
     out = benchmark(step)
     assert out.shape == (TINY_BATCH, 3, cfg.image_size, cfg.image_size) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU, paper shapes (batch 8): reference, cpp (auto) and cpp with each pair of conv algorithms
+
+PAPER = preset("paper")
+PAPER_CPU_BATCH = 8
+ALGO_ENV = ("MGM_FAST_GENBLOCK_ALGO", "MGM_FAST_GENBLOCK_CONV2_ALGO")
+FORCED = [f"cpp[{a}+{b}]" for a, b in itertools.product(("phase", "gemm", "upsample"), ("conv", "gemm"))]
+
+
+def _paper_cpu_row(benchmark, monkeypatch, impl: str) -> str:
+    """Skips without benchmarking; sets the algorithm variables of a cpp row (auto for plain
+    ``cpp``); returns the backend."""
+    if benchmark.disabled:
+        pytest.skip("paper-shape CPU row: minutes of work; it runs when benchmarking")
+    backend = impl.split("[")[0]
+    _skip_unavailable(benchmark, backend, "cpu")
+    forced = impl[len(backend) + 1 : -1].split("+") if "[" in impl else ["auto", "auto"]
+    for name, value in zip(ALGO_ENV, forced):
+        monkeypatch.setenv(name, value)
+    return backend
+
+
+def _chosen_algorithms(n: int, shapes) -> dict:
+    """What auto chose for the (cin, cout, input size) blocks at batch n: {block: (conv1, conv2)}."""
+    rows = {(r[0], r[1], r[2], r[3], r[4]): r[8] for r in _native.extension().genblock_algos_cpu() if r[6] == "Float"}
+    return {f"{cin}->{cout} @{res}": (rows.get(("conv1", n, cin, cout, res)), rows.get(("conv2", n, cout, cout, 2 * res)))
+            for cin, cout, res in shapes}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", *FORCED])
+@pytest.mark.parametrize(("cin", "cout", "res"), PAPER_BLOCKS, ids=lambda v: str(v))
+def test_bench_genblock_block_cpu_paper(benchmark, monkeypatch, cin, cout, res, impl):
+    backend = _paper_cpu_row(benchmark, monkeypatch, impl)
+    n = PAPER_CPU_BATCH
+    block = _block(cin, cout, backend, classes=PAPER.model.num_scenes)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(n, cin, res, res, generator=gen) * 1.5).requires_grad_(True)
+    y = torch.randint(0, PAPER.model.num_scenes, (n,), generator=gen)
+    step = _module_step(block, (x, y))
+    step()  # warms every row; auto times its candidates here, once per shape
+    benchmark.group = f"genblock fwd+bwd cpu paper b{n} {cin}->{cout} @{res}->{2 * res}"
+    benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference")
+    if impl == "cpp":
+        benchmark.extra_info["algorithms"] = _chosen_algorithms(n, [(cin, cout, res)])
+    out = benchmark(step)
+    assert out.shape == (n, cout, 2 * res, 2 * res) and torch.isfinite(out).all()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "cpp[phase+conv]"])
+def test_bench_genblock_generator_cpu_paper(benchmark, monkeypatch, impl):
+    backend = _paper_cpu_row(benchmark, monkeypatch, impl)
+    cfg, n = PAPER.model, PAPER_CPU_BATCH
+    g = _generator(cfg, backend)
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(n, cfg.z_dim, generator=gen)
+    y = torch.randint(0, cfg.num_scenes, (n,), generator=gen)
+    step = _module_step(g, (z, y))
+    step()
+    benchmark.group = f"generator fwd+bwd cpu paper b{n} {cfg.image_size}x{cfg.image_size}"
+    benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference")
+    if impl == "cpp":
+        benchmark.extra_info["algorithms"] = _chosen_algorithms(n, PAPER_BLOCKS)
+    out = benchmark(step)
+    assert out.shape == (n, 3, cfg.image_size, cfg.image_size) and torch.isfinite(out).all()
 
 
 # ---------------------------------------------------------------------------------------------

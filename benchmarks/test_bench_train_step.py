@@ -1,11 +1,12 @@
-"""End to end: MGM joint-training steps (mgm_method.md 3.2, steps 1-6) per engine, data loading
+"""End to end: MGM joint-training steps (docs/method.md 3.2, steps 1-6) per engine, data loading
 and SimCLR views included, with the same seed and config for every engine.
 
 Rows: ``reference`` (the released code's execution, the baseline), ``fast``, the ablations
 ``fast-<ingredient>`` (fast with that one ingredient as in reference), so the report shows what
 each ingredient is worth, and on the CPU ``fast+bf16`` (``--precision bf16``: the fast engine
 keeps fp32 on the CPU by default; bf16 autocast is the opt-in, worth it on CPUs with native
-bf16 instructions). One timed round = ``STEPS`` consecutive steps pulled from the
+bf16 instructions), and ``fast+compile`` (``--compile``: every network torch.compiled with
+``fullgraph=True``; compilation happens in the warm-up step, not in the timed rounds). One timed round = ``STEPS`` consecutive steps pulled from the
 engine's own loader, ending with one read-back of the logged losses (the work is finished when
 the round ends; on CUDA run with ``--benchmark-timer mgm_fast.benchtools.synced_timer``).
 
@@ -36,8 +37,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 PRESET, BATCH = ("paper", 32) if CUDA else ("tiny", 8)
 STEPS = 4
-ROWS = list(engines.ENGINES) + ([] if CUDA else ["fast+bf16"])
-VARIANTS = {"fast+bf16": ("fast", ["--precision", "bf16"])}
+ROWS = list(engines.ENGINES) + ["fast+compile"] + ([] if CUDA else ["fast+bf16"])
+VARIANTS = {"fast+compile": ("fast", ["--compile"]), "fast+bf16": ("fast", ["--precision", "bf16"])}
 """Rows that are an engine plus command-line options: name -> (engine, extra arguments)."""
 
 

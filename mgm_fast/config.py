@@ -2,7 +2,7 @@
 
 Two presets ship:
 
-* ``paper`` -- the released code's defaults (mgm_method.md section 1 and 3): 128x128 images,
+* ``paper`` -- the released code's defaults (docs/method.md section 1 and 3): 128x128 images,
   40 semantic classes, 27 scene classes, z 128, generator / discriminator width 64.
 * ``tiny`` -- the same architecture family scaled down so that a whole MGM training step takes
   well under a second on a 2-core CPU at 64x64. Used by the default CPU job and the tests.
@@ -22,7 +22,7 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
-    """Architecture of every network of MGM (mgm_method.md section 1)."""
+    """Architecture of every network of MGM (docs/method.md section 1)."""
 
     image_size: int = 128
     """Square input / generated image size. A multiple of 32 and a power of two >= 32."""
@@ -44,7 +44,7 @@ class ModelConfig:
     refine_blocks: tuple[int, ...] = (3, 4, 3)
     refine_hidden: int = 128
     refine_logit_relu: bool = True
-    """Released-code behaviour (mgm_method.md B2): a ReLU on the scene logits before CE."""
+    """Released-code behaviour (docs/method.md B2): a ReLU on the scene logits before CE."""
 
     # SAGAN generator / projection discriminator.
     z_dim: int = 128
@@ -61,7 +61,7 @@ class ModelConfig:
     """Resolution at which G and D apply self-attention."""
     d_keep_unused_shortcut: bool = True
     """The released discriminator's last block owns a 1x1 shortcut conv it never uses
-    (mgm_method.md B9). Kept by default so released checkpoints import one-to-one and the
+    (docs/method.md B9). Kept by default so released checkpoints import one-to-one and the
     parameter count matches; it never affects the output."""
     d_shortcut_after_relu: bool = True
     """Released-code behaviour: each discriminator residual block applies its first ReLU in
@@ -137,7 +137,7 @@ def _geometric_mults(n: int) -> tuple[int, ...]:
 
 @dataclass
 class OptimConfig:
-    """The six Adam optimisers of the released code (mgm_method.md 3.1)."""
+    """The six Adam optimisers of the released code (docs/method.md 3.1)."""
 
     multi_lr: float = 1e-3
     """multi_opt: the whole multi-task network (encoder, decoders, SimCLR head)."""
@@ -189,7 +189,7 @@ class ScheduleConfig:
     8-bit PNG targets (predictions are decoded with 2p - 1 for evaluation); "unit" -- against n."""
     phase_a_encoder_pass: bool = True
     """Released: GAN pre-training runs the encoder on the real batch and discards the result,
-    which only moves the encoder's BatchNorm running statistics (mgm_method.md I2/B5)."""
+    which only moves the encoder's BatchNorm running statistics (docs/method.md I2/B5)."""
     loss_impl: str = "auto"
     """Backend of the fused losses -- multi-task dense loss, NT-Xent, hinge -- ("auto",
     "reference", "cpp", "cuda", "triton"; see python -m mgm_fast.info)."""

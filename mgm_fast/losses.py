@@ -1,6 +1,6 @@
 """The MGM losses in plain PyTorch (the reference twins of the fused ops).
 
-Formulas follow mgm_method.md section 2 (the released code); every deviation from the released
+Formulas follow docs/method.md section 2 (the released code); every deviation from the released
 behaviour is an argument whose default keeps the released behaviour where the released code is
 well defined:
 

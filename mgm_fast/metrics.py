@@ -1,6 +1,6 @@
 """Evaluation metrics: streaming, device-resident accumulators, Δm and result tables.
 
-The released MGM code has no evaluation code (mgm_method.md section 5); these metrics follow the
+The released MGM code has no evaluation code (docs/method.md section 5); these metrics follow the
 standard NYUv2 multi-task protocol as coded by MTAN (``lorenmt/mtan``, ``im2im_pred/utils.py``)
 and LibMTL (``examples/nyu/utils.py``, ``LibMTL/utils.py``). Every definition below names its
 source and every place where the two differ.

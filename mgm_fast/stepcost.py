@@ -175,8 +175,8 @@ class StepCost:
     """The accounting of one step of one method."""
 
     step: str
-    ops: int
-    syncs: int
+    ops: int | None
+    syncs: int | None
     ops_by_section: dict[str, int]
     syncs_by_op: dict[str, int]
     syncs_by_section: dict[str, dict[str, int]]
@@ -251,21 +251,15 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
     the median wall time of that many further steps is ``extra["step_ms"]`` (steady state)."""
     extra = list(extra_args or []) + (["--compile"] if compiled else [])
     ctx, step_fn, batches = prepare(method, engine, device, preset, batch, extra)
+    if compiled:
+        return _count_compiled_step(method, ctx, step_fn, batches, warmup, timed_steps)
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
     _finish(ctx)
     args = next(batches)
-    breaks = recompiles = None
-    if compiled:
-        from torch._dynamo.utils import counters
-
-        counters.clear()
     counter = DispatchCounter()
     with counter, sub_step_labels(counter):
         step_fn(ctx, *args)
-    if compiled:
-        breaks = sum(counters["graph_break"].values())
-        recompiles = counters["stats"].get("unique_graphs", 0)
     _finish(ctx)
     extra = {"step_ms": _median_step_ms(step_fn, ctx, batches, timed_steps)} if timed_steps else {}
     flat = Counter()
@@ -278,8 +272,29 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
         step=method, ops=counter.total_ops(), syncs=counter.total_syncs(),
         ops_by_section={k: sum(v.values()) for k, v in counter.ops.items()},
         syncs_by_op=dict(syncs), syncs_by_section={k: dict(v) for k, v in counter.syncs.items()},
-        top_ops=flat.most_common(12), graph_breaks=breaks, recompiles=recompiles, extra=extra,
+        top_ops=flat.most_common(12), extra=extra,
     )
+
+
+def _count_compiled_step(method, ctx, step_fn, batches, warmup: int, timed_steps: int) -> StepCost:
+    """Graph breaks (warm-up and counted step) and graphs compiled in the counted step (after the
+    warm-up every graph should exist: a new one is a recompile). Dynamo does not compile under a
+    TorchDispatchMode, so a compiled step's ops and syncs are not counted (None)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for _ in range(warmup):
+        step_fn(ctx, *next(batches))
+    _finish(ctx)
+    graphs = counters["stats"].get("unique_graphs", 0)
+    step_fn(ctx, *next(batches))
+    _finish(ctx)
+    extra = {"graphs": counters["stats"].get("unique_graphs", 0)}
+    if timed_steps:
+        extra["step_ms"] = _median_step_ms(step_fn, ctx, batches, timed_steps)
+    return StepCost(step=method, ops=None, syncs=None, ops_by_section={}, syncs_by_op={}, syncs_by_section={},
+                    top_ops=[], graph_breaks=sum(counters["graph_break"].values()),
+                    recompiles=extra["graphs"] - graphs, extra=extra)
 
 
 def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: int = 10, warmup: int = 3,
@@ -327,7 +342,8 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
              + (" step time |" if timed else ""), "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
     for row, cs in costs.items():
         for c in cs:
-            cells = [row, c.step, f"{c.ops:,}", str(c.syncs), na if c.graph_breaks is None else str(c.graph_breaks),
+            cells = [row, c.step, na if c.ops is None else f"{c.ops:,}", na if c.syncs is None else str(c.syncs),
+                     na if c.graph_breaks is None else str(c.graph_breaks),
                      na if c.recompiles is None else str(c.recompiles),
                      na if c.host_floor_ms is None else f"{c.host_floor_ms:.1f} ms"]
             if timed:
@@ -335,6 +351,8 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     for row, cs in costs.items():
         for c in cs:
+            if c.ops is None:
+                continue
             lines += ["", f"`{row}` `{c.step}` by sub-step: " + ", ".join(f"{k} {v:,}" for k, v in c.ops_by_section.items()),
                       "most frequent: " + ", ".join(f"{k.removeprefix('aten.')} {v:,}" for k, v in c.top_ops)]
             if c.syncs:

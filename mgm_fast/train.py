@@ -521,6 +521,9 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
         args.channels_last = engine.channels_last
     if args.views is None:
         args.views = engine.views
+    if device.type == "cuda" and args.engine != "reference":
+        # cuDNN picks the fastest convolution algorithm per shape once (shapes are fixed per run).
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
     override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])
@@ -656,14 +659,21 @@ def train(run: Run) -> dict[str, float]:
     return metrics
 
 
-def compile_nets(nets: MGMNets) -> None:
+def compile_nets(nets: MGMNets, backend: str = "inductor") -> None:
     """torch.compile each network in place (``Module.compile``: state-dict keys unchanged, so
     checkpoints are the same as without it). Every network is compiled on its own because the
-    schedule calls them separately, with different parameters trainable per sub-step."""
+    schedule calls them separately, with different parameters trainable per sub-step.
+
+    ``fullgraph=True``: each network's forward is one graph -- the fused ops are custom ops with
+    fake kernels and their backend choice is trace-safe (:mod:`mgm_fast.ops._dispatch`) -- so a
+    graph break is an error here rather than a silent slowdown. ``dynamic=False``: shapes are
+    fixed per run (drop_last loaders); each sub-step's trainability, grad mode and train/eval
+    mode is its own graph, compiled once in the first steps. ``backend``: torch.compile's (tests
+    use "aot_eager": graph capture and AOTAutograd without inductor's code generation)."""
     mt = nets.multitask
     for module in [mt.encoder, *mt.decoders.values(), mt.clr_head, nets.refine, nets.bridge,
                    nets.generator, nets.discriminator]:
-        module.compile(dynamic=False)
+        module.compile(backend=backend, dynamic=False, fullgraph=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """An independent twin of the released MGM network family, for checkpoint-compatibility tests.
 
-Written from ``reference/mgm_method.md`` section 1 with plain ``torch.nn`` modules and the hook
+Written from ``docs/method.md`` section 1 with plain ``torch.nn`` modules and the hook
 form of ``torch.nn.utils.spectral_norm`` (as the released code used), so that ``state_dict()`` of
 :class:`ReleasedMGM` with default arguments has exactly the 1,090 names and shapes of a
-``torch.save`` of the released code's MGM module (``reference/official_checkpoint_layout.json``).
+``torch.save`` of the released code's MGM module (``tests/fixtures/official_checkpoint_layout.json``).
 
 The topology is fixed at 128x128 images (five generator blocks, six discriminator blocks,
 self-attention at 32x32); widths, block counts and class counts are arguments whose defaults are

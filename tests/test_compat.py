@@ -106,7 +106,7 @@ def test_twin_state_dict_equals_released_layout():
     assert len(layout) == 1090
     sd = ReleasedMGM().state_dict()
     assert [(k, list(v.shape)) for k, v in sd.items()] == list(layout.items())
-    # The parameter counts of mgm_method.md section 8.
+    # The parameter counts of docs/method.md section 8.
     twin = ReleasedMGM()
     mm = twin.multi_model
 

@@ -1,4 +1,4 @@
-"""Reference losses against hand computations on tiny inputs (mgm_method.md section 2)."""
+"""Reference losses against hand computations on tiny inputs (docs/method.md section 2)."""
 
 import math
 

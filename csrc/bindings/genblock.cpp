@@ -3,9 +3,32 @@
 // CUDA build). float32 and float64; the convolutions are ATen (oneDNN for float32) on
 // channels_last tensors. Called by mgm_fast/ops/genblock.py, which owns the autograd.Function
 // and the dispatch (input validation with errors naming the tensor happens there too).
+//
+// Both convs of a block have several algorithms (genblock_impl.h): conv1, nearest x2 + conv3x3,
+// gi::UpConvAlgo phase | gemm | upsample; conv2, conv3x3 at the output size, gi::ConvAlgo
+// conv | gemm. The environment variables MGM_FAST_GENBLOCK_ALGO (conv1) and
+// MGM_FAST_GENBLOCK_CONV2_ALGO (conv2) force one per call; unset, empty or "auto", the first call
+// of a shape (n, cin, cout, h, w, dtype) times the candidates that can win there (forward +
+// backward on a stand-in input of that shape, see time_candidates) and a process-wide cache keeps
+// the fastest. The algorithms agree up to rounding, so the choice changes results by rounding at
+// most; the key leaves out the thread count, so a process keeps one algorithm per shape and its
+// results stay independent of the thread count (every algorithm is, but for oneDNN's and the
+// GEMMs' weight gradients). The forward returns the algorithms it used as one more saved tensor
+// and the backward takes it back, so a forward and its backward always run the same ones.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -81,6 +104,29 @@ k::BnReluBackward<T> bn_args(const gi::BnBackward& b) {
 }
 
 int threads() { return at::get_num_threads(); }
+
+// Per-thread scratch for the largest temporaries of the gemm algorithms: the phase weights and
+// their gradient, 16 * cin * cout values each (64 MiB for a 1024 -> 1024 block). Fresh memory of
+// that size is mapped anew by every call, and its page faults cost about as much as computing
+// it; each thread keeps its last buffer per slot instead (up to kScratchMaxBytes; larger ones
+// are plain temporaries). A scratch tensor never leaves the call that asked for it.
+enum ScratchSlot : int { kPhaseWeightsSlot = 0, kPhaseWeightsGradSlot = 1, kScratchSlots = 2 };
+constexpr int64_t kScratchMaxBytes = int64_t{256} << 20;
+
+at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  if (numel * static_cast<int64_t>(options.dtype().itemsize()) > kScratchMaxBytes) {
+    return at::empty(sizes, options);
+  }
+  thread_local std::array<at::Tensor, kScratchSlots> pool;
+  at::Tensor& buf = pool[slot];
+  if (!buf.defined() || buf.dtype() != options.dtype() || buf.numel() < numel) {
+    buf = at::Tensor();  // the old buffer goes first
+    buf = at::empty({numel}, options);
+  }
+  return buf.narrow(0, 0, numel).view(sizes);
+}
 
 /// The CPU kernel policy of genblock_impl.h.
 struct CpuGenblockKernels {
@@ -188,7 +234,7 @@ struct CpuGenblockKernels {
     at::Tensor wp = at::empty({4 * cout, cin, 2, 2}, w.options().memory_format(at::MemoryFormat::ChannelsLast));
     dispatch(w, [&](auto z) {
       using T = decltype(z);
-      k::phase_weights<T>(w.data_ptr<T>(), cout, cin, wp.data_ptr<T>(), true);
+      k::phase_weights<T>(w.data_ptr<T>(), cout, cin, wp.data_ptr<T>(), true, threads());
     });
     return wp;
   }
@@ -200,9 +246,113 @@ struct CpuGenblockKernels {
     at::Tensor dw = at::empty({cout, cin, 3, 3}, dwp.options());
     dispatch(dwp, [&](auto z) {
       using T = decltype(z);
-      k::phase_weights_backward<T>(dwp.data_ptr<T>(), cout, cin, dw.data_ptr<T>(), cl);
+      k::phase_weights_backward<T>(dwp.data_ptr<T>(), cout, cin, dw.data_ptr<T>(), cl, threads());
     });
     return dw;
+  }
+
+  // --- the compact phase layout of UpConvAlgo::kGemm (genblock_impl.h)
+
+  // Wp (4, cout, 4*cin), a scratch tensor: row (ph, o) holds the 4 taps x cin of phase ph (the
+  // channels_last phase weights, viewed per phase).
+  static at::Tensor compact_phase_weights(const at::Tensor& w_in) {
+    const at::Tensor w = w_in.contiguous();
+    const int64_t cout = w.size(0), cin = w.size(1);
+    at::Tensor wp = scratch(kPhaseWeightsSlot, {4, cout, 4 * cin}, w.options());
+    dispatch(w, [&](auto z) {
+      using T = decltype(z);
+      k::phase_weights<T>(w.data_ptr<T>(), cout, cin, wp.data_ptr<T>(), true, threads());
+    });
+    return wp;
+  }
+
+  // dw (cout, cin, 3, 3) from the phase GEMMs' gradient dP (4, n*h*w, cout) and their im2col
+  // matrices (4, n*h*w, 4*cin): dWp = dP^T cols (in scratch), then the adjoint of the phase taps.
+  static at::Tensor compact_phase_weights_grad(const at::Tensor& dp, const at::Tensor& cols) {
+    const int64_t cout = dp.size(2), cin = cols.size(2) / 4;
+    at::Tensor dwp = scratch(kPhaseWeightsGradSlot, {4, cout, 4 * cin}, dp.options());
+    at::bmm_out(dwp, dp.transpose(1, 2), cols);
+    at::Tensor dw = at::empty({cout, cin, 3, 3}, dp.options());
+    dispatch(dwp, [&](auto z) {
+      using T = decltype(z);
+      k::phase_weights_backward<T>(dwp.data_ptr<T>(), cout, cin, dw.data_ptr<T>(), true, threads());
+    });
+    return dw;
+  }
+
+  // (4, n*h*w, 4*c) im2col rows of the 4 phases of a (n, c, h, w).
+  static at::Tensor compact_im2col(const at::Tensor& a) {
+    check_dense(a, "up-conv input");
+    const int64_t n = a.size(0), c = a.size(1), h = a.size(2), w = a.size(3);
+    at::Tensor cols = at::empty({4, n * h * w, 4 * c}, a.options());
+    dispatch(a, [&](auto z) {
+      using T = decltype(z);
+      k::phase_im2col<T>(cview<T>(a), cols.data_ptr<T>(), threads());
+    });
+    return cols;
+  }
+
+  // The adjoint of compact_im2col: (n, c, h, w) channels_last.
+  static at::Tensor compact_col2im(const at::Tensor& dcols_in, int64_t n, int64_t c, int64_t h,
+                                   int64_t w) {
+    const at::Tensor dcols = dcols_in.contiguous();
+    at::Tensor da = gi::empty4(dcols, n, c, h, w, at::MemoryFormat::ChannelsLast);
+    dispatch(dcols, [&](auto z) {
+      using T = decltype(z);
+      k::phase_col2im<T>(dcols.data_ptr<T>(), mview<T>(da), threads());
+    });
+    return da;
+  }
+
+  // --- ConvAlgo::kGemm: the 3x3 im2col (n*h*w, 9*c) in the (ci, tap) order of a contiguous weight
+  static at::Tensor conv3_im2col(const at::Tensor& a) {
+    check_dense(a, "conv input");
+    const int64_t n = a.size(0), c = a.size(1), h = a.size(2), w = a.size(3);
+    at::Tensor cols = at::empty({n * h * w, 9 * c}, a.options());
+    dispatch(a, [&](auto z) {
+      using T = decltype(z);
+      k::conv3x3_im2col<T>(cview<T>(a), cols.data_ptr<T>(), threads());
+    });
+    return cols;
+  }
+
+  static at::Tensor conv3_col2im(const at::Tensor& dcols_in, int64_t n, int64_t c, int64_t h,
+                                 int64_t w) {
+    const at::Tensor dcols = dcols_in.contiguous();
+    at::Tensor da = gi::empty4(dcols, n, c, h, w, at::MemoryFormat::ChannelsLast);
+    dispatch(dcols, [&](auto z) {
+      using T = decltype(z);
+      k::conv3x3_col2im<T>(dcols.data_ptr<T>(), mview<T>(da), threads());
+    });
+    return da;
+  }
+
+  static void compact_phase_epilogue(const at::Tensor& p, const at::Tensor& bias_in,
+                                     at::Tensor& out, at::Tensor* mean, at::Tensor* var) {
+    TORCH_CHECK(p.is_contiguous(), "compact phase output not contiguous");
+    const at::Tensor bias = bias_in.contiguous();
+    const k::Dims low{out.size(0), out.size(1), out.size(2) / 2, out.size(3) / 2};
+    dispatch(p, [&](auto z) {
+      using T = decltype(z);
+      k::Epilogue<T> ep;
+      ep.bias = bias.data_ptr<T>();
+      k::phase_epilogue<T>(p.data_ptr<T>(), low, ep, mview<T>(out),
+                           mean != nullptr ? mean->data_ptr<double>() : nullptr,
+                           var != nullptr ? var->data_ptr<double>() : nullptr, threads(),
+                           k::PhaseLayout::kCompact);
+    });
+  }
+
+  static void bn_backward_apply_compact_phase(const gi::BnBackward& b, const at::Tensor& k1,
+                                              const at::Tensor& k2, at::Tensor& dp,
+                                              at::Tensor* dbias) {
+    dispatch(b.x, [&](auto z) {
+      using T = decltype(z);
+      k::bn_relu_backward_apply_phase<T>(bn_args<T>(b), k1.data_ptr<double>(), k2.data_ptr<double>(),
+                                         dp.data_ptr<T>(),
+                                         dbias != nullptr ? dbias->data_ptr<double>() : nullptr,
+                                         threads(), k::PhaseLayout::kCompact);
+    });
   }
 
   template <typename T>
@@ -299,6 +449,224 @@ struct CpuGenblockKernels {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// the algorithms of a block's two convs
+
+using gi::ConvAlgo;
+using gi::UpConvAlgo;
+
+constexpr UpConvAlgo kUpConvAlgos[] = {UpConvAlgo::kPhase, UpConvAlgo::kGemm,
+                                       UpConvAlgo::kUpsample};
+constexpr ConvAlgo kConvAlgos[] = {ConvAlgo::kConv, ConvAlgo::kGemm};
+
+// auto's candidates besides the default (phase / conv): the gemm algorithms while their im2col
+// matrix stays within kGemmMaxColsBytes or kGemmMaxColsPerWeight times the conv's weight (they win
+// on small maps with many channels, where weights outweigh activations), the upsampled conv on
+// maps of at most kUpsampleMaxPixels input pixels (where the phase split's padding wastes the
+// most: 36% of its positions at 4x4, 21% at 8x8).
+constexpr int64_t kGemmMaxColsBytes = int64_t{64} << 20;
+constexpr int64_t kGemmMaxColsPerWeight = 4;
+constexpr int64_t kUpsampleMaxPixels = 64;
+
+bool gemm_candidate(int64_t cols_numel, int64_t weight_numel, int64_t itemsize) {
+  const int64_t limit = std::max(kGemmMaxColsBytes, kGemmMaxColsPerWeight * weight_numel * itemsize);
+  return cols_numel * itemsize <= limit;
+}
+
+/// A conv of the block: its name (in genblock_algos_cpu) and its environment variable.
+struct PieceInfo {
+  const char* name;
+  const char* env;
+};
+constexpr PieceInfo kPieces[2] = {{"conv1", "MGM_FAST_GENBLOCK_ALGO"},
+                                  {"conv2", "MGM_FAST_GENBLOCK_CONV2_ALGO"}};
+
+const char* algo_name(int piece, int64_t algo) {
+  return piece == 0 ? gi::algo_name(static_cast<UpConvAlgo>(algo))
+                    : gi::algo_name(static_cast<ConvAlgo>(algo));
+}
+
+int64_t algo_count(int piece) {
+  return piece == 0 ? static_cast<int64_t>(std::size(kUpConvAlgos))
+                    : static_cast<int64_t>(std::size(kConvAlgos));
+}
+
+struct AlgoKey {
+  int piece;
+  int64_t n, cin, cout, h, w;  // the conv's input (n, cin, h, w) and output channels
+  at::ScalarType dtype;
+  auto tie() const { return std::tie(piece, n, cin, cout, h, w, dtype); }
+  bool operator<(const AlgoKey& o) const { return tie() < o.tie(); }
+};
+
+struct AlgoChoice {
+  int64_t algo;
+  std::map<std::string, double> seconds;  // per timed candidate: best forward + backward
+  int threads;                            // ATen's thread count when it was chosen
+};
+
+std::mutex g_algo_mutex;
+std::map<AlgoKey, AlgoChoice>& algo_cache() {
+  static std::map<AlgoKey, AlgoChoice> cache;
+  return cache;
+}
+
+/// The algorithm the piece's environment variable forces, or nullopt for auto (unset, empty or
+/// "auto").
+std::optional<int64_t> forced_algo(int piece) {
+  const PieceInfo& p = kPieces[piece];
+  const char* v = std::getenv(p.env);
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return std::nullopt;
+  std::string names = "auto";
+  for (int64_t a = 0; a < algo_count(piece); ++a) {
+    if (std::strcmp(v, algo_name(piece, a)) == 0) return a;
+    names += std::string(", ") + algo_name(piece, a);
+  }
+  TORCH_CHECK_VALUE(false, "genblock (cpp backend): ", p.env, "=", v, " is not one of ", names);
+  return std::nullopt;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// Times each candidate's `run(algo)` (one forward + backward of the conv) and returns the
+/// fastest with the times: a first run (it also creates oneDNN primitives and touches fresh
+/// buffers), then a second one unless the first already took 3x the best so far; a candidate's
+/// time is its faster run.
+template <class Run>
+AlgoChoice time_candidates(int piece, const std::vector<int64_t>& candidates, Run run) {
+  AlgoChoice choice{candidates.front(), {}, at::get_num_threads()};
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t a : candidates) {
+    auto t0 = std::chrono::steady_clock::now();
+    run(a);
+    double t = seconds_since(t0);
+    if (t < 3.0 * best) {
+      t0 = std::chrono::steady_clock::now();
+      run(a);
+      t = std::min(t, seconds_since(t0));
+    }
+    choice.seconds[algo_name(piece, a)] = t;
+    if (t < best) {
+      best = t;
+      choice.algo = a;
+    }
+  }
+  return choice;
+}
+
+/// The conv1 (nearest x2 + conv3x3) candidates of x (n, cin, h, w) and their timing runs: on a
+/// constant stand-in activation (the time does not depend on the values, and the global random
+/// stream stays untouched) with the block's w1, b1; the BN backward each includes runs on a
+/// stand-in too (unit gamma, scale and rstd, zero mean and coefficients).
+AlgoChoice time_up_conv(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1) {
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = w1.size(0);
+  std::vector<int64_t> candidates{static_cast<int64_t>(UpConvAlgo::kPhase)};
+  if (gemm_candidate(16 * n * h * w * cin, w1.numel(), x.element_size())) {
+    candidates.push_back(static_cast<int64_t>(UpConvAlgo::kGemm));
+  }
+  if (h * w <= kUpsampleMaxPixels) {
+    candidates.push_back(static_cast<int64_t>(UpConvAlgo::kUpsample));
+  }
+  if (candidates.size() == 1) return {candidates.front(), {}, at::get_num_threads()};
+  const at::Tensor act =
+      at::full({n, cin, h, w}, 0.5, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::TensorOptions dopt = x.options().dtype(at::kDouble);
+  at::Tensor hh = gi::empty4(x, n, cout, 2 * h, 2 * w, at::MemoryFormat::ChannelsLast);
+  at::Tensor hmean = at::empty({cout}, dopt), hvar = at::empty({cout}, dopt);
+  const at::Tensor ones = at::ones({n, cout}, x.options());
+  const at::Tensor mean = at::zeros({cout}, dopt), rstd = at::ones({cout}, dopt);
+  const at::Tensor k1 = at::zeros({cout}, dopt), k2 = at::zeros({cout}, dopt);
+  at::Tensor db = at::empty({cout}, dopt);
+  return time_candidates(0, candidates, [&](int64_t a) {
+    const auto algo = static_cast<UpConvAlgo>(a);
+    gi::up_conv_forward<CpuGenblockKernels>(algo, act, w1, b1, hh, &hmean, &hvar);
+    const gi::BnBackward bn{hh, hh, hh, ones, ones, mean, rstd, true};
+    gi::up_conv_backward<CpuGenblockKernels>(algo, bn, k1, k2, act, w1, db);
+  });
+}
+
+/// The conv2 (conv3x3 at the output resolution) candidates and their timing runs (constant
+/// stand-in activation and gradient, the block's w2).
+AlgoChoice time_conv(const at::Tensor& x, const at::Tensor& w2) {
+  const int64_t n = x.size(0), c = w2.size(0), h = 2 * x.size(2), w = 2 * x.size(3);
+  std::vector<int64_t> candidates{static_cast<int64_t>(ConvAlgo::kConv)};
+  if (gemm_candidate(9 * n * h * w * c, w2.numel(), x.element_size())) {
+    candidates.push_back(static_cast<int64_t>(ConvAlgo::kGemm));
+  }
+  if (candidates.size() == 1) return {candidates.front(), {}, at::get_num_threads()};
+  const at::TensorOptions cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  const at::Tensor act = at::full({n, c, h, w}, 0.5, cl), g = at::full({n, c, h, w}, 0.25, cl);
+  return time_candidates(1, candidates, [&](int64_t a) {
+    const auto algo = static_cast<ConvAlgo>(a);
+    gi::conv3x3_forward<CpuGenblockKernels>(algo, act, w2);
+    gi::conv3x3_backward<CpuGenblockKernels>(algo, g, act, w2);
+  });
+}
+
+/// The algorithm of one conv of a block call on x (n, cin, h, w): forced, cached, or timed now.
+template <class Time>
+int64_t choose_algo(int piece, const at::Tensor& x, int64_t cout, Time time) {
+  if (const auto forced = forced_algo(piece)) return *forced;
+  const int64_t up = piece == 0 ? 1 : 2;
+  const AlgoKey key{piece, x.size(0), piece == 0 ? x.size(1) : cout, cout, up * x.size(2),
+                    up * x.size(3), x.scalar_type()};
+  {
+    std::lock_guard<std::mutex> lock(g_algo_mutex);
+    const auto it = algo_cache().find(key);
+    if (it != algo_cache().end()) return it->second.algo;
+  }
+  const AlgoChoice choice = time();
+  std::lock_guard<std::mutex> lock(g_algo_mutex);
+  // a concurrent first call of the shape may have stored its choice first: every call keeps that
+  return algo_cache().emplace(key, choice).first->second.algo;
+}
+
+/// The saved algorithms: an int64 tensor (conv1 algorithm, conv2 algorithm).
+at::Tensor algo_tensor(UpConvAlgo a1, ConvAlgo a2) {
+  at::Tensor t = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  t.data_ptr<int64_t>()[0] = static_cast<int64_t>(a1);
+  t.data_ptr<int64_t>()[1] = static_cast<int64_t>(a2);
+  return t;
+}
+
+std::pair<UpConvAlgo, ConvAlgo> algos_of(const at::Tensor& t) {
+  TORCH_CHECK_VALUE(
+      t.device().is_cpu() && t.dim() == 1 && t.numel() == 2 && t.scalar_type() == at::kLong,
+      "genblock (cpp backend): the saved algorithms must be a CPU int64 tensor of 2 values");
+  const at::Tensor c = t.contiguous();
+  const int64_t* v = c.data_ptr<int64_t>();
+  for (int piece = 0; piece < 2; ++piece) {
+    TORCH_CHECK_VALUE(v[piece] >= 0 && v[piece] < algo_count(piece),
+                      "genblock (cpp backend): unknown saved ", kPieces[piece].name, " algorithm ",
+                      v[piece]);
+  }
+  return {static_cast<UpConvAlgo>(v[0]), static_cast<ConvAlgo>(v[1])};
+}
+
+/// The cache as rows (conv, n, cin, cout, h, w, dtype, threads, chosen, {algorithm: seconds});
+/// h, w: the conv's input size (conv1: the block's input; conv2: its output); threads: ATen's
+/// thread count when it was chosen.
+using AlgoRow = std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t, std::string,
+                           int, std::string, std::map<std::string, double>>;
+
+std::vector<AlgoRow> block_algos() {
+  std::lock_guard<std::mutex> lock(g_algo_mutex);
+  std::vector<AlgoRow> rows;
+  for (const auto& [k, c] : algo_cache()) {
+    rows.emplace_back(kPieces[k.piece].name, k.n, k.cin, k.cout, k.h, k.w,
+                      std::string(c10::toString(k.dtype)), c.threads, algo_name(k.piece, c.algo),
+                      c.seconds);
+  }
+  return rows;
+}
+
+void clear_block_algos() {
+  std::lock_guard<std::mutex> lock(g_algo_mutex);
+  algo_cache().clear();
+}
+
 // Inputs of the CPU entry points must be CPU tensors (the Python side dispatches by device).
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "genblock (cpp backend): ", name,
@@ -341,8 +709,15 @@ std::vector<at::Tensor> genblock_forward_cpu(
   check_cpu(x, "x");
   check_cpu(y, "y");
   pybind11::gil_scoped_release no_gil;
-  return gi::block_forward<CpuGenblockKernels>(x, y, embed1, w1, b1, embed2, w2, b2, w0, b0, rm1,
-                                               rv1, nbt1, rm2, rv2, nbt2, training, momentum, eps);
+  const int64_t cout = w1.size(0);
+  const auto a1 =
+      static_cast<UpConvAlgo>(choose_algo(0, x, cout, [&] { return time_up_conv(x, w1, b1); }));
+  const auto a2 = static_cast<ConvAlgo>(choose_algo(1, x, cout, [&] { return time_conv(x, w2); }));
+  std::vector<at::Tensor> out = gi::block_forward<CpuGenblockKernels>(
+      x, y, embed1, w1, b1, embed2, w2, b2, w0, b0, rm1, rv1, nbt1, rm2, rv2, nbt2, training,
+      momentum, eps, a1, a2);
+  out.push_back(algo_tensor(a1, a2));
+  return out;
 }
 
 std::vector<at::Tensor> genblock_backward_cpu(
@@ -350,13 +725,15 @@ std::vector<at::Tensor> genblock_backward_cpu(
     const at::Tensor& hh, const at::Tensor& act2, const at::Tensor& mean1, const at::Tensor& rstd1,
     const at::Tensor& scale1, const at::Tensor& gb1, const at::Tensor& mean2,
     const at::Tensor& rstd2, const at::Tensor& scale2, const at::Tensor& gb2,
-    const at::Tensor& embed1, const at::Tensor& w1, const at::Tensor& embed2, const at::Tensor& w2,
-    const at::Tensor& w0, bool training, bool need_x, bool x_channels_last) {
+    const at::Tensor& algo, const at::Tensor& embed1, const at::Tensor& w1,
+    const at::Tensor& embed2, const at::Tensor& w2, const at::Tensor& w0, bool training,
+    bool need_x, bool x_channels_last) {
   check_cpu(grad, "grad_output");
+  const auto [a1, a2] = algos_of(algo);
   pybind11::gil_scoped_release no_gil;
   return gi::block_backward<CpuGenblockKernels>(grad, x, y, act1, hh, act2, mean1, rstd1, scale1,
                                                 gb1, mean2, rstd2, scale2, gb2, embed1, w1, embed2,
-                                                w2, w0, training, need_x, x_channels_last);
+                                                w2, w0, training, need_x, x_channels_last, a1, a2);
 }
 
 }  // namespace
@@ -382,15 +759,24 @@ void register_genblock(pybind11::module_& m) {
         py::arg("running_var1"), py::arg("num_batches_tracked1"), py::arg("running_mean2"),
         py::arg("running_var2"), py::arg("num_batches_tracked2"), py::arg("training"),
         py::arg("momentum"), py::arg("eps"),
-        "Fused GenBlock forward on the CPU: [out, saved tensors for genblock_backward_cpu...].");
+        "Fused GenBlock forward on the CPU: [out, saved tensors for genblock_backward_cpu...]; "
+        "the last saved tensor holds the algorithms used, int64 (conv1: 0 phase, 1 gemm, "
+        "2 upsample; conv2: 0 conv, 1 gemm).");
   m.def("genblock_backward_cpu", &genblock_backward_cpu, py::arg("grad"), py::arg("x"),
         py::arg("y"), py::arg("act1"), py::arg("h"), py::arg("act2"), py::arg("mean1"),
         py::arg("rstd1"), py::arg("scale1"), py::arg("gb1"), py::arg("mean2"), py::arg("rstd2"),
-        py::arg("scale2"), py::arg("gb2"), py::arg("embed1"), py::arg("w1"), py::arg("embed2"),
-        py::arg("w2"), py::arg("w0"), py::arg("training"), py::arg("need_x"),
+        py::arg("scale2"), py::arg("gb2"), py::arg("algo"), py::arg("embed1"), py::arg("w1"),
+        py::arg("embed2"), py::arg("w2"), py::arg("w0"), py::arg("training"), py::arg("need_x"),
         py::arg("x_channels_last"),
-        "Fused GenBlock backward on the CPU (x: the channels_last xs the forward returned): "
-        "[dx, dembed1, dw1, db1, dembed2, dw2, db2, dw0, db0].");
+        "Fused GenBlock backward on the CPU (x: the channels_last xs the forward returned; algo: "
+        "the algorithms it saved): [dx, dembed1, dw1, db1, dembed2, dw2, db2, dw0, db0].");
+  m.def("genblock_algos_cpu", &block_algos,
+        "The conv algorithms auto chose so far (MGM_FAST_GENBLOCK_ALGO / "
+        "MGM_FAST_GENBLOCK_CONV2_ALGO unset or auto): rows (conv, n, cin, cout, h, w, dtype, threads, chosen, {algorithm: best "
+        "forward+backward seconds of the timed candidates}); h, w: the conv's input size; threads: "
+        "ATen's thread count when it was chosen (the choice holds for any count).");
+  m.def("genblock_algos_clear_cpu", &clear_block_algos,
+        "Forgets the algorithms auto chose (the next call of each shape chooses again).");
 }
 
 }  // namespace bindings

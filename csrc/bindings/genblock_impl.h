@@ -14,12 +14,19 @@
 //   cbn_relu_conv_backward  its gradients
 //   genblock_forward        a whole GenBlock: piece(up) -> piece(+ 1x1 shortcut at low resolution)
 //   genblock_backward       its gradients (embedding rows, weights, biases, x)
+//
+// Both convs of a block have several algorithms: the first (nearest x2 + conv3x3 of act1)
+// UpConvAlgo, the second (conv3x3 of act2) ConvAlgo. The caller picks them per call (the CPU
+// binding by a cached one-time timing per shape) and passes the same ones to the backward; every
+// algorithm saves the same tensors. The CUDA binding keeps the defaults (phase, conv): its policy
+// has no im2col kernels for the gemm algorithms.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -132,6 +139,168 @@ struct BnBackward {
   at::Tensor mean, rstd;    // (c,) double
   bool training;
 };
+
+// ---------------------------------------------------------------------------------------------
+// nearest x2 + conv3x3: the algorithms
+
+/// How conv3x3(up2(a)) of a block's first piece is computed (a: (n, cin, h, w) channels_last).
+enum class UpConvAlgo : int64_t {
+  /// One 2x2 conv with 4*cout outputs (the phase weights) over the low-resolution map padded to
+  /// (h+1) x (w+1), interleaved by the epilogue: 16 taps per output pixel, but (h+1)(w+1)/(hw)
+  /// of the work (1.56x at 4x4, 1.13x at 16x16).
+  kPhase = 0,
+  /// The same phases on the h x w pixels only: one GEMM per phase over im2col rows of 4 taps
+  /// (n*h*w, 4*cin) x (4*cin, cout). No padded positions; the im2col copy is 16x the size of a.
+  /// Needs the policy's compact_* kernels (CPU).
+  kGemm = 1,
+  /// up2(a) materialised, then the plain 3x3 conv at 2h x 2w: 36 taps per output pixel, one
+  /// large conv (what the plain-PyTorch block does).
+  kUpsample = 2,
+};
+
+/// How the second conv of a block (conv3x3 of act2 at the output resolution) is computed.
+enum class ConvAlgo : int64_t {
+  /// ATen's convolution (oneDNN / cuDNN) on channels_last tensors.
+  kConv = 0,
+  /// 3x3 im2col (n*h*w, 9*c) in the column order of the contiguous weight, and GEMMs that read
+  /// the weight and write its gradient in place: no weight reorders, which dominate small maps
+  /// with many channels. Needs the policy's conv3_* kernels (CPU).
+  kGemm = 1,
+};
+
+inline const char* algo_name(UpConvAlgo a) {
+  switch (a) {
+    case UpConvAlgo::kPhase: return "phase";
+    case UpConvAlgo::kGemm: return "gemm";
+    case UpConvAlgo::kUpsample: return "upsample";
+  }
+  return "?";
+}
+
+inline const char* algo_name(ConvAlgo a) {
+  switch (a) {
+    case ConvAlgo::kConv: return "conv";
+    case ConvAlgo::kGemm: return "gemm";
+  }
+  return "?";
+}
+
+/// Whether the kernel policy K has the im2col kernels of the kGemm algorithms.
+template <class K, class = void>
+struct has_gemm_kernels : std::false_type {};
+template <class K>
+struct has_gemm_kernels<K, std::void_t<decltype(&K::compact_im2col), decltype(&K::conv3_im2col)>>
+    : std::true_type {};
+
+inline at::Tensor upsample2(const at::Tensor& a) {
+  return at::upsample_nearest2d(a, {2 * a.size(2), 2 * a.size(3)})
+      .contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+/// hh (n, cout, 2h, 2w, channels_last) = conv3x3(up2(act), w) + bias, with the statistics of hh
+/// into hmean/hvar (c,) double when they are given.
+template <class K>
+void up_conv_forward(UpConvAlgo algo, const at::Tensor& act, const at::Tensor& w,
+                     const at::Tensor& bias, at::Tensor& hh, at::Tensor* hmean, at::Tensor* hvar) {
+  switch (algo) {
+    case UpConvAlgo::kPhase: {
+      at::Tensor p = conv(act, K::phase_weights(w), std::nullopt, 1)
+                         .contiguous(at::MemoryFormat::ChannelsLast);
+      K::phase_epilogue(p, bias, std::nullopt, false, hh, hmean, hvar);
+      return;
+    }
+    case UpConvAlgo::kUpsample: {
+      at::Tensor y = conv(upsample2(act), K::conv_weight(w), std::nullopt, 1)
+                         .contiguous(at::MemoryFormat::ChannelsLast);
+      K::conv_epilogue(y, bias, std::nullopt, false, hh, hmean, hvar);
+      return;
+    }
+    case UpConvAlgo::kGemm: {
+      if constexpr (has_gemm_kernels<K>::value) {
+        // P (4, n*h*w, cout) = A (4, n*h*w, 4 cin) x Wp^T, Wp (4, cout, 4 cin)
+        const at::Tensor wp = K::compact_phase_weights(w);
+        const at::Tensor p = at::bmm(K::compact_im2col(act), wp.transpose(1, 2));
+        K::compact_phase_epilogue(p, bias, hh, hmean, hvar);
+        return;
+      }
+      break;
+    }
+  }
+  TORCH_CHECK(false, kOp, ": up-conv algorithm ", algo_name(algo), " is not available here");
+}
+
+/// Backward of up_conv_forward followed by ReLU(CBN) (bn: the backward through the CBN of hh,
+/// k1/k2 its reduce coefficients): returns {d act (channels_last), d w}; dbias (c,) double.
+template <class K>
+std::pair<at::Tensor, at::Tensor> up_conv_backward(UpConvAlgo algo, const BnBackward& bn,
+                                                   const at::Tensor& k1, const at::Tensor& k2,
+                                                   const at::Tensor& act, const at::Tensor& w,
+                                                   at::Tensor& dbias) {
+  const int64_t n = act.size(0), cin = act.size(1), h = act.size(2), wd = act.size(3);
+  const int64_t cout = w.size(0);
+  switch (algo) {
+    case UpConvAlgo::kPhase: {
+      // the BN backward written straight into the phase layout of the conv
+      at::Tensor dp = empty4(act, n, 4 * cout, h + 1, wd + 1, at::MemoryFormat::ChannelsLast);
+      K::bn_backward_apply_phase(bn, k1, k2, dp, &dbias);
+      auto r = conv_backward(dp, act, K::phase_weights(w), 1, true);
+      return {r.first, K::phase_weights_backward(r.second)};
+    }
+    case UpConvAlgo::kUpsample: {
+      at::Tensor dh = empty4(act, n, cout, 2 * h, 2 * wd, at::MemoryFormat::ChannelsLast);
+      K::bn_backward_apply(bn, k1, k2, nullptr, dh);
+      K::grad_output_prep(dh, nullptr, nullptr, &dbias);
+      auto r = conv_backward(dh, upsample2(act), K::conv_weight(w), 1, true);
+      at::Tensor da = empty4(act, n, cin, h, wd, at::MemoryFormat::ChannelsLast);
+      K::grad_output_prep(dense(r.first), nullptr, &da, nullptr);  // up2's adjoint: 2x2 sums
+      return {da, r.second.contiguous()};
+    }
+    case UpConvAlgo::kGemm: {
+      if constexpr (has_gemm_kernels<K>::value) {
+        at::Tensor dp = at::empty({4, n * h * wd, cout}, act.options());
+        K::bn_backward_apply_compact_phase(bn, k1, k2, dp, &dbias);
+        const at::Tensor wp = K::compact_phase_weights(w);
+        const at::Tensor da = K::compact_col2im(at::bmm(dp, wp), n, cin, h, wd);
+        return {da, K::compact_phase_weights_grad(dp, K::compact_im2col(act))};
+      }
+      break;
+    }
+  }
+  TORCH_CHECK(false, kOp, ": up-conv algorithm ", algo_name(algo), " is not available here");
+}
+
+/// y (n, cout, h, w, channels_last) = conv3x3(act, w) with padding 1, no bias.
+template <class K>
+at::Tensor conv3x3_forward(ConvAlgo algo, const at::Tensor& act, const at::Tensor& w) {
+  if (algo == ConvAlgo::kGemm) {
+    if constexpr (has_gemm_kernels<K>::value) {
+      const at::Tensor wm = w.contiguous().view({w.size(0), -1});  // (cout, 9 cin), read in place
+      return from_pixel_matrix(at::mm(K::conv3_im2col(act), wm.t()), act.size(0), act.size(2),
+                               act.size(3));
+    }
+    TORCH_CHECK(false, kOp, ": conv algorithm gemm is not available here");
+  }
+  return conv(act, K::conv_weight(w), std::nullopt, 1).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+/// {d act (channels_last), d w (contiguous)} of conv3x3_forward from g, its output's gradient
+/// (channels_last).
+template <class K>
+std::pair<at::Tensor, at::Tensor> conv3x3_backward(ConvAlgo algo, const at::Tensor& g,
+                                                   const at::Tensor& act, const at::Tensor& w) {
+  if (algo == ConvAlgo::kGemm) {
+    if constexpr (has_gemm_kernels<K>::value) {
+      const at::Tensor gm = pixel_matrix(g);  // (n*h*w, cout)
+      const at::Tensor wm = w.contiguous().view({w.size(0), -1});
+      const at::Tensor da = K::conv3_col2im(at::mm(gm, wm), act.size(0), act.size(1), act.size(2),
+                                            act.size(3));
+      return {da, at::mm(gm.t(), K::conv3_im2col(act)).view(w.sizes())};
+    }
+    TORCH_CHECK(false, kOp, ": conv algorithm gemm is not available here");
+  }
+  auto r = conv_backward(g, act, K::conv_weight(w), 1, true);
+  return {r.first, r.second.contiguous()};
+}
 
 // ---------------------------------------------------------------------------------------------
 // one piece
@@ -253,13 +422,13 @@ std::vector<at::Tensor> block_forward(
     const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& rm1, const at::Tensor& rv1,
     const std::optional<at::Tensor>& nbt1, const at::Tensor& rm2, const at::Tensor& rv2,
     const std::optional<at::Tensor>& nbt2, bool training, std::optional<double> momentum,
-    double eps) {
+    double eps, UpConvAlgo algo = UpConvAlgo::kPhase, ConvAlgo algo2 = ConvAlgo::kConv) {
   const at::Tensor x = dense(x_in);
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t cout = w1.size(0);
   const at::ScalarType pt = K::param_dtype(x);
 
-  // piece 1: prologue of x, phase conv, interleave + bias + statistics of h
+  // piece 1: prologue of x, up-conv (algo), bias + statistics of h in its epilogue
   const at::Tensor gb1 = embed1.index_select(0, y).to(pt);
   auto [mean1, var1] = prologue_stats<K>(x, rm1, rv1, nbt1, std::nullopt, std::nullopt, training,
                                          momentum);
@@ -268,16 +437,14 @@ std::vector<at::Tensor> block_forward(
   at::Tensor act1 = empty4(x, n, cin, h, w, at::MemoryFormat::ChannelsLast);
   at::Tensor xs = is_pixels(x) ? x : empty4(x, n, cin, h, w, at::MemoryFormat::ChannelsLast);
   K::affine_relu(x, scale1, shift1, act1, is_pixels(x) ? nullptr : &xs);
-  at::Tensor p = conv(act1, K::phase_weights(w1), std::nullopt, 1)
-                     .contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor hh = empty4(x, n, cout, 2 * h, 2 * w, at::MemoryFormat::ChannelsLast);
   at::Tensor hmean, hvar;
   if (training) {
     hmean = at::empty({cout}, x.options().dtype(at::kDouble));
     hvar = at::empty({cout}, x.options().dtype(at::kDouble));
   }
-  K::phase_epilogue(p, b1, std::nullopt, false, hh, training ? &hmean : nullptr,
-                    training ? &hvar : nullptr);
+  up_conv_forward<K>(algo, act1, w1, b1, hh, training ? &hmean : nullptr,
+                     training ? &hvar : nullptr);
 
   // piece 2: prologue of h, conv, + bias + nearest-x2 of the low-resolution shortcut
   const at::Tensor gb2 = embed2.index_select(0, y).to(pt);
@@ -289,8 +456,7 @@ std::vector<at::Tensor> block_forward(
   // 1x1 before upsampling: 4x fewer FLOPs; as one GEMM over the channels_last pixels
   const at::Tensor shortcut = from_pixel_matrix(
       at::addmm(b0, pixel_matrix(xs), w0.reshape({cout, cin}).t()), n, h, w);
-  at::Tensor y2 = conv(act2, K::conv_weight(w2), std::nullopt, 1)
-                      .contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y2 = conv3x3_forward<K>(algo2, act2, w2);
   at::Tensor out = empty4(x, n, cout, 2 * h, 2 * w, format_of(x));
   K::conv_epilogue(y2, b2, shortcut, true, out, nullptr, nullptr);
   return {out, xs, act1, hh, act2, mean1, rstd1, scale1, gb1, mean2, rstd2, scale2, gb2};
@@ -306,7 +472,8 @@ std::vector<at::Tensor> block_backward(
     const at::Tensor& gb1, const at::Tensor& mean2, const at::Tensor& rstd2,
     const at::Tensor& scale2, const at::Tensor& gb2, const at::Tensor& embed1,
     const at::Tensor& w1, const at::Tensor& embed2, const at::Tensor& w2, const at::Tensor& w0,
-    bool training, bool need_x, bool x_channels_last) {
+    bool training, bool need_x, bool x_channels_last, UpConvAlgo algo = UpConvAlgo::kPhase,
+    ConvAlgo algo2 = ConvAlgo::kConv) {
   const at::Tensor g = dense(grad_in);
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t cout = w1.size(0);
@@ -319,21 +486,15 @@ std::vector<at::Tensor> block_backward(
   at::Tensor dshort = empty4(x, n, cout, h, w, at::MemoryFormat::ChannelsLast);
   at::Tensor db2_d = at::empty({cout}, dopt);
   K::grad_output_prep(g, copy ? &gp : nullptr, &dshort, &db2_d);
-  auto [dact2, dw2_cl] = conv_backward(gp, act2, K::conv_weight(w2), 1, true);
-  const at::Tensor dw2 = dw2_cl.contiguous();
+  auto [dact2, dw2] = conv3x3_backward<K>(algo2, gp, act2, w2);
 
-  // piece 2 backward, written straight into the phase layout of piece 1's conv
+  // piece 2 backward (its dx written in the form piece 1's conv backward reads), piece 1
   BnBackward bn2{hh, act2, dense(dact2), gb2.narrow(1, 0, cout), scale2, mean2, rstd2, training};
   at::Tensor dgb2 = at::empty({n, 2 * cout}, scale2.options());
   at::Tensor k1 = at::empty({cout}, dopt), k2 = at::empty({cout}, dopt);
   K::bn_backward_reduce(bn2, dgb2.narrow(1, 0, cout), dgb2.narrow(1, cout, cout), k1, k2);
-  at::Tensor dp = empty4(x, n, 4 * cout, h + 1, w + 1, at::MemoryFormat::ChannelsLast);
   at::Tensor db1_d = at::empty({cout}, dopt);
-  K::bn_backward_apply_phase(bn2, k1, k2, dp, &db1_d);
-
-  // piece 1 backward
-  auto [dact1, dwp1] = conv_backward(dp, act1, K::phase_weights(w1), 1, true);
-  at::Tensor dw1 = K::phase_weights_backward(dwp1);
+  auto [dact1, dw1] = up_conv_backward<K>(algo, bn2, k1, k2, act1, w1, db1_d);
   const at::Tensor ds = pixel_matrix(dshort);  // shortcut GEMM backward
   const at::Tensor dw0 = ds.t().mm(pixel_matrix(x)).view({cout, cin, 1, 1});
   BnBackward bn1{x, act1, dense(dact1), gb1.narrow(1, 0, cin), scale1, mean1, rstd1, training};

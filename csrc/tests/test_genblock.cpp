@@ -1,8 +1,9 @@
 // Unit tests of the torch-free GenBlock CPU kernels (csrc/kernels/cpu/genblock.*) against naive
 // double-precision loops on small random inputs: statistics, prologue, the phase decomposition
-// of nearest-2x + conv3x3 (against the direct convolution of the upsampled map), epilogues with
-// full and half-size residuals, the backward kernels (against the formulas, and the scatter as
-// the adjoint of the interleave), both layouts, and bit-identical results for 1 and 3 threads.
+// of nearest-2x + conv3x3 (against the direct convolution of the upsampled map) in the padded
+// and the compact (per-phase GEMM, im2col) layouts, epilogues with full and half-size residuals,
+// the backward kernels (against the formulas, and the scatter / col2im as the adjoints of the
+// interleave / im2col), both layouts, and bit-identical results for 1 and 3 threads.
 // Built and run by CMake/ctest; main returns 1 if any check failed.
 #include "kernels/cpu/genblock.h"
 #include "tests/cpu_isa_test.h"
@@ -210,6 +211,143 @@ void test_phase_forward() {
   }
 }
 
+// The compact phase conv: im2col, one naive GEMM per phase with the channels_last phase
+// weights viewed as (4, co, 4 ci), the compact interleave -- against the direct up + conv.
+void test_compact_phase_forward() {
+  for (Layout la : kLayouts) {
+    for (Layout lo : kLayouts) {
+      for (int64_t h : {4, 1, 3}) {
+        const int64_t n = 2, ci = 3, co = 5, w = h == 1 ? 2 : 5;
+        T4 a = random4({n, ci, h, w}, la);
+        std::vector<float> wt = randn(static_cast<size_t>(co * ci * 9), 0.4f);
+        std::vector<float> wp(static_cast<size_t>(4 * co * ci * 4)), wp3(wp.size());
+        g::phase_weights(wt.data(), co, ci, wp.data(), true, 1);
+        g::phase_weights(wt.data(), co, ci, wp3.data(), true, 3);
+        EXPECT(wp == wp3, "phase weights differ for 3 threads");
+        const int64_t m = n * h * w, k = 4 * ci;
+        std::vector<float> cols(static_cast<size_t>(4 * m * k), -3.0f), cols3(cols.size(), 4.0f);
+        g::phase_im2col(a.cv(), cols.data(), 1);
+        g::phase_im2col(a.cv(), cols3.data(), 3);
+        EXPECT(cols == cols3, "im2col differs for 3 threads");
+        std::vector<float> p(static_cast<size_t>(4 * m * co));
+        for (int64_t ph = 0; ph < 4; ++ph)
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t o = 0; o < co; ++o) {
+              double acc = 0.0;
+              for (int64_t kk = 0; kk < k; ++kk)
+                acc += static_cast<double>(cols[static_cast<size_t>((ph * m + r) * k + kk)]) *
+                       wp[static_cast<size_t>((ph * co + o) * k + kk)];
+              p[static_cast<size_t>((ph * m + r) * co + o)] = static_cast<float>(acc);
+            }
+        std::vector<float> bias = randn(static_cast<size_t>(co));
+        g::Epilogue<float> ep;
+        ep.bias = bias.data();
+        T4 out({n, co, 2 * h, 2 * w}, lo), out3({n, co, 2 * h, 2 * w}, lo);
+        std::vector<double> mean(static_cast<size_t>(co)), var(mean.size()), mean3(mean.size()), var3(mean.size());
+        g::phase_epilogue(p.data(), {n, co, h, w}, ep, out.mv(), mean.data(), var.data(), 1,
+                          g::PhaseLayout::kCompact);
+        g::phase_epilogue(p.data(), {n, co, h, w}, ep, out3.mv(), mean3.data(), var3.data(), 3,
+                          g::PhaseLayout::kCompact);
+        std::vector<double> want;
+        for (int64_t b = 0; b < n; ++b)
+          for (int64_t o = 0; o < co; ++o)
+            for (int64_t Y = 0; Y < 2 * h; ++Y)
+              for (int64_t X = 0; X < 2 * w; ++X) want.push_back(direct_up_conv(a, wt, co, b, o, Y, X) + bias[o]);
+        const double err = max_rel_err(logical(out), want);
+        EXPECT(err < 1e-5, "compact phase conv (a %s, out %s, h %lld) vs direct up+conv: %g", name(la),
+               name(lo), static_cast<long long>(h), err);
+        EXPECT(out.v == out3.v && mean == mean3 && var == var3, "compact epilogue differs for 3 threads");
+        const std::vector<double> got = logical(out);
+        for (int64_t o = 0; o < co; ++o) {
+          double s1 = 0.0;
+          for (size_t i = 0; i < got.size(); ++i) {
+            if ((static_cast<int64_t>(i) / (4 * h * w)) % co == o) s1 += got[i];
+          }
+          const double cnt = static_cast<double>(n * 4 * h * w);
+          EXPECT(std::fabs(mean[o] - s1 / cnt) < 1e-6 * (1 + std::fabs(s1 / cnt)),
+                 "compact epilogue mean (channel %lld): %g vs %g", static_cast<long long>(o), mean[o], s1 / cnt);
+        }
+
+        // col2im is the adjoint of im2col: <im2col(a), d> = <a, col2im(d)>
+        std::vector<float> d = randn(cols.size());
+        T4 da({n, ci, h, w}, la), da3({n, ci, h, w}, la);
+        g::phase_col2im(d.data(), da.mv(), 1);
+        g::phase_col2im(d.data(), da3.mv(), 3);
+        double lhs = 0.0, rhs = 0.0;
+        for (size_t i = 0; i < cols.size(); ++i) lhs += static_cast<double>(cols[i]) * d[i];
+        for (size_t i = 0; i < a.v.size(); ++i) rhs += static_cast<double>(a.v[i]) * da.v[i];
+        EXPECT(std::fabs(lhs - rhs) < 1e-4 * (1 + std::fabs(lhs)), "col2im adjoint (%s, h %lld): %g vs %g",
+               name(la), static_cast<long long>(h), lhs, rhs);
+        EXPECT(da.v == da3.v, "col2im differs for 3 threads");
+      }
+    }
+  }
+  // phase weights: both layouts hold the same taps, for any thread count
+  const int64_t co = 3, ci = 7;
+  std::vector<float> wt = randn(static_cast<size_t>(co * ci * 9));
+  std::vector<float> cl(static_cast<size_t>(16 * co * ci)), pl(cl.size());
+  g::phase_weights(wt.data(), co, ci, cl.data(), true, 2);
+  g::phase_weights(wt.data(), co, ci, pl.data(), false, 1);
+  bool same = true;
+  for (int64_t row = 0; row < 4 * co; ++row)
+    for (int64_t c = 0; c < ci; ++c)
+      for (int64_t rs = 0; rs < 4; ++rs)
+        same = same && cl[static_cast<size_t>((row * 4 + rs) * ci + c)] == pl[static_cast<size_t>((row * ci + c) * 4 + rs)];
+  EXPECT(same, "phase weights: channels_last and NCHW differ");
+  std::vector<float> dw1(wt.size()), dw2(wt.size());
+  g::phase_weights_backward(cl.data(), co, ci, dw1.data(), true, 1);
+  g::phase_weights_backward(pl.data(), co, ci, dw2.data(), false, 3);
+  EXPECT(dw1 == dw2, "phase weights backward: layouts / thread counts differ");
+}
+
+// The 3x3 im2col in the (ci, tap) column order of a contiguous weight: one naive GEMM with the
+// weight in place equals the direct conv (padding 1); col2im is its adjoint.
+void test_conv3x3_im2col() {
+  for (Layout la : kLayouts) {
+    for (int64_t h : {5, 1, 2}) {
+      const int64_t n = 2, ci = 3, co = 4, w = h == 1 ? 1 : 4, m = n * h * w, k = 9 * ci;
+      T4 a = random4({n, ci, h, w}, la);
+      std::vector<float> wt = randn(static_cast<size_t>(co * k), 0.4f);
+      std::vector<float> cols(static_cast<size_t>(m * k), -3.0f), cols3(cols.size(), 4.0f);
+      g::conv3x3_im2col(a.cv(), cols.data(), 1);
+      g::conv3x3_im2col(a.cv(), cols3.data(), 3);
+      EXPECT(cols == cols3, "conv3x3 im2col differs for 3 threads");
+      double err = 0.0, scale = 1e-6;
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t y = 0; y < h; ++y)
+          for (int64_t x = 0; x < w; ++x)
+            for (int64_t o = 0; o < co; ++o) {
+              double got = 0.0, want = 0.0;
+              for (int64_t kk = 0; kk < k; ++kk)
+                got += static_cast<double>(cols[static_cast<size_t>(((b * h + y) * w + x) * k + kk)]) *
+                       wt[static_cast<size_t>(o * k + kk)];
+              for (int64_t c = 0; c < ci; ++c)
+                for (int64_t ky = 0; ky < 3; ++ky)
+                  for (int64_t kx = 0; kx < 3; ++kx) {
+                    const int64_t yy = y + ky - 1, xx = x + kx - 1;
+                    if (yy < 0 || xx < 0 || yy >= h || xx >= w) continue;
+                    want += static_cast<double>(wt[static_cast<size_t>(((o * ci + c) * 3 + ky) * 3 + kx)]) *
+                            a.at(b, c, yy, xx);
+                  }
+              err = std::fmax(err, std::fabs(got - want));
+              scale = std::fmax(scale, std::fabs(want));
+            }
+      EXPECT(err / scale < 1e-6, "conv3x3 im2col GEMM (a %s, h %lld) vs direct conv: %g", name(la),
+             static_cast<long long>(h), err / scale);
+      std::vector<float> d = randn(cols.size());
+      T4 da({n, ci, h, w}, la), da3({n, ci, h, w}, la);
+      g::conv3x3_col2im(d.data(), da.mv(), 1);
+      g::conv3x3_col2im(d.data(), da3.mv(), 3);
+      double lhs = 0.0, rhs = 0.0;
+      for (size_t i = 0; i < cols.size(); ++i) lhs += static_cast<double>(cols[i]) * d[i];
+      for (size_t i = 0; i < a.v.size(); ++i) rhs += static_cast<double>(a.v[i]) * da.v[i];
+      EXPECT(std::fabs(lhs - rhs) < 1e-4 * (1 + std::fabs(lhs)), "conv3x3 col2im adjoint (%s, h %lld): %g vs %g",
+             name(la), static_cast<long long>(h), lhs, rhs);
+      EXPECT(da.v == da3.v, "conv3x3 col2im differs for 3 threads");
+    }
+  }
+}
+
 void test_conv_epilogue_and_grad_prep() {
   for (Layout lc : kLayouts) {
     for (Layout lo : kLayouts) {
@@ -286,6 +424,28 @@ void test_scatter_is_the_adjoint_of_the_interleave() {
     // positions no output reads get exactly zero
     const T4 dpt = [&] { T4 t({n, 4 * c, h + 1, w + 1}, Layout::kPixels); t.v = dp; return t; }();
     EXPECT(dpt.at(0, 0, h, 0) == 0.0f && dpt.at(1, 3 * c, 0, 2) == 0.0f, "unused phase rows not zero");
+
+    // the compact layout (4, n, h, w, c)
+    std::vector<float> pc = randn(static_cast<size_t>(4 * n * h * w * c));
+    T4 outc({n, c, 2 * h, 2 * w}, Layout::kPixels);
+    g::phase_epilogue(pc.data(), {n, c, h, w}, g::Epilogue<float>{}, outc.mv(), nullptr, nullptr, 1,
+                      g::PhaseLayout::kCompact);
+    std::vector<float> dc(pc.size(), -7.0f), dc3(pc.size(), 9.0f);
+    std::vector<double> dbc(3), dbc3(3);
+    g::phase_grad_scatter(gr.cv(), dc.data(), dbc.data(), 1, g::PhaseLayout::kCompact);
+    g::phase_grad_scatter(gr.cv(), dc3.data(), dbc3.data(), 3, g::PhaseLayout::kCompact);
+    lhs = rhs = 0.0;
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t k = 0; k < c; ++k)
+        for (int64_t y = 0; y < 2 * h; ++y)
+          for (int64_t x = 0; x < 2 * w; ++x) lhs += static_cast<double>(outc.at(b, k, y, x)) * gr.at(b, k, y, x);
+    for (size_t i = 0; i < pc.size(); ++i) rhs += static_cast<double>(pc[i]) * dc[i];
+    EXPECT(std::fabs(lhs - rhs) < 1e-4 * (1 + std::fabs(lhs)), "compact scatter adjoint (%s): %g vs %g", name(lg),
+           lhs, rhs);
+    EXPECT(dc == dc3 && dbc == dbc3, "compact scatter differs for 3 threads");
+    double err = 0.0;
+    for (int64_t k = 0; k < c; ++k) err = std::fmax(err, std::fabs(dbc[k] - db[k]));
+    EXPECT(err < 1e-5, "compact scatter bias gradient: %g", err);
   }
 }
 
@@ -364,6 +524,20 @@ void test_bn_backward() {
       for (int64_t c = 0; c < 4; ++c) err = std::fmax(err, std::fabs(dbg[c] - dbw[c]));
       EXPECT(err < 1e-5, "apply_phase vs scatter(apply), x %s: %g", name(lx), err);
       EXPECT(got == got3 && dbg == dbg3, "apply_phase differs for 3 threads");
+
+      // the same in the compact layout
+      const size_t nc = static_cast<size_t>(4 * d.n * d.c * (d.h / 2) * (d.w / 2));
+      std::vector<float> wantc(nc), gotc(nc, 5.0f), gotc3(nc, -5.0f);
+      g::phase_grad_scatter(dxp.cv(), wantc.data(), dbw.data(), 1, g::PhaseLayout::kCompact);
+      g::bn_relu_backward_apply_phase(a, k1.data(), k2.data(), gotc.data(), dbg.data(), 1,
+                                      g::PhaseLayout::kCompact);
+      g::bn_relu_backward_apply_phase(a, k1.data(), k2.data(), gotc3.data(), dbg3.data(), 3,
+                                      g::PhaseLayout::kCompact);
+      err = 0.0;
+      for (size_t i = 0; i < nc; ++i) err = std::fmax(err, std::fabs(gotc[i] - wantc[i]));
+      for (int64_t c = 0; c < 4; ++c) err = std::fmax(err, std::fabs(dbg[c] - dbw[c]));
+      EXPECT(err < 1e-5, "compact apply_phase vs scatter(apply), x %s: %g", name(lx), err);
+      EXPECT(gotc == gotc3 && dbg == dbg3, "compact apply_phase differs for 3 threads");
     }
   }
 }
@@ -389,6 +563,8 @@ int main() {
   if (const int status = start_cpu_isa_test("test_genblock"); status >= 0) return status;
   test_stats_and_prologue();
   test_phase_forward();
+  test_compact_phase_forward();
+  test_conv3x3_im2col();
   test_conv_epilogue_and_grad_prep();
   test_scatter_is_the_adjoint_of_the_interleave();
   test_bn_backward();

@@ -1,4 +1,4 @@
-"""Batched, on-device SimCLR views (mgm_method.md section 1.2).
+"""Batched, on-device SimCLR views (docs/method.md section 1.2).
 
 Each view of each image goes through, with its own random parameters:
 
@@ -21,7 +21,7 @@ module (:func:`apply_torch`, any device), its ``cpp`` backend a fused C++ kernel
 CPU images with the same semantics (``SimCLRAugment.impl`` picks; "auto" takes cpp when the
 extension is built).
 
-Not reproduced: the released code's double scaling (mgm_method.md B1) -- it mapped [-1, 1]
+Not reproduced: the released code's double scaling (docs/method.md B1) -- it mapped [-1, 1]
 images to [0, 255] floats and handed them to ``ToPILImage``, which multiplied by 255 again and
 wrapped around in uint8, so its "views" were corrupted images. Here the pipeline sees the image
 itself.
@@ -908,7 +908,7 @@ def pil_views(
     blur_kernel: int = 3,
 ) -> torch.Tensor:
     """The same steps one image at a time on uint8 images, as the released code did
-    (mgm_method.md section 1.2 and I1; without its double scaling, B1): per sample a PIL image,
+    (docs/method.md section 1.2 and I1; without its double scaling, B1): per sample a PIL image,
     crop then bilinear resize (torchvision's ``resized_crop`` on PIL), flip, ImageEnhance
     brightness / contrast / saturation and torchvision's PIL hue shift in the sample's order,
     grayscale (PIL ``L``), an OpenCV-style Gaussian blur (reflect-101 borders), back to a tensor.

@@ -1,4 +1,4 @@
-"""The released code's folder layout ("official", mgm_method.md section 4.1): loader and writer.
+"""The released code's folder layout ("official", docs/method.md section 4.1): loader and writer.
 
 Layout::
 

@@ -8,7 +8,7 @@ Three loaders share one interface (iteration over batches in the sample format o
   ``render_batch`` of the synthetic scenes, ``__getitems__``, else one ``dataset[i]`` per sample,
   optionally in DataLoader worker processes), stores them as tensors on the training device and
   makes every batch by one ``index_select`` per field on the device: no worker processes and no
-  per-sample Python in the loop (mgm_method.md 7.3 I6). At 23 bytes per pixel (table below)
+  per-sample Python in the loop (docs/method.md 7.3 I6). At 23 bytes per pixel (table below)
   all 1449 NYUv2 images at 128x128 take 546 MB.
 * :class:`TorchLoader` re-decodes every epoch through ``torch.utils.data.DataLoader`` (workers,
   pinned memory on CUDA, non-blocking copies), for datasets too large for memory.

@@ -16,7 +16,7 @@ key             dtype      shape        meaning
 ==============  =========  ===========  =====================================================
 
 The loaders decode every modality into plain numpy arrays at the file's resolution and hand
-them to :func:`make_sample`, which resizes each modality with the right rule (mgm_method.md
+them to :func:`make_sample`, which resizes each modality with the right rule (docs/method.md
 section 4.2, bugs B3/B4 of the released code):
 
 * RGB: bilinear with antialiasing (``F.interpolate(..., mode="bilinear", antialias=True,

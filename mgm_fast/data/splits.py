@@ -3,7 +3,7 @@
 A :class:`Split` assigns every id of a dataset to exactly one of
 
 * ``train_labelled`` -- all dense labels and the scene label are used;
-* ``train_weak`` -- training images whose scene label only is used (MGM-light, mgm_method.md
+* ``train_weak`` -- training images whose scene label only is used (MGM-light, docs/method.md
   section 3.3; the released code calls them "unlabelled");
 * ``val`` and ``test``.
 
@@ -25,7 +25,7 @@ exact ids so a run can be reproduced even if this module changes.
 Rounding (exact rational arithmetic on the decimal value of each fraction, so 0.2 is 1/5):
 ``n_test = floor(test_fraction * n)``, ``n_val = floor(val_fraction * n)``, train gets the
 rest, and ``n_labelled = ceil(labelled_fraction * n_train)``. With the defaults this is the
-released code's rounding (mgm_method.md section 4.5): ``ceil(0.8 n)`` train and
+released code's rounding (docs/method.md section 4.5): ``ceil(0.8 n)`` train and
 ``ceil(0.5 n_train)`` labelled, i.e. 1160 train (580 labelled / 580 weak) and 289 val for the
 1449 NYUv2 frames; see :func:`released_split`.
 

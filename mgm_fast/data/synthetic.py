@@ -2,7 +2,7 @@
 
 Real NYUv2 / Taskonomy cannot ship with the package, so the default job and the tests run on
 box rooms rendered here by vectorised ray casting. The data has the structure MGM needs
-(mgm_method.md section 4): an RGB image, a dense semantic label map, metric depth with holes,
+(docs/method.md section 4): an RGB image, a dense semantic label map, metric depth with holes,
 camera-frame surface normals with a validity mask, and one scene label per image that is
 predictable from the layout and the objects in the room.
 

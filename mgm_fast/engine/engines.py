@@ -8,7 +8,7 @@ differ only in the ingredients below, so comparing them measures the implementat
   every loss read back to the host after every sub-step (the released ``.item()`` calls),
   autograd as released (every network's weight gradients computed in every sub-step, even
   those no optimiser of that sub-step applies, and graphs built for the detached synthesized
-  batches: mgm_method.md I2, I3), reference losses, instance noise from the global RNG
+  batches: docs/method.md I2, I3), reference losses, instance noise from the global RNG
   (torch.randn), reference GenBlocks and self-attention, for-loop Adam, fp32, NCHW.
 * ``fast`` -- on-device memory loader (or DALI / DataLoader when the data does not fit),
   batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, pruned

@@ -1,4 +1,4 @@
-"""The MGM training schedule, written once, top to bottom (mgm_method.md section 3).
+"""The MGM training schedule, written once, top to bottom (docs/method.md section 3).
 
 Each function below is one training step of one method, in exactly the released order. Every
 sub-step says which loss updates which parameters through which optimiser. Parameters change
@@ -9,13 +9,13 @@ Efficiency never changes the algorithm here:
 
 * modules a sub-step does not update have ``requires_grad`` off for that sub-step (activation
   gradients still flow through them; the released code computed and discarded their weight
-  gradients, mgm_method.md I3);
+  gradients, docs/method.md I3);
 * detached branches (the synthesized images of steps 4a and 5) run under ``no_grad``; their
   BatchNorm running statistics and spectral-norm power iterations still happen, as released;
 * both are skipped with ``StepContext.autograd="released"`` (the reference engine), which does
   the discarded work as the released code does -- the updates are the same either way;
 * ``zero_grad(set_to_none=True)``: parameters without a gradient in a sub-step are skipped by
-  Adam -- the released code's behaviour on PyTorch >= 2.0 (mgm_method.md B8), pinned here;
+  Adam -- the released code's behaviour on PyTorch >= 2.0 (docs/method.md B8), pinned here;
 * noise and latents are drawn on the device; losses are accumulated on the device and never
   read back inside a step (no host synchronisation).
 
@@ -60,7 +60,7 @@ def adam_kwargs(implementation: str) -> dict:
 
 
 def build_optimizers(nets: MGMNets, cfg: Config) -> dict[str, torch.optim.Adam]:
-    """The six Adam optimisers of mgm_method.md 3.1 (all of them, whatever the method uses)."""
+    """The six Adam optimisers of docs/method.md 3.1 (all of them, whatever the method uses)."""
     o = cfg.optim
     kw = adam_kwargs(o.implementation)
     betas = tuple(o.betas)
@@ -203,7 +203,7 @@ def _normal_target(ctx: StepContext, normal: Tensor) -> Tensor:
 
 
 def dense_losses(ctx: StepContext, pred: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-    """L_seg, L_dep, L_nrm of mgm_method.md 2 for the configured tasks."""
+    """L_seg, L_dep, L_nrm of docs/method.md 2 for the configured tasks."""
     s = ctx.cfg.schedule
     tasks = ctx.nets.tasks
     depth_mask = batch["depth_mask"] if s.depth_mask else None
@@ -361,7 +361,7 @@ def gan_pretrain_step(ctx: StepContext, batch: dict) -> None:
 
 
 def mgm_step(ctx: StepContext, batch: dict) -> None:
-    """Phase B: one MGM joint-training step on a labelled batch (mgm_method.md 3.2, steps 1-6).
+    """Phase B: one MGM joint-training step on a labelled batch (docs/method.md 3.2, steps 1-6).
 
     Per batch: 3 multi_opt steps, 4 encoder_opt steps, 1 post_opt step, gan_iters steps each of
     D_opt, G_opt and middle_opt.
@@ -394,7 +394,7 @@ def mgm_step(ctx: StepContext, batch: dict) -> None:
 
 
 def mgm_light_step(ctx: StepContext, batch: dict, weak: dict) -> None:
-    """MGM-light (mgm_method.md 3.3): steps 1-3 on the labelled batch, then on a weakly
+    """MGM-light (docs/method.md 3.3): steps 1-3 on the labelled batch, then on a weakly
     labelled real batch (scene labels only) L_ref -> encoder_opt and L_clr -> multi_opt."""
     x, y = batch["rgb"], batch["scene"]
     supervised_step(ctx, batch)

@@ -1,4 +1,4 @@
-"""The "middle net" (mgm_method.md 1.4) coupling the encoder to the generator latent:
+"""The "middle net" (docs/method.md 1.4) coupling the encoder to the generator latent:
 z_hat = z + Bridge(E(x))."""
 
 from __future__ import annotations

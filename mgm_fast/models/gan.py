@@ -1,4 +1,4 @@
-"""SAGAN generator and projection discriminator (mgm_method.md 1.4), for any power-of-two image
+"""SAGAN generator and projection discriminator (docs/method.md 1.4), for any power-of-two image
 size >= 32 with the channel plans of ``ModelConfig.g_mults`` / ``d_mults``.
 
 At the paper preset (128x128, g = d = 64, 27 scenes):

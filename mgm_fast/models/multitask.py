@@ -1,4 +1,4 @@
-"""The multi-task network (mgm_method.md 1.1): shared ResNet encoder, dense task decoders and
+"""The multi-task network (docs/method.md 1.1): shared ResNet encoder, dense task decoders and
 the SimCLR projection head.
 
 Shapes at the paper preset (128x128 input): encoder (B, 3, 128, 128) -> (B, 360, 4, 4);

@@ -1,4 +1,4 @@
-"""The refinement network R (mgm_method.md 1.3): raw task predictions -> scene logits.
+"""The refinement network R (docs/method.md 1.3): raw task predictions -> scene logits.
 
 One small ResNet ("PostEncoder") per task prediction, a global max-pool of each to a vector,
 then an MLP. At the paper preset: (B, 40|1|3, 128, 128) -> 3 x (B, 192) -> (B, 27).
@@ -53,7 +53,7 @@ class RefinementNet(nn.Module):
 
     ``encoders`` (ModuleDict "seg" / "depth" / "normal", inputs num_seg_classes / 1 / 3
     channels), concatenation, ``fc1`` -> ReLU -> ``fc2`` -> (B, num_scenes) logits, then a ReLU
-    on the logits iff ``cfg.refine_logit_relu`` (the released behaviour, mgm_method.md B2).
+    on the logits iff ``cfg.refine_logit_relu`` (the released behaviour, docs/method.md B2).
     Raw predictions go in: no softmax on the segmentation logits.
     """
 

@@ -13,6 +13,11 @@ implementation: ``reference`` (plain PyTorch, always present), and where written
 * the environment wins over ``impl``: ``MGM_FAST_IMPL=reference`` runs every op on its reference
   twin, ``MGM_FAST_IMPL_<OP>=<backend>`` (e.g. ``MGM_FAST_IMPL_GENBLOCK=cpp``) forces one op.
 
+Under ``torch.compile`` the choice is made while the graph is traced, outside it, from static
+properties of the inputs (see ``_traced_choice`` below): a compiled call graph-breaks on none of
+this host-side logic, and the fused backends themselves are ``torch.library`` custom ops
+(:mod:`mgm_fast.ops._library`).
+
 Every op remembers which backend ``auto`` picked for each kind of input (device, dtype) and why
 not the ones before it (``FusedOp.resolutions``), so a run can record what computed its numbers.
 ``python -m mgm_fast.info`` prints the table of every registered op x backend.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +158,12 @@ class FusedOp:
             self.resolutions[kind] = {"backend": chosen, "skipped": {k: "; ".join(v) for k, v in skipped.items()}}
 
     def __call__(self, *args, impl: str = "auto", **kwargs):
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: the choice is made once per traced graph, in plain Python
+            # outside the graph, from what the graph is specialised on anyway (devices, dtypes,
+            # shapes, strides, requires_grad, grad mode, autocast); see _traced_choice.
+            name = _traced_choice(self.name, impl, _spec(args), _spec(kwargs), _global_state())
+            return self.backends[name].fn(*args, **kwargs)
         return self.select(impl, *args, **kwargs).fn(*args, **kwargs)
 
     def status(self) -> dict[str, str | None]:
@@ -164,6 +176,85 @@ class FusedOp:
 
 
 REGISTRY: dict[str, FusedOp] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice under torch.compile
+#
+# ``FusedOp.select`` is host-side Python (environment variables, availability probes that load the
+# extension or launch a Triton kernel, self-test exclusions, ``inspect`` argument binding): dynamo
+# cannot trace it. Under ``torch.compile`` the traced code instead describes the call by static
+# properties only -- per tensor its device, dtype, shape, strides and requires_grad, plus grad mode
+# and the autocast state -- and ``_traced_choice`` (a constant for dynamo: it runs once, eagerly,
+# while the graph is traced) rebuilds stand-in tensors of that description and runs ``select`` on
+# them. The graph is specialised on every one of these properties (dynamo guards them), so the
+# choice holds for every call the graph serves; like ``select`` it records the resolution. The
+# environment (``MGM_FAST_IMPL*``) and self-test exclusions are read when the graph is traced.
+
+_TENSOR, _GENERATOR, _MAPPING, _SEQUENCE, _VALUE = "tensor", "generator", "mapping", "sequence", "value"
+
+
+def _spec(value):
+    """A hashable description of ``value`` (an op argument) by static properties only: no
+    tensor value is read. Traced by dynamo; a dynamic size or stride is specialised
+    (``operator.index``: the graph guards it), as a backend's conditions may depend on it."""
+    if isinstance(value, torch.Tensor):
+        return (_TENSOR, value.device.type, value.device.index, value.dtype,
+                tuple(operator.index(s) for s in value.shape), tuple(operator.index(s) for s in value.stride()),
+                value.requires_grad)  # fmt: skip
+    if isinstance(value, torch.Generator):
+        return (_GENERATOR, value.device.type, value.device.index)
+    if isinstance(value, dict):
+        return (_MAPPING, tuple((k, _spec(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (_SEQUENCE, isinstance(value, list), tuple(_spec(v) for v in value))
+    return (_VALUE, value)
+
+
+def _global_state() -> tuple:
+    """Grad mode and the autocast state of the CPU and CUDA, which backends' conditions read."""
+    return (
+        torch.is_grad_enabled(),
+        torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+    )  # fmt: skip
+
+
+def _stand_in(spec):
+    """The inverse of :func:`_spec`: an argument with the described properties (tensors are
+    uninitialised memory of the same device, dtype, shape and strides)."""
+    kind = spec[0]
+    if kind == _TENSOR:
+        _, device_type, index, dtype, shape, stride, requires_grad = spec
+        device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return t.requires_grad_() if requires_grad else t
+    if kind == _GENERATOR:
+        _, device_type, index = spec
+        return torch.Generator(torch.device(device_type, index) if index is not None else device_type)
+    if kind == _MAPPING:
+        return {k: _stand_in(v) for k, v in spec[1]}
+    if kind == _SEQUENCE:
+        items = [_stand_in(v) for v in spec[2]]
+        return items if spec[1] else tuple(items)
+    return spec[1]
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(op_name: str, impl: str, args_spec, kwargs_spec, state) -> str:
+    """The name of the backend ``REGISTRY[op_name].select(impl, ...)`` picks for arguments
+    described by ``args_spec`` / ``kwargs_spec`` (see :func:`_spec`) under ``state`` (see
+    :func:`_global_state`). Run eagerly while dynamo traces; its result is a constant of the graph."""
+    grad, cpu_on, cpu_dtype, cuda_on, cuda_dtype = state
+    args = _stand_in(args_spec)
+    kwargs = _stand_in(kwargs_spec)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.set_grad_enabled(grad))
+        stack.enter_context(torch.autocast("cpu", dtype=cpu_dtype, enabled=cpu_on))
+        if cuda_on:
+            stack.enter_context(torch.autocast("cuda", dtype=cuda_dtype))
+        return REGISTRY[op_name].select(impl, *args, **kwargs).name
+
 
 _VALUE_CHECKS: list[bool | None] = [None]
 

@@ -46,6 +46,11 @@ dv=64 (2-core AMD EPYC, bfloat16 autocast), and the model's next op (a 1x1 conv 
 casts its input to the autocast dtype anyway. Force ``impl="reference"`` to get the released
 bfloat16 behaviour.
 
+``torch.compile``: the cpp kernels run behind the custom ops ``mgm_fast::sagan_attention_cpp``
+(forward, with its autograd formula) and ``mgm_fast::sagan_attention_cpp_backward``
+(:mod:`mgm_fast.ops._library`), and ``auto``'s choice is trace-safe, so a compiled network traces
+through the op without a graph break.
+
 Argument errors (every backend) are ``ValueError`` naming the tensor: 3-d floating tensors,
 theta / phi / g agreeing in B, theta / phi in dq, phi / g in M, M >= 1, one device, one dtype
 (outside autocast). A forced backend that cannot run raises
@@ -58,10 +63,10 @@ import inspect
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import Backend, FusedOp, register_op
+from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
 
 __all__ = ["OP", "sagan_attention", "sagan_attention_reference"]
 
@@ -115,33 +120,61 @@ def sagan_attention_reference(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# cpp
+# cpp: custom ops mgm_fast::sagan_attention_cpp (forward, with its autograd formula) and
+# mgm_fast::sagan_attention_cpp_backward, around the extension's kernels (mgm_fast.ops._library)
 
 
-class _CppSaganAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, theta, phi, g):
+@torch.library.custom_op(qualname("sagan_attention_cpp"), mutates_args=())
+def _cpp_forward_op(theta: Tensor, phi: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(out (B, dv, N), per-query logsumexp (B, N)), float32 and contiguous."""
+    with autocast_off(theta):
         out, lse = _native.extension().sagan_attention_cpu_forward(theta, phi, g)
-        ctx.save_for_backward(theta, phi, g, out, lse)
-        return out
+    return out, lse
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        theta, phi, g, out, lse = ctx.saved_tensors
-        need = [bool(n) for n in ctx.needs_input_grad[:3]]
-        grad_theta, grad_phi, grad_g = _native.extension().sagan_attention_cpu_backward(
-            theta, phi, g, out, lse, grad_out, need
-        )
-        return grad_theta, grad_phi, grad_g
+
+@_cpp_forward_op.register_fake
+def _(theta, phi, g):
+    b, _, n = theta.shape
+    return theta.new_empty((b, g.shape[1], n)), theta.new_empty((b, n))
+
+
+@torch.library.custom_op(qualname("sagan_attention_cpp_backward"), mutates_args=())
+def _cpp_backward_op(
+    theta: Tensor, phi: Tensor, g: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, need: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad theta, grad phi, grad g), contiguous; a placeholder where ``need`` is false."""
+    with autocast_off(theta):
+        grads = _native.extension().sagan_attention_cpu_backward(theta, phi, g, out, lse, grad_out, list(need))
+    return tuple(or_placeholder(d, like) for d, like in zip(grads, (theta, phi, g)))
+
+
+@_cpp_backward_op.register_fake
+def _(theta, phi, g, out, lse, grad_out, need):
+    return tuple(like.new_empty(like.shape) if n else placeholder(like) for like, n in zip((theta, phi, g), need))
+
+
+def _cpp_setup_context(ctx, inputs, output):
+    out, lse = output
+    ctx.save_for_backward(*inputs, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _cpp_backward(ctx, grad_out, _grad_lse):
+    theta, phi, g, out, lse = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = _cpp_backward_op(theta, phi, g, out, lse, grad_out, need)
+    return tuple(d if n else None for d, n in zip(grads, need))
+
+
+_cpp_forward_op.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
+once_differentiable(_cpp_backward_op, "sagan_attention (cpp backend)")
 
 
 def _cpp(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
     _check(theta, phi, g)
     if torch.is_autocast_enabled("cpu"):  # documented: float32 compute and result under autocast
         theta, phi, g = theta.float(), phi.float(), g.float()
-    with torch.autocast("cpu", enabled=False):
-        return _CppSaganAttention.apply(theta, phi, g)
+    return _cpp_forward_op(theta, phi, g)[0]
 
 
 # ---------------------------------------------------------------------------------------------

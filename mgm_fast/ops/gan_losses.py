@@ -20,6 +20,13 @@ Backends:
   happens inside the kernel, so no noise tensor is written and read back: one read of x, one
   write of the result) and ``cpp`` (CPU float32, OpenMP, csrc/kernels/cpu/gan_noise.*).
 
+``torch.compile``: the fused backends run behind the custom ops ``mgm_fast::noisy_cpp``,
+``mgm_fast::noisy_triton``, ``mgm_fast::hinge_d_triton``, ``mgm_fast::hinge_g_triton`` (with
+their autograd formulas) and the hinge losses' ``..._backward`` ops (:mod:`mgm_fast.ops._library`).
+``noisy`` traces with an int seed; drawing the key from a ``torch.Generator`` does not trace
+(dynamo does not take generator arguments), so with a generator it runs outside compiled code, as
+in the training schedule.
+
 The noise streams. ``reference`` draws with ``torch.randn`` (the generator's Philox/MT stream).
 The fused backends draw a different, documented stream: Philox4x32-10 keyed by a 64-bit seed,
 counter q = e // 4 for element e (e = position in memory), Box-Muller on the two pairs of
@@ -43,7 +50,6 @@ first.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
@@ -54,6 +60,7 @@ from mgm_fast.ops._dispatch import (
     triton_devices,
     triton_reason,
 )
+from mgm_fast.ops._library import once_differentiable, or_placeholder, placeholder, qualname
 
 __all__ = ["HINGE_D_OP", "HINGE_G_OP", "NOISY_OP", "hinge_d_loss", "hinge_g_loss", "noisy"]
 
@@ -137,47 +144,74 @@ def _fused_seed(seed_or_generator, device: torch.device):
     return torch.randint(0, _SEED_LIMIT - 1, (1,), generator=gen, device=gen.device)
 
 
-class _Noisy(torch.autograd.Function):
-    """out = x + std * n with a fused draw; d out / d x = identity."""
-
-    @staticmethod
-    def forward(ctx, x, std, seed, return_noise, draw):
-        out, noise = draw(x, std, seed, return_noise)
-        if noise is not None:
-            ctx.mark_non_differentiable(noise)
-        return out, noise
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_noise):
-        return grad_out, None, None, None, None
+# custom ops mgm_fast::noisy_<backend> (mgm_fast.ops._library): (out, noise) with the identity as
+# the gradient w.r.t. x; the key is an int or (drawn from a generator) a one-element int64 tensor.
 
 
-def _apply(draw, x, std, seed_or_generator, return_noise):
+def _noise_meta(x, return_noise):
+    """out: x's strides when x is dense (memory order is the stream's order), else contiguous;
+    noise: float32 in out's strides, or a placeholder."""
+    out = torch.empty_strided(x.shape, _dense_strides(x), dtype=x.dtype, device=x.device)
+    return out, torch.empty_like(out, dtype=torch.float32) if return_noise else placeholder(x)
+
+
+def _noise_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+
+
+def _noise_backward(ctx, grad_out, _grad_noise):
+    return grad_out, None, None, None, None
+
+
+@torch.library.custom_op(qualname("noisy_cpp"), mutates_args=())
+def _cpp_noise_op(x: torch.Tensor, std: float, seed: int, seed_tensor: torch.Tensor | None,
+                  return_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """x + std * n (CPU kernel; key ``seed_tensor`` when given, else ``seed``)."""
+    out, noise = _native.extension().instance_noise_cpu(x, std, seed if seed_tensor is None else seed_tensor,
+                                                        return_noise)  # fmt: skip
+    return out, or_placeholder(noise, x)
+
+
+@_cpp_noise_op.register_fake
+def _(x, std, seed, seed_tensor, return_noise):
+    return _noise_meta(x, return_noise)
+
+
+@torch.library.custom_op(qualname("noisy_triton"), mutates_args=())
+def _triton_noise_op(x: torch.Tensor, std: float, seed: int, seed_tensor: torch.Tensor | None,
+                     return_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """x + std * n (Triton kernel, mgm_fast.ops._triton.gan_losses)."""
+    from mgm_fast.ops._triton import gan_losses as tg
+
+    out, noise = tg.noisy(x, std, seed if seed_tensor is None else seed_tensor, return_noise)
+    return out, or_placeholder(noise, x)
+
+
+@_triton_noise_op.register_fake
+def _(x, std, seed, seed_tensor, return_noise):
+    return _noise_meta(x, return_noise)
+
+
+for _noise_op in (_cpp_noise_op, _triton_noise_op):
+    _noise_op.register_autograd(_noise_backward, setup_context=_noise_setup_context)
+
+
+def _apply(op, x, std, seed_or_generator, return_noise, cpu_key=False):
     _check_noise_args(x, std, seed_or_generator)
     seed = _fused_seed(seed_or_generator, x.device)
-    out, noise = _Noisy.apply(x, float(std), seed, bool(return_noise), draw)
+    tensor_seed = isinstance(seed, torch.Tensor)
+    if cpu_key and tensor_seed and seed.device.type != "cpu":
+        raise ValueError("noisy (cpp backend): pass an int seed or a CPU torch.Generator")
+    out, noise = op(x, float(std), 0 if tensor_seed else seed, seed if tensor_seed else None, bool(return_noise))
     return (out, noise) if return_noise else out
 
 
-def _triton_draw(x, std, seed, return_noise):
-    from mgm_fast.ops._triton import gan_losses as tg
-
-    return tg.noisy(x, std, seed, return_noise)
-
-
-def _cpp_draw(x, std, seed, return_noise):
-    if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
-        raise ValueError("noisy (cpp backend): pass an int seed or a CPU torch.Generator")
-    return _native.extension().instance_noise_cpu(x, std, seed, return_noise)
-
-
 def _noisy_triton(x, std, seed_or_generator, *, return_noise=False):
-    return _apply(_triton_draw, x, std, seed_or_generator, return_noise)
+    return _apply(_triton_noise_op, x, std, seed_or_generator, return_noise)
 
 
 def _noisy_cpp(x, std, seed_or_generator, *, return_noise=False):
-    return _apply(_cpp_draw, x, std, seed_or_generator, return_noise)
+    return _apply(_cpp_noise_op, x, std, seed_or_generator, return_noise, cpu_key=True)
 
 
 def _cpp_noise_reasons(x, std, seed_or_generator, *, return_noise=False) -> list[str]:
@@ -187,24 +221,103 @@ def _cpp_noise_reasons(x, std, seed_or_generator, *, return_noise=False) -> list
 
 
 # ---------------------------------------------------------------------------------------------
-# hinge losses (triton)
+# hinge losses (triton): custom ops mgm_fast::hinge_d_triton / hinge_g_triton with their autograd
+# formulas, and their backward ops (the kernels: mgm_fast.ops._triton.gan_losses)
+
+
+def _scalar_meta(t):
+    return torch.empty((), dtype=torch.float32, device=t.device)
+
+
+@torch.library.custom_op(qualname("hinge_d_triton"), mutates_args=())
+def _hinge_d_op(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """0-dim float32 mean relu(1 - d_real) + mean relu(1 + d_fake)."""
+    from mgm_fast.ops._triton import gan_losses as tg
+
+    return tg.hinge_d_forward(d_real, d_fake)
+
+
+@_hinge_d_op.register_fake
+def _(d_real, d_fake):
+    return _scalar_meta(d_real)
+
+
+@torch.library.custom_op(qualname("hinge_d_triton_backward"), mutates_args=())
+def _hinge_d_backward_op(d_real: torch.Tensor, d_fake: torch.Tensor,
+                         grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad d_real, grad d_fake), contiguous, in the scores' shapes and dtypes."""
+    from mgm_fast.ops._triton import gan_losses as tg
+
+    return tg.hinge_d_backward(d_real, d_fake, grad_output)
+
+
+@_hinge_d_backward_op.register_fake
+def _(d_real, d_fake, grad_output):
+    return d_real.new_empty(d_real.shape), d_fake.new_empty(d_fake.shape)
+
+
+def _hinge_d_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _hinge_d_backward(ctx, grad_output):
+    return _hinge_d_backward_op(*ctx.saved_tensors, grad_output)
+
+
+_hinge_d_op.register_autograd(_hinge_d_backward, setup_context=_hinge_d_setup_context)
+
+
+@torch.library.custom_op(qualname("hinge_g_triton"), mutates_args=())
+def _hinge_g_op(d_fake: torch.Tensor) -> torch.Tensor:
+    """0-dim float32 -mean d_fake."""
+    from mgm_fast.ops._triton import gan_losses as tg
+
+    return tg.hinge_g_forward(d_fake)
+
+
+@_hinge_g_op.register_fake
+def _(d_fake):
+    return _scalar_meta(d_fake)
+
+
+@torch.library.custom_op(qualname("hinge_g_triton_backward"), mutates_args=())
+def _hinge_g_backward_op(d_fake: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad d_fake = -grad_output / numel, contiguous, in d_fake's shape and dtype (d_fake is read
+    for its metadata only)."""
+    from mgm_fast.ops._triton import gan_losses as tg
+
+    return tg.hinge_g_backward(d_fake.shape, d_fake.device, d_fake.dtype, grad_output)
+
+
+@_hinge_g_backward_op.register_fake
+def _(d_fake, grad_output):
+    return d_fake.new_empty(d_fake.shape)
+
+
+def _hinge_g_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _hinge_g_backward(ctx, grad_output):
+    return _hinge_g_backward_op(*ctx.saved_tensors, grad_output)
+
+
+_hinge_g_op.register_autograd(_hinge_g_backward, setup_context=_hinge_g_setup_context)
+once_differentiable(_hinge_d_backward_op, "hinge_d_loss (triton backend)")
+once_differentiable(_hinge_g_backward_op, "hinge_g_loss (triton backend)")
 
 
 def _hinge_d_triton(d_real, d_fake):
-    from mgm_fast.ops._triton.gan_losses import HingeD
-
     _check_scores("hinge_d_loss: d_real", d_real)
     _check_scores("hinge_d_loss: d_fake", d_fake)
     if d_real.device != d_fake.device:
         raise ValueError(f"hinge_d_loss: d_real is on {d_real.device} but d_fake on {d_fake.device}")
-    return HingeD.apply(d_real, d_fake)
+    return _hinge_d_op(d_real, d_fake)
 
 
 def _hinge_g_triton(d_fake):
-    from mgm_fast.ops._triton.gan_losses import HingeG
-
     _check_scores("hinge_g_loss: d_fake", d_fake)
-    return HingeG.apply(d_fake)
+    return _hinge_g_op(d_fake)
 
 
 # ---------------------------------------------------------------------------------------------

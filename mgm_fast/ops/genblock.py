@@ -1,6 +1,6 @@
 """The fused SAGAN GenBlock and its building piece, with reference / cpp / cuda / triton backends.
 
-A GenBlock (mgm_method.md 1.4) maps x (B, Cin, H, W) and scene labels y (B,) int64 to
+A GenBlock (docs/method.md 1.4) maps x (B, Cin, H, W) and scene labels y (B,) int64 to
 (B, Cout, 2H, 2W)::
 
     main     = conv3x3_2( relu( CBN2( conv3x3_1( up2( relu( CBN1(x, y) ) ) ), y ) ) )
@@ -23,7 +23,7 @@ Public functions:
 * :func:`phase_weights`, :func:`up2_conv3x3`, :func:`up2_conv1x1` -- the exact rewrites below in
   plain torch (the fused backends implement them in their kernels; tests check the identities).
 
-Exact rewrites used by the fused backends (DESIGN.md principle 4):
+Exact rewrites used by the fused backends (docs/design.md principle 4):
 
 1. **Nearest-2x then 3x3 conv = four phase-wise 2x2 convs on the low-resolution input.** With
    u = up2(a), u[Y, X] = a[Y // 2, X // 2], and zero padding 1, output pixel (2i+p, 2j+q) reads
@@ -82,6 +82,13 @@ supports the inputs; ``auto`` never takes the Triton interpreter):
   epilogue in one kernel) twice. Under ``TRITON_INTERPRET=1`` it also runs CPU tensors (tests).
 
 Layouts: inputs may be NCHW or channels_last; outputs and gradients keep x's memory format.
+
+``torch.compile``: the cpp and cuda kernels run behind the custom ops
+``mgm_fast::genblock_<backend>_forward`` / ``_backward`` and ``mgm_fast::cbn_relu_conv3x3_<backend>_forward``
+/ ``_backward`` (:mod:`mgm_fast.ops._library`); the forwards declare the running statistics they
+update in ``mutates_args``, so their autograd is an ``autograd.Function`` calling the ops (traced
+by dynamo). The Triton kernels are custom ops of :mod:`mgm_fast.ops._triton.genblock`. ``auto``'s
+choice is trace-safe: a compiled generator is one graph.
 """
 
 from __future__ import annotations
@@ -89,7 +96,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
@@ -100,6 +106,14 @@ from mgm_fast.ops._dispatch import (
     triton_devices,
     triton_reason,
     value_checks_enabled,
+)
+from mgm_fast.ops._library import (
+    autocast_off,
+    fresh,
+    once_differentiable,
+    or_placeholder,
+    placeholder,
+    qualname,
 )
 
 __all__ = [
@@ -237,7 +251,26 @@ def _reference_genblock(
 
 
 # ---------------------------------------------------------------------------------------------
-# cpp / cuda: the C++ composition (csrc/bindings/genblock_impl.h) behind autograd.Functions
+# cpp / cuda: the C++ composition (csrc/bindings/genblock_impl.h) behind custom ops
+#
+# Per backend (cpp: the CPU kernels, cuda: the CUDA ones; one C++ composition) four custom ops:
+# mgm_fast::genblock_<backend>_forward / _backward and mgm_fast::cbn_relu_conv3x3_<backend>_forward /
+# _backward. A forward updates the BatchNorm running statistics in place (declared in
+# mutates_args), so autograd is an autograd.Function whose forward and backward call the ops.
+# Outputs follow mgm_fast.ops._library: no aliases, placeholders for absent tensors. The x saved
+# for backward is x itself when x is channels_last (the kernels' layout) and the channels_last
+# copy the forward wrote otherwise; the forward returns a placeholder in the first case.
+
+_BACKEND_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
+_BlockForward = tuple[(Tensor,) * 14]  # out, xs, 11 saved tensors, the algorithm record
+_ALGO_RECORD_SHAPE = (2,)
+"""Shape of the int64 CPU tensor genblock_forward_cpu returns last: the algorithms it chose for the
+block's two convolutions (csrc/bindings/genblock.cpp, algo_tensor), passed back to the backward.
+The fake kernel must follow the binding here (tests/ops/test_library_ops.py compares them)."""
+_PieceForward = tuple[(Tensor,) * 6]  # out, xs, act, mean, rstd, scale
+"""Mutating custom ops return tuples (auto-functionalization does not take a list return)."""
+_STATS_MUTATED = ("running_mean1", "running_var1", "num_batches_tracked1", "running_mean2", "running_var2",
+                  "num_batches_tracked2")  # fmt: skip
 
 
 def _ext_fn(name: str, device: str):
@@ -249,39 +282,217 @@ def _is_channels_last(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _param_dtype(x: Tensor, backend: str) -> torch.dtype:
+    """dtype of the per-sample scale and the gathered embedding rows: x's on the CPU, float32 on
+    CUDA (genblock_impl.h's K::param_dtype)."""
+    return x.dtype if backend == "cpp" else torch.float32
+
+
+def _empty4(like: Tensor, n, c, h, w, channels_last: bool, dtype=None) -> Tensor:
+    return torch.empty((n, c, h, w), dtype=dtype or like.dtype, device=like.device,
+                       memory_format=_format(channels_last))  # fmt: skip
+
+
+def _block_forward_meta(backend, x, y, embed1, weight1, *rest) -> tuple:
+    """Outputs of genblock_<backend>_forward: (out, xs, act1, h, act2, mean1, rstd1, scale1, gb1,
+    mean2, rstd2, scale2, gb2, algo): the CPU binding's record of the algorithms it chose (CUDA
+    has one algorithm: a placeholder)."""
+    n, cin, h, w = x.shape
+    cout = weight1.shape[0]
+    pt = _param_dtype(x, backend)
+
+    def vectors(c):  # mean, rstd (c,) float64; scale (n, c) and the embedding rows (n, 2c)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        return [torch.empty(c, **f64), torch.empty(c, **f64), x.new_empty((n, c), dtype=pt),
+                x.new_empty((n, 2 * c), dtype=pt)]  # fmt: skip
+
+    out = _empty4(x, n, cout, 2 * h, 2 * w, _is_channels_last(x))
+    xs = placeholder(x) if _is_channels_last(x) else _empty4(x, n, cin, h, w, True)
+    act1, hh, act2 = (_empty4(x, n, c, k * h, k * w, True) for c, k in ((cin, 1), (cout, 2), (cout, 2)))
+    algo = placeholder(x) if backend == "cuda" else torch.empty(_ALGO_RECORD_SHAPE, dtype=torch.int64, device=x.device)
+    return (out, xs, act1, hh, act2, *vectors(cin), *vectors(cout), algo)
+
+
+def _block_backward_meta(grad, x, saved, embed1, weight1, embed2, weight2, weight0, need_x, x_channels_last):
+    """Outputs of genblock_<backend>_backward: [dx, dembed1, dw1, db1, dembed2, dw2, db2, dw0, db0]."""
+    n, cin, h, w = x.shape
+    dx = _empty4(x, n, cin, h, w, x_channels_last) if need_x else placeholder(x)
+    grads = [dx]
+    for embed, weight in ((embed1, weight1), (embed2, weight2)):
+        grads += [torch.empty_like(embed, memory_format=torch.contiguous_format),
+                  torch.empty_like(weight, memory_format=torch.contiguous_format),
+                  weight.new_empty(weight.shape[:1])]  # fmt: skip
+    return [*grads, torch.empty_like(weight0, memory_format=torch.contiguous_format),
+            weight0.new_empty(weight0.shape[:1])]  # fmt: skip
+
+
+def _piece_forward_meta(backend, x, gamma, beta, weight, bias, residual, running_mean, running_var,
+                        num_batches_tracked, training, momentum, eps, upsample) -> tuple:  # fmt: skip
+    """Outputs of cbn_relu_conv3x3_<backend>_forward: (out, xs, act, mean, rstd, scale)."""
+    n, c, h, w = x.shape
+    factor = 2 if upsample else 1
+    f64 = dict(dtype=torch.float64, device=x.device)
+    xs = placeholder(x) if _is_channels_last(x) else _empty4(x, n, c, h, w, True)
+    return (_empty4(x, n, weight.shape[0], factor * h, factor * w, _is_channels_last(x)), xs,
+            _empty4(x, n, c, h, w, True), torch.empty(c, **f64), torch.empty(c, **f64),
+            x.new_empty((n, c), dtype=_param_dtype(x, backend)))  # fmt: skip
+
+
+def _piece_backward_meta(grad, x, act, weight, gamma, scale, mean, rstd, training, upsample, has_bias,
+                         residual_mode, need_x, need_gamma_beta, x_channels_last) -> list[Tensor]:  # fmt: skip
+    """Outputs of cbn_relu_conv3x3_<backend>_backward: [dx, dgamma, dbeta, dweight, dbias, dresidual];
+    dresidual is a placeholder unless the residual was half-size (a full-size residual's gradient is
+    grad itself, which the caller uses)."""
+    n, c, h, w = x.shape
+    gb = torch.empty_like(gamma, memory_format=torch.contiguous_format) if need_x or need_gamma_beta else None
+    dres = placeholder(grad)
+    if residual_mode == 2:
+        gn, gc, gh, gw = grad.shape
+        dres = _empty4(grad, gn, gc, gh // 2, gw // 2, _is_channels_last(grad))
+    return [
+        _empty4(x, n, c, h, w, x_channels_last) if need_x else placeholder(x),
+        or_placeholder(gb, gamma), or_placeholder(None if gb is None else torch.empty_like(gb), gamma),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty(weight.shape[:1]) if has_bias else placeholder(weight),
+        dres,
+    ]
+
+
+def _register_native(backend: str) -> dict:
+    """The four custom ops of one native backend (cpp or cuda)."""
+    device = _BACKEND_DEVICE[backend]
+
+    @torch.library.custom_op(qualname(f"genblock_{backend}_forward"), mutates_args=_STATS_MUTATED)
+    def block_forward(
+        x: Tensor, y: Tensor, embed1: Tensor, weight1: Tensor, bias1: Tensor, embed2: Tensor, weight2: Tensor,
+        bias2: Tensor, weight0: Tensor, bias0: Tensor, running_mean1: Tensor, running_var1: Tensor,
+        num_batches_tracked1: Tensor | None, running_mean2: Tensor, running_var2: Tensor,
+        num_batches_tracked2: Tensor | None, training: bool, momentum: float | None, eps: float,
+    ) -> _BlockForward:  # fmt: skip
+        inputs = (x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0, running_mean1,
+                  running_var1, num_batches_tracked1, running_mean2, running_var2, num_batches_tracked2)  # fmt: skip
+        with autocast_off(x):
+            out, xs, *saved = _ext_fn("genblock_forward", device)(*inputs, training, momentum, eps)
+        if _is_channels_last(x):  # xs is x itself
+            xs = placeholder(x)
+        if backend == "cuda":  # no algorithm choice
+            saved.append(placeholder(x))
+        return tuple(fresh([out, xs, *saved], inputs))
+
+    @block_forward.register_fake
+    def _(x, y, embed1, weight1, *rest):
+        return _block_forward_meta(backend, x, y, embed1, weight1, *rest)
+
+    @torch.library.custom_op(qualname(f"genblock_{backend}_backward"), mutates_args=())
+    def block_backward(
+        grad: Tensor, x: Tensor, y: Tensor, saved: list[Tensor], embed1: Tensor, weight1: Tensor,
+        embed2: Tensor, weight2: Tensor, weight0: Tensor, training: bool, need_x: bool, x_channels_last: bool,
+    ) -> list[Tensor]:  # fmt: skip
+        if backend == "cuda":
+            saved = saved[:-1]
+        with autocast_off(x):
+            grads = _ext_fn("genblock_backward", device)(
+                grad, x, y, *saved, embed1, weight1, embed2, weight2, weight0, training, need_x, x_channels_last
+            )
+        grads[0] = or_placeholder(grads[0], x)
+        return fresh(grads, (grad, x, y, *saved, embed1, weight1, embed2, weight2, weight0))
+
+    @block_backward.register_fake
+    def _(grad, x, y, saved, embed1, weight1, embed2, weight2, weight0, training, need_x, x_channels_last):
+        return _block_backward_meta(grad, x, saved, embed1, weight1, embed2, weight2, weight0, need_x,
+                                    x_channels_last)  # fmt: skip
+
+    @torch.library.custom_op(qualname(f"cbn_relu_conv3x3_{backend}_forward"),
+                             mutates_args=("running_mean", "running_var", "num_batches_tracked"))  # fmt: skip
+    def piece_forward(
+        x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
+        running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, training: bool,
+        momentum: float | None, eps: float, upsample: bool,
+    ) -> _PieceForward:  # fmt: skip
+        inputs = (x, gamma, beta, weight, bias, residual, running_mean, running_var, num_batches_tracked)
+        with autocast_off(x):
+            out, xs, *saved = _ext_fn("cbn_relu_conv_forward", device)(*inputs, training, momentum, eps, upsample)
+        if _is_channels_last(x):
+            xs = placeholder(x)
+        return tuple(fresh([out, xs, *saved], inputs))
+
+    @piece_forward.register_fake
+    def _(*args):
+        return _piece_forward_meta(backend, *args)
+
+    @torch.library.custom_op(qualname(f"cbn_relu_conv3x3_{backend}_backward"), mutates_args=())
+    def piece_backward(
+        grad: Tensor, x: Tensor, act: Tensor, weight: Tensor, gamma: Tensor, scale: Tensor, mean: Tensor,
+        rstd: Tensor, training: bool, upsample: bool, has_bias: bool, residual_mode: int, need_x: bool,
+        need_gamma_beta: bool, x_channels_last: bool,
+    ) -> list[Tensor]:  # fmt: skip
+        inputs = (grad, x, act, weight, gamma, scale, mean, rstd)
+        with autocast_off(x):
+            dx, dgamma, dbeta, dweight, dbias, dres = _ext_fn("cbn_relu_conv_backward", device)(
+                *inputs, training, upsample, has_bias, residual_mode, need_x, need_gamma_beta, x_channels_last
+            )
+        if residual_mode == 1:  # grad itself
+            dres = None
+        if dgamma is not None:  # (B, C) halves of one (B, 2C) buffer: one tensor each
+            dgamma, dbeta = dgamma.contiguous(), dbeta.clone(memory_format=torch.contiguous_format)
+        grads = [or_placeholder(dx, x), or_placeholder(dgamma, gamma), or_placeholder(dbeta, gamma), dweight,
+                 or_placeholder(dbias, weight), or_placeholder(dres, grad)]  # fmt: skip
+        return fresh(grads, inputs)
+
+    @piece_backward.register_fake
+    def _(*args):
+        return _piece_backward_meta(*args)
+
+    for op, what in ((block_backward, "genblock"), (piece_backward, "cbn_relu_conv3x3")):
+        once_differentiable(op, f"{what} ({backend} backend)")
+    return {"genblock_forward": block_forward, "genblock_backward": block_backward,
+            "piece_forward": piece_forward, "piece_backward": piece_backward}  # fmt: skip
+
+
+_NATIVE_OPS = {backend: _register_native(backend) for backend in _BACKEND_DEVICE}
+"""backend -> {"genblock_forward", "genblock_backward", "piece_forward", "piece_backward"} custom ops."""
+
+
 class _NativePiece(torch.autograd.Function):
-    """One piece on the C++ kernels; saves x, the prologue activation and per-channel vectors."""
+    """One piece on the C++ kernels; saves x (channels_last), the prologue activation and
+    per-channel vectors."""
 
     @staticmethod
     def forward(
-        ctx, device, x, gamma, beta, weight, bias, residual, running_mean, running_var,
+        ctx, backend, x, gamma, beta, weight, bias, residual, running_mean, running_var,
         num_batches_tracked, training, momentum, eps, upsample,
-    ):
-        out, xs, act, mean, rstd, scale = _ext_fn("cbn_relu_conv_forward", device)(
-            x, gamma, beta, weight, bias, residual, running_mean, running_var,
-            num_batches_tracked, training, momentum, eps, upsample,
-        )
-        ctx.device, ctx.training, ctx.upsample = device, training, upsample
+    ):  # fmt: skip
+        out, xs, act, mean, rstd, scale = _NATIVE_OPS[backend]["piece_forward"](
+            x, gamma, beta, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+            training, momentum, eps, upsample,
+        )  # fmt: skip
+        ctx.backend, ctx.training, ctx.upsample = backend, training, upsample
         ctx.x_channels_last = _is_channels_last(x)
         ctx.has_bias = bias is not None
         if residual is None:
             ctx.residual_mode = 0
         else:
             ctx.residual_mode = 1 if residual.shape[-2:] == out.shape[-2:] else 2
-        ctx.save_for_backward(xs, act, weight, gamma, scale, mean, rstd)  # xs: x, channels_last
+        ctx.save_for_backward(x if ctx.x_channels_last else xs, act, weight, gamma, scale, mean, rstd)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, act, weight, gamma, scale, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        with torch.autocast(ctx.device, enabled=False):  # backward called under autocast: same dtypes as forward
-            dx, dgamma, dbeta, dweight, dbias, dres = _ext_fn("cbn_relu_conv_backward", ctx.device)(
-                grad, x, act, weight, gamma, scale, mean, rstd, ctx.training, ctx.upsample,
-                ctx.has_bias, ctx.residual_mode, need[1], need[2] or need[3], ctx.x_channels_last,
-            )
-        return (None, dx, dgamma, dbeta, dweight, dbias, dres, None, None, None, None, None, None, None)
+        dx, dgamma, dbeta, dweight, dbias, dres = _NATIVE_OPS[ctx.backend]["piece_backward"](
+            grad, x, act, weight, gamma, scale, mean, rstd, ctx.training, ctx.upsample, ctx.has_bias,
+            ctx.residual_mode, need[1], need[2] or need[3], ctx.x_channels_last,
+        )  # fmt: skip
+        if ctx.residual_mode == 1:
+            dres = grad
+        return (None, dx if need[1] else None, dgamma if need[2] else None, dbeta if need[3] else None,
+                dweight, dbias if ctx.has_bias else None, dres if ctx.residual_mode else None,
+                None, None, None, None, None, None, None)  # fmt: skip
 
 
 class _NativeGenBlock(torch.autograd.Function):
@@ -289,30 +500,30 @@ class _NativeGenBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, device, x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0,
+        ctx, backend, x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0,
         running_mean1, running_var1, running_mean2, running_var2, num_batches_tracked1,
         num_batches_tracked2, training, momentum, eps,
-    ):
-        out, *saved = _ext_fn("genblock_forward", device)(
+    ):  # fmt: skip
+        out, xs, *saved = _NATIVE_OPS[backend]["genblock_forward"](
             x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0,
             running_mean1, running_var1, num_batches_tracked1, running_mean2, running_var2,
             num_batches_tracked2, training, momentum, eps,
-        )
-        ctx.device, ctx.training = device, training
+        )  # fmt: skip
+        ctx.backend, ctx.training = backend, training
         ctx.x_channels_last = _is_channels_last(x)
-        ctx.save_for_backward(y, *saved, embed1, weight1, embed2, weight2, weight0)  # saved[0]: x, channels_last
+        xs = x if ctx.x_channels_last else xs
+        ctx.save_for_backward(xs, y, embed1, weight1, embed2, weight2, weight0, *saved)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        y, xs, *saved, embed1, weight1, embed2, weight2, weight0 = ctx.saved_tensors
-        with torch.autocast(ctx.device, enabled=False):  # backward called under autocast: same dtypes as forward
-            dx, de1, dw1, db1, de2, dw2, db2, dw0, db0 = _ext_fn("genblock_backward", ctx.device)(
-                grad, xs, y, *saved, embed1, weight1, embed2, weight2, weight0, ctx.training,
-                ctx.needs_input_grad[1], ctx.x_channels_last,
-            )
-        return (None, dx, None, de1, dw1, db1, de2, dw2, db2, dw0, db0, *([None] * 9))
+        xs, y, embed1, weight1, embed2, weight2, weight0, *saved = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[1]
+        dx, de1, dw1, db1, de2, dw2, db2, dw0, db0 = _NATIVE_OPS[ctx.backend]["genblock_backward"](
+            grad, xs, y, saved, embed1, weight1, embed2, weight2, weight0, ctx.training, need_x,
+            ctx.x_channels_last,
+        )  # fmt: skip
+        return (None, dx if need_x else None, None, de1, dw1, db1, de2, dw2, db2, dw0, db0, *([None] * 9))
 
 
 _CONV_TENSORS = ("weight1", "bias1", "weight2", "bias2", "weight0", "bias0")
@@ -333,25 +544,22 @@ def _native_dtype(x: Tensor) -> torch.dtype | None:
     return torch.float32 if dt is not None and x.device.type == "cpu" else dt
 
 
-def _native_genblock(device: str, a: dict) -> Tensor:
+def _native_genblock(backend: str, a: dict) -> Tensor:
     dt = _native_dtype(a["x"])
     if dt is not None:  # like custom_fwd(cast_inputs=...): activations and conv params in dt
         a = {**a, "x": a["x"].to(dt), **{k: a[k].to(dt) for k in _CONV_TENSORS}}
-    with torch.autocast(a["x"].device.type, enabled=False):
-        return _NativeGenBlock.apply(device, *(a[k] for k in _GENBLOCK_ARGS[:16]), a["training"],
-                                     a["momentum"], a["eps"])
+    return _NativeGenBlock.apply(backend, *(a[k] for k in _GENBLOCK_ARGS[:16]), a["training"], a["momentum"],
+                                 a["eps"])  # fmt: skip
 
 
-def _native_piece(device: str, a: dict) -> Tensor:
+def _native_piece(backend: str, a: dict) -> Tensor:
     dt = _native_dtype(a["x"])
     if dt is not None:
         a = {**a, **{k: a[k].to(dt) for k in ("x", "weight", "bias", "residual") if a[k] is not None}}
-    with torch.autocast(a["x"].device.type, enabled=False):
-        return _NativePiece.apply(
-            device, a["x"], a["gamma"], a["beta"], a["weight"], a["bias"], a["residual"],
-            a["running_mean"], a["running_var"], a["num_batches_tracked"], a["training"],
-            a["momentum"], a["eps"], a["upsample"],
-        )
+    return _NativePiece.apply(
+        backend, a["x"], a["gamma"], a["beta"], a["weight"], a["bias"], a["residual"], a["running_mean"],
+        a["running_var"], a["num_batches_tracked"], a["training"], a["momentum"], a["eps"], a["upsample"],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +599,14 @@ def _torch_scale_shift(x, gamma, beta, running_mean, running_var, num_batches_tr
         with torch.no_grad():
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
-            m = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-            running_mean.mul_(1 - m).add_(mean.detach().to(running_mean.dtype), alpha=m)
             unbiased = var.detach() * (count / (count - 1))
-            running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype), alpha=m)
+            if momentum is not None:
+                running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            else:  # cumulative average: the factor as a device tensor (no host read of the counter)
+                m = 1.0 / num_batches_tracked.to(torch.float64)
+                running_mean.mul_(1 - m).add_(mean.detach().to(running_mean.dtype) * m)
+                running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype) * m)
     else:
         mean, var = running_mean.float(), running_var.float()
     scale = gamma.float() * torch.rsqrt(var + eps)
@@ -642,7 +854,7 @@ def _make_op(name: str, summary: str, names, defaults, reference, native, triton
     ))
     op.register(Backend(
         name="cpp",
-        fn=bound(lambda a: native("cpu", a)),
+        fn=bound(lambda a: native("cpp", a)),
         devices=("cpu",),
         dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),  # half: autocast only
         availability=_native.cpp_reason,

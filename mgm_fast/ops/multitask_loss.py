@@ -50,6 +50,11 @@ gradients by grad_output:
   never picks the interpreter).
 * ``reference`` -- :func:`mgm_fast.losses.multitask_loss`, any device and float dtype.
 
+``torch.compile``: each fused backend is a custom op ``mgm_fast::multitask_loss_<backend>`` with
+its autograd formula (cuda and triton scale their buffers in backward with
+``mgm_fast::multitask_loss_<backend>_scale_grad``; :mod:`mgm_fast.ops._library`). The label-error
+reporting of the device backends happens inside the op, invisible to the compiler.
+
 The fused backends differentiate w.r.t. the three predictions only; inputs where a target or
 mask requires grad go to ``reference`` under ``auto``. Masks may be bool, uint8 or float;
 masks of other dtypes (e.g. int64) are converted to a float32 copy first.
@@ -62,7 +67,6 @@ import inspect
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
@@ -73,6 +77,7 @@ from mgm_fast.ops._dispatch import (
     triton_devices,
     triton_reason,
 )
+from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
 
 __all__ = ["OP", "check_cuda_label_errors", "multitask_loss"]
 
@@ -89,22 +94,26 @@ def _signature(
     ignore_index=None,
     reduction="all",
 ):
-    """The argument list shared by every backend (that of mgm_fast.losses.multitask_loss)."""
+    """The argument list shared by every backend (that of mgm_fast.losses.multitask_loss), as a
+    dict: plain Python, so torch.compile traces the binding (``inspect`` it would not)."""
+    return dict(
+        seg_logits=seg_logits, depth_pred=depth_pred, normal_pred=normal_pred, seg_target=seg_target,
+        depth_target=depth_target, normal_target=normal_target, depth_mask=depth_mask,
+        normal_mask=normal_mask, ignore_index=ignore_index, reduction=reduction,
+    )  # fmt: skip
 
 
-_SIGNATURE = inspect.signature(_signature)
+_NAMES = tuple(inspect.signature(_signature).parameters)
 _PREDICTIONS = ("seg_logits", "depth_pred", "normal_pred")
 _CONSTANT_TENSORS = ("seg_target", "depth_target", "normal_target", "depth_mask", "normal_mask")
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
-    bound = _SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    return _signature(*args, **kwargs)
 
 
 def _ordered(a: dict) -> tuple:
-    return tuple(a[name] for name in _SIGNATURE.parameters)
+    return tuple(a[name] for name in _NAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,67 +127,99 @@ def _reference(*args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# cpp
+# custom ops (mgm_fast.ops._library): one forward op per fused backend with its autograd formula,
+# and per backend an op that scales a saved gradient buffer in backward. ``need[k]``: whether
+# prediction k gets a gradient (requires_grad under grad mode); the forward writes its buffer
+# only then (a placeholder otherwise). Losses whose prediction needs no gradient are constants.
+
+_Cpp = tuple[(torch.Tensor,) * 6]  # seg, depth, normal, their gradients (already divided by D)
+_Device = tuple[(torch.Tensor,) * 7]  # seg, depth, normal, float32 undivided buffers, 1/D (3,)
 
 
-def _mark_constant_losses(ctx, need: list[bool], losses: tuple) -> None:
-    """A loss whose prediction does not require grad does not require grad either (as in the
-    reference, where each loss only depends on its own prediction)."""
-    constant = [loss for loss, needed in zip(losses, need) if not needed]
-    if constant:
-        ctx.mark_non_differentiable(*constant)
+def _need(a: dict) -> list[bool]:
+    grad = torch.is_grad_enabled()
+    return [grad and a[name].requires_grad for name in _PREDICTIONS]
 
 
-class _CppMultitaskLoss(torch.autograd.Function):
-    """Forward runs the fused CPU kernel and saves the gradients (already divided by D)."""
+def _losses_meta(seg_logits) -> list[torch.Tensor]:
+    return [torch.empty((), dtype=torch.float32, device=seg_logits.device) for _ in range(3)]
 
-    @staticmethod
-    def forward(
-        ctx,
-        seg_logits,
-        depth_pred,
-        normal_pred,
-        seg_target,
-        depth_target,
-        normal_target,
-        depth_mask,
-        normal_mask,
-        ignore_index,
-        reduction,
-    ):
-        need = [bool(ctx.needs_input_grad[i]) for i in range(3)]
-        seg, depth, normal, g_seg, g_depth, g_normal = _native.extension().multitask_loss_cpu(
-            seg_logits,
-            depth_pred,
-            normal_pred,
-            seg_target,
-            depth_target,
-            normal_target,
-            depth_mask,
-            normal_mask,
-            ignore_index,
-            reduction,
-            need,
-        )
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(g_seg, g_depth, g_normal)
-        _mark_constant_losses(ctx, need, (seg, depth, normal))
-        return seg, depth, normal
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_outputs):
-        grads = []
-        for saved, grad_output in zip(ctx.saved_tensors, grad_outputs):
-            if saved is None or grad_output is None:
-                grads.append(None)
-            else:  # always scaled: testing grad_output == 1 first would read it on the host
-                grads.append(saved * grad_output)
-        return (*grads, None, None, None, None, None, None, None)
+def _setup_context(ctx, inputs, output):
+    """Saves the gradient buffers (and, on the device backends, 1/D and the predictions' dtypes);
+    marks the buffers and the losses of predictions that need no gradient as constants."""
+    need = inputs[-1]
+    buffers = output[3:]
+    ctx.save_for_backward(*buffers)
+    ctx.pred_dtypes = tuple(t.dtype for t in inputs[:3])
+    ctx.need = tuple(need)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*buffers, *(loss for loss, n in zip(output[:3], need) if not n))
+
+
+def _scaled_grads(ctx, grad_outputs, scale) -> tuple:
+    """The backward of a forward op: each needed prediction's gradient = scale(k, buffer, grad)."""
+    saved = ctx.saved_tensors
+    buffers, inv = saved[:3], (saved[3] if len(saved) > 3 else None)  # 1/D: the device backends
+    grads = []
+    for k, (buffer, grad_output) in enumerate(zip(buffers, grad_outputs)):
+        grads.append(None if grad_output is None or not ctx.need[k] else scale(k, buffer, grad_output, inv))
+    return (*grads, *([None] * 8))
+
+
+# cpp: the CPU kernel saves gradients already divided by D; backward scales them by grad_output
+
+
+@torch.library.custom_op(qualname("multitask_loss_cpp"), mutates_args=())
+def _cpp_op(
+    seg_logits: torch.Tensor, depth_pred: torch.Tensor, normal_pred: torch.Tensor, seg_target: torch.Tensor,
+    depth_target: torch.Tensor, normal_target: torch.Tensor, depth_mask: torch.Tensor | None,
+    normal_mask: torch.Tensor | None, ignore_index: int | None, reduction: str, need: list[bool],
+) -> _Cpp:  # fmt: skip
+    """(seg, depth, normal) 0-dim float32 and the gradients w.r.t. the predictions (divided by D,
+    in each prediction's memory format; placeholders where ``need`` is false)."""
+    preds = (seg_logits, depth_pred, normal_pred)
+    with autocast_off(seg_logits):
+        seg, depth, normal, *grads = _native.extension().multitask_loss_cpu(
+            *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction,
+            list(need),
+        )  # fmt: skip
+    return seg, depth, normal, *(or_placeholder(g, p) for g, p in zip(grads, preds))
+
+
+@_cpp_op.register_fake
+def _(seg_logits, depth_pred, normal_pred, *rest):
+    preds, need = (seg_logits, depth_pred, normal_pred), rest[-1]
+    return (*_losses_meta(seg_logits), *(torch.empty_like(p) if n else placeholder(p) for p, n in zip(preds, need)))
+
+
+@torch.library.custom_op(qualname("multitask_loss_cpp_scale_grad"), mutates_args=())
+def _cpp_scale_op(buffer: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``buffer * grad_output`` (a saved gradient times the loss's incoming gradient), always
+    scaled: testing grad_output == 1 first would read it on the host. An op of its own so that a
+    double backward raises instead of treating the saved gradient as a constant."""
+    return buffer * grad_output
+
+
+@_cpp_scale_op.register_fake
+def _(buffer, grad_output):
+    return torch.empty_like(buffer)
+
+
+def _cpp_backward(ctx, *grad_outputs):
+    def scale(k, buffer, grad_output, inv):
+        return _cpp_scale_op(buffer, grad_output)
+
+    return _scaled_grads(ctx, grad_outputs[:3], scale)
+
+
+_cpp_op.register_autograd(_cpp_backward, setup_context=_setup_context)
+once_differentiable(_cpp_scale_op, "multitask_loss (cpp backend)")
 
 
 def _cpp(*args, **kwargs):
-    return _CppMultitaskLoss.apply(*_ordered(_bind(args, kwargs)))
+    a = _bind(args, kwargs)
+    return tuple(_cpp_op(*_ordered(a), _need(a))[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,63 +288,63 @@ def check_cuda_label_errors() -> None:
     _LABEL_WATCH.check(block=True)
 
 
-class _CudaMultitaskLoss(torch.autograd.Function):
-    """Forward runs the fused CUDA kernels; backward rescales the float32 buffers on device."""
+def _device_meta(seg_logits, depth_pred, normal_pred, need) -> tuple:
+    """Fake outputs of the cuda and triton forward ops."""
+    buffers = [torch.empty_like(p, dtype=torch.float32) if n else placeholder(p)
+               for p, n in zip((seg_logits, depth_pred, normal_pred), need)]  # fmt: skip
+    return (*_losses_meta(seg_logits), *buffers, torch.empty(3, dtype=torch.float32, device=seg_logits.device))
 
-    @staticmethod
-    def forward(
-        ctx,
-        seg_logits,
-        depth_pred,
-        normal_pred,
-        seg_target,
-        depth_target,
-        normal_target,
-        depth_mask,
-        normal_mask,
-        ignore_index,
-        reduction,
-    ):
-        _LABEL_WATCH.check(block=False)
-        need = [bool(ctx.needs_input_grad[i]) for i in range(3)]
-        seg, depth, normal, b_seg, b_depth, b_normal, inv, record = _native.extension().multitask_loss_cuda(
-            seg_logits,
-            depth_pred,
-            normal_pred,
-            seg_target,
-            depth_target,
-            normal_target,
-            depth_mask,
-            normal_mask,
-            ignore_index,
-            reduction,
-            need,
-        )
-        _LABEL_WATCH.submit(record, tuple(seg_logits.shape), ignore_index)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(b_seg, b_depth, b_normal, inv)
-        ctx.pred_dtypes = (seg_logits.dtype, depth_pred.dtype, normal_pred.dtype)
-        _mark_constant_losses(ctx, need, (seg, depth, normal))
-        return seg, depth, normal
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_outputs):
-        *buffers, inv = ctx.saved_tensors
-        ext = _native.extension()
-        grads = []
-        for k, (buffer, grad_output) in enumerate(zip(buffers, grad_outputs)):
-            if buffer is None or grad_output is None:
-                grads.append(None)
-            else:
-                grads.append(
-                    ext.multitask_loss_scale_grad_cuda(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
-                )
-        return (*grads, None, None, None, None, None, None, None)
+@torch.library.custom_op(qualname("multitask_loss_cuda"), mutates_args=())
+def _cuda_op(
+    seg_logits: torch.Tensor, depth_pred: torch.Tensor, normal_pred: torch.Tensor, seg_target: torch.Tensor,
+    depth_target: torch.Tensor, normal_target: torch.Tensor, depth_mask: torch.Tensor | None,
+    normal_mask: torch.Tensor | None, ignore_index: int | None, reduction: str, need: list[bool],
+) -> _Device:  # fmt: skip
+    """(seg, depth, normal, float32 undivided gradient buffers, 1/D (3,)). Out-of-range labels are
+    reported by the label watch (host-side, inside the op: invisible to torch.compile)."""
+    _LABEL_WATCH.check(block=False)
+    preds = (seg_logits, depth_pred, normal_pred)
+    with autocast_off(seg_logits):
+        seg, depth, normal, *buffers, inv, record = _native.extension().multitask_loss_cuda(
+            *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction,
+            list(need),
+        )  # fmt: skip
+    _LABEL_WATCH.submit(record, tuple(seg_logits.shape), ignore_index)
+    return seg, depth, normal, *(or_placeholder(b, p) for b, p in zip(buffers, preds)), inv
+
+
+@_cuda_op.register_fake
+def _(seg_logits, depth_pred, normal_pred, *rest):
+    return _device_meta(seg_logits, depth_pred, normal_pred, rest[-1])
+
+
+@torch.library.custom_op(qualname("multitask_loss_cuda_scale_grad"), mutates_args=())
+def _cuda_scale_op(buffer: torch.Tensor, grad_output: torch.Tensor, inv: torch.Tensor, k: int,
+                   dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``(dtype)(buffer * grad_output * inv[k])`` on the device, in the buffer's memory format."""
+    return _native.extension().multitask_loss_scale_grad_cuda(buffer, grad_output, inv, k, dtype)
+
+
+@_cuda_scale_op.register_fake
+def _(buffer, grad_output, inv, k, dtype):
+    return torch.empty_like(buffer, dtype=dtype)
+
+
+def _cuda_backward(ctx, *grad_outputs):
+    def scale(k, buffer, grad_output, inv):
+        return _cuda_scale_op(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
+
+    return _scaled_grads(ctx, grad_outputs[:3], scale)
+
+
+_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+once_differentiable(_cuda_scale_op, "multitask_loss (cuda backend)")
 
 
 def _cuda(*args, **kwargs):
-    return _CudaMultitaskLoss.apply(*_ordered(_bind(args, kwargs)))
+    a = _bind(args, kwargs)
+    return tuple(_cuda_op(*_ordered(a), _need(a))[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +368,56 @@ def _triton_record(record: torch.Tensor, shape: tuple, ignore_index: int | None)
         )
 
 
-def _triton(*args, **kwargs):
-    from mgm_fast.ops._triton.multitask_loss import TritonMultitaskLoss
+@torch.library.custom_op(qualname("multitask_loss_triton"), mutates_args=())
+def _triton_op(
+    seg_logits: torch.Tensor, depth_pred: torch.Tensor, normal_pred: torch.Tensor, seg_target: torch.Tensor,
+    depth_target: torch.Tensor, normal_target: torch.Tensor, depth_mask: torch.Tensor | None,
+    normal_mask: torch.Tensor | None, ignore_index: int | None, reduction: str, need: list[bool],
+) -> _Device:  # fmt: skip
+    """The Triton kernels (mgm_fast.ops._triton.multitask_loss); outputs as multitask_loss_cuda."""
+    from mgm_fast.ops._triton import multitask_loss as tm
 
-    return TritonMultitaskLoss.apply(*_ordered(_bind(args, kwargs)), _triton_record)
+    preds = (seg_logits, depth_pred, normal_pred)
+    seg, depth, normal, *buffers, inv, record = tm.forward(
+        *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction, list(need)
+    )
+    _triton_record(record, tuple(seg_logits.shape), ignore_index)
+    return seg, depth, normal, *(or_placeholder(b, p) for b, p in zip(buffers, preds)), inv
+
+
+@_triton_op.register_fake
+def _(seg_logits, depth_pred, normal_pred, *rest):
+    return _device_meta(seg_logits, depth_pred, normal_pred, rest[-1])
+
+
+@torch.library.custom_op(qualname("multitask_loss_triton_scale_grad"), mutates_args=())
+def _triton_scale_op(buffer: torch.Tensor, grad_output: torch.Tensor, inv: torch.Tensor, k: int,
+                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``(dtype)(buffer * grad_output * inv[k])`` by a Triton kernel, in the buffer's memory format."""
+    from mgm_fast.ops._triton import multitask_loss as tm
+
+    return tm.scale_grad(buffer, grad_output, inv, k, dtype)
+
+
+@_triton_scale_op.register_fake
+def _(buffer, grad_output, inv, k, dtype):
+    return torch.empty_like(buffer, dtype=dtype)
+
+
+def _triton_backward(ctx, *grad_outputs):
+    def scale(k, buffer, grad_output, inv):
+        return _triton_scale_op(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
+
+    return _scaled_grads(ctx, grad_outputs[:3], scale)
+
+
+_triton_op.register_autograd(_triton_backward, setup_context=_setup_context)
+once_differentiable(_triton_scale_op, "multitask_loss (triton backend)")
+
+
+def _triton(*args, **kwargs):
+    a = _bind(args, kwargs)
+    return tuple(_triton_op(*_ordered(a), _need(a))[:3])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ Normalisation is torch's ``F.normalize`` (x / max(||x||, 1e-12)). Backends:
 * ``cuda`` -- CUDA, float32/float16/bfloat16, D <= 256 (csrc/kernels/cuda/ntxent.*): one warp per
   row (or column), shared-memory tiles of 32 columns (rows), float32 arithmetic.
 
+``torch.compile``: each fused backend is a custom op ``mgm_fast::ntxent_rows_<backend>`` with its
+autograd formula and a ``..._backward`` op (:mod:`mgm_fast.ops._library`); ``ntxent_loss``
+traces through it.
+
 Every fused backend saves the inputs, the inverse norms where it needs them and the per-row LSE
 (R floats), never an (R, 2N) tensor. The loss is NaN when a ``row_index`` entry lies outside
 [0, 2N) on a device where checking would synchronise the host (on the CPU it raises).
@@ -61,7 +65,6 @@ import inspect
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
@@ -73,6 +76,7 @@ from mgm_fast.ops._dispatch import (
     triton_reason,
     value_checks_enabled,
 )
+from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
 
 __all__ = ["LOSS_OP", "ROWS_OP", "ntxent_loss", "ntxent_rows", "ntxent_rows_reference"]
 
@@ -161,70 +165,141 @@ def _via_rows(rows_fn):
 
 
 # ---------------------------------------------------------------------------------------------
-# cpp
+# cpp / cuda: custom ops mgm_fast::ntxent_rows_<backend> (forward, with its autograd formula) and
+# mgm_fast::ntxent_rows_<backend>_backward around the extension's kernels (mgm_fast.ops._library)
 
 
-class _CppNtxentRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, cols, row_index, temperature):
-        loss, lse = _native.extension().ntxent_rows_cpu_forward(rows, cols, row_index, temperature)
-        ctx.save_for_backward(rows, cols, row_index, lse)
+def _register_native(backend: str):
+    """The forward and backward custom ops of one native backend (cpp: CPU, cuda: CUDA)."""
+    device = {"cpp": "cpu", "cuda": "cuda"}[backend]
+
+    @torch.library.custom_op(qualname(f"ntxent_rows_{backend}"), mutates_args=())
+    def forward(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(0-dim float32 sum of the row losses, per-row logsumexp (R,) float32)."""
+        with autocast_off(rows):
+            kernel = getattr(_native.extension(), f"ntxent_rows_{device}_forward")
+            loss, lse = kernel(rows, cols, row_index, temperature)
+        return loss, lse
+
+    @forward.register_fake
+    def _(rows, cols, row_index, temperature):
+        f32 = dict(dtype=torch.float32, device=rows.device)
+        return torch.empty((), **f32), torch.empty(rows.shape[0], **f32)
+
+    @torch.library.custom_op(qualname(f"ntxent_rows_{backend}_backward"), mutates_args=())
+    def backward(
+        rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor, temperature: float, lse: torch.Tensor,
+        grad_output: torch.Tensor, need: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(grad rows, grad cols), contiguous, in the inputs' dtypes; placeholders where not needed."""
+        with autocast_off(rows):
+            grads = getattr(_native.extension(), f"ntxent_rows_{device}_backward")(
+                rows, cols, row_index, temperature, lse, grad_output, list(need)
+            )
+        return tuple(or_placeholder(g, like) for g, like in zip(grads, (rows, cols)))
+
+    @backward.register_fake
+    def _(rows, cols, row_index, temperature, lse, grad_output, need):
+        return tuple(torch.empty(like.shape, dtype=like.dtype, device=like.device) if n else placeholder(like)
+                     for like, n in zip((rows, cols), need))  # fmt: skip
+
+    def setup_context(ctx, inputs, output):
+        rows, cols, row_index, temperature = inputs
+        ctx.save_for_backward(rows, cols, row_index, output[1])
         ctx.temperature = temperature
-        return loss
+        ctx.mark_non_differentiable(output[1])
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
+    def grad(ctx, grad_output, _grad_lse):
         rows, cols, row_index, lse = ctx.saved_tensors
         need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-        grad_rows, grad_cols = _native.extension().ntxent_rows_cpu_backward(
-            rows, cols, row_index, ctx.temperature, lse, grad_output.float(), need
-        )
-        return grad_rows, grad_cols, None, None
+        go = grad_output.float() if backend == "cpp" else grad_output
+        grad_rows, grad_cols = backward(rows, cols, row_index, ctx.temperature, lse, go, need)
+        return grad_rows if need[0] else None, grad_cols if need[1] else None, None, None
+
+    forward.register_autograd(grad, setup_context=setup_context)
+    once_differentiable(backward, f"ntxent_rows ({backend} backend)")
+    return forward
+
+
+_CPP_OP = _register_native("cpp")
+_CUDA_OP = _register_native("cuda")
 
 
 def _cpp_rows(rows, cols, row_index, temperature=0.5, check_values=True):
     _check_rows(rows, cols, row_index, check_values)
-    return _CppNtxentRows.apply(rows, cols, row_index, _check_temperature(temperature))
-
-
-# ---------------------------------------------------------------------------------------------
-# cuda
-
-
-class _CudaNtxentRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, cols, row_index, temperature):
-        loss, lse = _native.extension().ntxent_rows_cuda_forward(rows, cols, row_index, temperature)
-        ctx.save_for_backward(rows, cols, row_index, lse)
-        ctx.temperature = temperature
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        rows, cols, row_index, lse = ctx.saved_tensors
-        need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-        grad_rows, grad_cols = _native.extension().ntxent_rows_cuda_backward(
-            rows, cols, row_index, ctx.temperature, lse, grad_output, need
-        )
-        return grad_rows, grad_cols, None, None
+    return _CPP_OP(rows, cols, row_index, _check_temperature(temperature))[0]
 
 
 def _cuda_rows(rows, cols, row_index, temperature=0.5, check_values=True):
     _check_rows(rows, cols, row_index, check_values)
-    return _CudaNtxentRows.apply(rows, cols, row_index, _check_temperature(temperature))
+    return _CUDA_OP(rows, cols, row_index, _check_temperature(temperature))[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # triton
 
 
-def _triton_rows(rows, cols, row_index, temperature=0.5, check_values=True):
-    from mgm_fast.ops._triton.ntxent import TritonNtxentRows
+# custom ops mgm_fast::ntxent_rows_triton (forward, with its autograd formula) and
+# mgm_fast::ntxent_rows_triton_backward (the kernels: mgm_fast.ops._triton.ntxent)
 
+
+@torch.library.custom_op(qualname("ntxent_rows_triton"), mutates_args=())
+def _triton_op(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(0-dim float32 sum of the row losses, per-row logsumexp (R,), inverse norms of rows (R,)
+    and of cols (2N,)), all float32."""
+    from mgm_fast.ops._triton import ntxent as tn
+
+    return tuple(tn.ntxent_rows_forward(rows, cols, row_index, temperature))
+
+
+@_triton_op.register_fake
+def _(rows, cols, row_index, temperature):
+    f32 = dict(dtype=torch.float32, device=rows.device)
+    r = rows.shape[0]
+    return torch.empty((), **f32), torch.empty(r, **f32), torch.empty(r, **f32), torch.empty(cols.shape[0], **f32)
+
+
+@torch.library.custom_op(qualname("ntxent_rows_triton_backward"), mutates_args=())
+def _triton_backward_op(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor, temperature: float,
+                        lse: torch.Tensor, inv_r: torch.Tensor, inv_c: torch.Tensor, grad_output: torch.Tensor,
+                        need: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad rows, grad cols), contiguous, in the inputs' dtypes; placeholders where not needed."""
+    from mgm_fast.ops._triton import ntxent as tn
+
+    grads = tn.ntxent_rows_backward(rows, cols, row_index, temperature, lse, inv_r, inv_c, grad_output, need)
+    return tuple(or_placeholder(g, like) for g, like in zip(grads, (rows, cols)))
+
+
+@_triton_backward_op.register_fake
+def _(rows, cols, row_index, temperature, lse, inv_r, inv_c, grad_output, need):
+    return tuple(torch.empty(like.shape, dtype=like.dtype, device=like.device) if n else placeholder(like)
+                 for like, n in zip((rows, cols), need))  # fmt: skip
+
+
+def _triton_setup_context(ctx, inputs, output):
+    rows, cols, row_index, temperature = inputs
+    ctx.save_for_backward(rows, cols, row_index, *output[1:])
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _triton_backward(ctx, grad_output, *_):
+    rows, cols, row_index, lse, inv_r, inv_c = ctx.saved_tensors
+    need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    grad_rows, grad_cols = _triton_backward_op(rows, cols, row_index, ctx.temperature, lse, inv_r, inv_c,
+                                               grad_output, need)  # fmt: skip
+    return grad_rows if need[0] else None, grad_cols if need[1] else None, None, None
+
+
+_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+once_differentiable(_triton_backward_op, "ntxent_rows (triton backend)")
+
+
+def _triton_rows(rows, cols, row_index, temperature=0.5, check_values=True):
     _check_rows(rows, cols, row_index, check_values)
-    return TritonNtxentRows.apply(rows, cols, row_index, _check_temperature(temperature))
+    return _triton_op(rows, cols, row_index, _check_temperature(temperature))[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ Backends:
 * ``reference`` -- :func:`mgm_fast.data.augment.apply_torch`, the batched torch path, any
   device and float dtype.
 
+The ``cpp`` kernel runs behind the custom op ``mgm_fast::simclr_views_cpp``
+(:mod:`mgm_fast.ops._library`), so ``torch.compile`` traces through the op.
+
 No autograd: the views are inputs of the encoder and no gradient flows back into the
 augmentation, so the ``cpp`` backend is not differentiable. An ``x`` that requires grad goes
 to ``reference`` under ``auto``; forcing ``cpp`` on it raises :class:`BackendUnavailable`.
@@ -40,6 +43,7 @@ import torch
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import Backend, FusedOp, register_op, value_checks_enabled
+from mgm_fast.ops._library import qualname
 
 __all__ = ["OP", "simclr_views"]
 
@@ -93,6 +97,24 @@ def _reference(x, params, src_index, out_hw, blur_kernel=3, select="auto"):
     return _augment().apply_torch(x, params, src_index, _out_hw(out_hw), blur_kernel, select)
 
 
+@torch.library.custom_op(qualname("simclr_views_cpp"), mutates_args=())
+def _cpp_op(
+    x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor,
+    factors: torch.Tensor, gray: torch.Tensor, blur: torch.Tensor, sigma: torch.Tensor, src_index: torch.Tensor,
+    out_height: int, out_width: int, blur_kernel: int,
+) -> torch.Tensor:  # fmt: skip
+    """(N, 3, oh, ow) contiguous views of x's dtype (the CPU kernel; parameters on the CPU). Not
+    differentiable: no autograd formula (auto never sends an x that requires grad here)."""
+    return _native.extension().simclr_views_cpu(
+        x, crop, flip, jitter, order, factors, gray, blur, sigma, src_index, out_height, out_width, blur_kernel
+    )
+
+
+@_cpp_op.register_fake
+def _(x, crop, flip, jitter, order, factors, gray, blur, sigma, src_index, out_height, out_width, blur_kernel):
+    return x.new_empty((src_index.shape[0], 3, out_height, out_width))
+
+
 def _cpp(x, params, src_index, out_hw, blur_kernel=3, select="auto"):
     del select  # per-view kernel: nothing to select
     oh, ow = _out_hw(out_hw)
@@ -101,7 +123,7 @@ def _cpp(x, params, src_index, out_hw, blur_kernel=3, select="auto"):
     def get(key: str, dtype: torch.dtype) -> torch.Tensor:
         return params[key].to(device=cpu, dtype=dtype)  # no copy when already so
 
-    return _native.extension().simclr_views_cpu(
+    return _cpp_op(
         x,
         get("crop", torch.int64),
         get("flip", torch.bool),

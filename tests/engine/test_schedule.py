@@ -1,7 +1,7 @@
 """The schedule updates exactly the released parameters, the released number of times.
 
 Adam keeps a per-parameter step counter, so after one training step every optimiser's state
-says how often each parameter was updated: a direct check of mgm_method.md 3.2's update table.
+says how often each parameter was updated: a direct check of docs/method.md 3.2's update table.
 """
 
 import pytest

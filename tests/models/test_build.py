@@ -11,7 +11,7 @@ from mgm_fast.models import MGMNets, build_models, count_parameters, parameter_r
 
 LAYOUT = Path(__file__).parent.parent / "fixtures" / "official_checkpoint_layout.json"
 """Tensor names and shapes of a ``torch.save`` of the released code's MGM module (a copy of
-``reference/official_checkpoint_layout.json``)."""
+``tests/fixtures/official_checkpoint_layout.json``)."""
 
 # Longest prefixes first: the rename an importer of released checkpoints applies.
 RENAMES = [

@@ -294,7 +294,8 @@ void affine_chunk(const AffineArgs<double>& a, int64_t chunk, Scratch<double>& s
 
 template <typename T>
 struct EpilogueArgs {
-  const T* p;               // phase: P (kPixels, (n, 4c, h+1, w+1)); else nullptr
+  const T* p;               // phase: P in p_layout; else nullptr
+  PhaseLayout p_layout;
   View<const T> conv;       // plain: the conv output
   Epilogue<T> ep;
   View<T> out;              // (n, c, oh, ow)
@@ -303,20 +304,35 @@ struct EpilogueArgs {
   double* part2;
 };
 
-// Fills the output pixel row Y with the interleaved phases of P: pixel X = 2j + q reads
-// P[b, i + p, j + q, (2p + q) * c + :] for Y = 2i + p.
+// Fills the output pixel row Y with the interleaved phases of P: pixel X = 2j + q reads phase
+// (p, q) of low-resolution pixel (i, j) for Y = 2i + p -- kPadded: P[b, i + p, j + q,
+// (2p + q) * c + :]; kCompact: P[2p + q, b, i, j, :].
 template <typename T>
-MGM_FAST_INLINE void interleave_row(const T* p, const Dims& od, int64_t b, int64_t Y, T* row) {
+MGM_FAST_INLINE void interleave_row(const T* p, PhaseLayout layout, const Dims& od, int64_t b,
+                                    int64_t Y, T* row) {
   const int64_t C = od.c, w = od.w / 2, h = od.h / 2;
   const int64_t pr = Y & 1, i = Y >> 1;
-  const T* __restrict__ prow = p + (b * (h + 1) + i + pr) * (w + 1) * 4 * C;
+  const T* s0;   // phase (pr, 0) of pixel j = 0
+  const T* s1;   // phase (pr, 1) of pixel j = 0
+  int64_t step;  // from pixel j to j + 1
+  if (layout == PhaseLayout::kPadded) {
+    const T* prow = p + (b * (h + 1) + i + pr) * (w + 1) * 4 * C;
+    s0 = prow + (2 * pr) * C;
+    s1 = prow + 4 * C + (2 * pr + 1) * C;
+    step = 4 * C;
+  } else {
+    const int64_t plane = od.n * h * w * C;  // one phase
+    s0 = p + 2 * pr * plane + (b * h + i) * w * C;
+    s1 = s0 + plane;
+    step = C;
+  }
   for (int64_t j = 0; j < w; ++j) {
-    const T* __restrict__ s0 = prow + j * 4 * C + (2 * pr) * C;
-    const T* __restrict__ s1 = prow + (j + 1) * 4 * C + (2 * pr + 1) * C;
+    const T* __restrict__ a0 = s0 + j * step;
+    const T* __restrict__ a1 = s1 + j * step;
     T* __restrict__ d0 = row + 2 * j * C;
     T* __restrict__ d1 = d0 + C;
-    for (int64_t c = 0; c < C; ++c) d0[c] = s0[c];
-    for (int64_t c = 0; c < C; ++c) d1[c] = s1[c];
+    for (int64_t c = 0; c < C; ++c) d0[c] = a0[c];
+    for (int64_t c = 0; c < C; ++c) d1[c] = a1[c];
   }
 }
 
@@ -342,7 +358,7 @@ MGM_FAST_INLINE void epilogue_chunk_impl(const EpilogueArgs<T>& a, int64_t chunk
   for (int64_t y = rc.y0; y < rc.y1; ++y) {
     T* __restrict__ o = out_row(a.out, rc.b, y, ob);
     if (a.p != nullptr) {
-      interleave_row(a.p, d, rc.b, y, o);
+      interleave_row(a.p, a.p_layout, d, rc.b, y, o);
     } else {
       const T* __restrict__ src = load_row(a.conv, rc.b, y, cb);
 #pragma omp simd
@@ -620,8 +636,9 @@ void bn_apply_chunk(const BnArgs<double>& a, int64_t chunk, Scratch<double>& s) 
   bn_apply_chunk_impl(a, chunk, s);
 }
 
-// Phase scatter: rows i' of dp (n, 4c, h+1, w+1) from the gradient rows Y = 2i' - p of the
-// interleaved output -- read from g, or computed by the BN backward (bn != nullptr).
+// Phase scatter: kPadded: rows i' of dp (n, 4c, h+1, w+1) from the gradient rows Y = 2i' - p
+// of the interleaved output; kCompact: the rows Y of the interleaved output into
+// dp (4, n, h, w, c) -- read from g, or computed by the BN backward (bn != nullptr).
 template <typename T>
 struct ScatterArgs {
   View<const T> g;         // (n, c, 2h, 2w), when bn == nullptr
@@ -629,14 +646,51 @@ struct ScatterArgs {
   Dims low;                // (n, c, h, w)
   T* dp;
   double* part;            // (chunks, c) bias partials, or nullptr
+  PhaseLayout layout;
 };
+
+// kCompact scatter of the chunk's output rows Y = 2i + p: dp[2p + q, b, i, j] = row[2j + q].
+template <typename T>
+MGM_FAST_INLINE void scatter_compact_chunk(const ScatterArgs<T>& a, int64_t chunk, Scratch<T>& s,
+                                           T* acc, T* rb, T* A, T* Bc, T* Cx, T* M, T* xb, T* ab,
+                                           T* gb) {
+  const Dims& L = a.low;
+  const int64_t C = L.c, h = L.h, w = L.w, W = 2 * w, n = W * C;
+  const int64_t plane = L.n * h * w * C;
+  const RowChunk rc = row_chunk(chunk, 2 * h, kRows);
+  (void)s;
+  for (int64_t Y = rc.y0; Y < rc.y1; ++Y) {
+    const T* gr;
+    if (a.bn == nullptr) {
+      gr = load_row(a.g, rc.b, Y, rb);
+    } else {
+      const BnReluBackward<T>& bn = a.bn->bn;
+      dx_row(load_row(bn.x, rc.b, Y, xb), load_row(bn.act, rc.b, Y, ab),
+             load_row(bn.dact, rc.b, Y, gb), static_cast<const T*>(nullptr), A, Bc, Cx, M, n, rb);
+      gr = rb;
+    }
+    if (acc != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += gr[j];
+    }
+    const int64_t pr = Y & 1, i = Y >> 1;
+    T* __restrict__ d0 = a.dp + 2 * pr * plane + (rc.b * h + i) * w * C;  // phase (pr, 0)
+    T* __restrict__ d1 = d0 + plane;                                      // phase (pr, 1)
+    for (int64_t j = 0; j < w; ++j) {
+      const T* __restrict__ s0 = gr + 2 * j * C;
+      for (int64_t c = 0; c < C; ++c) d0[j * C + c] = s0[c];
+      for (int64_t c = 0; c < C; ++c) d1[j * C + c] = s0[C + c];
+    }
+  }
+}
 
 template <typename T>
 MGM_FAST_INLINE void scatter_chunk_impl(const ScatterArgs<T>& a, int64_t chunk, Scratch<T>& s) {
   const Dims& L = a.low;
   const int64_t C = L.c, h = L.h, w = L.w, hp = h + 1, wp = w + 1;
   const int64_t W = 2 * w, n = W * C;
-  const RowChunk rc = row_chunk(chunk, hp, kRows);
+  const bool compact = a.layout == PhaseLayout::kCompact;
+  const RowChunk rc = row_chunk(chunk, compact ? 2 * h : hp, kRows);
   T* acc = a.part != nullptr ? room(s.u4, n) : nullptr;
   if (acc != nullptr) {
     for (int64_t j = 0; j < n; ++j) acc[j] = T(0);
@@ -653,6 +707,11 @@ MGM_FAST_INLINE void scatter_chunk_impl(const ScatterArgs<T>& a, int64_t chunk, 
     ab = room(s.t1, n);
     gb = room(s.t2, n);
     dx_tiles(*a.bn, rc.b, W, A, Bc, Cx, M);
+  }
+  if (compact) {
+    scatter_compact_chunk(a, chunk, s, acc, rb, A, Bc, Cx, M, xb, ab, gb);
+    if (acc != nullptr) fold(acc, C, W, a.part + chunk * C);
+    return;
   }
   for (int64_t ip = rc.y0; ip < rc.y1; ++ip) {
     T* __restrict__ drow = a.dp + (rc.b * hp + ip) * wp * 4 * C;
@@ -712,7 +771,8 @@ template <typename T>
 void run_scatter(ScatterArgs<T>& a, double* dbias, int threads) {
   const Dims& L = a.low;
   const int64_t C = L.c;
-  const int64_t chunks = L.n * ceil_div(L.h + 1, kRows);
+  const int64_t rows = a.layout == PhaseLayout::kCompact ? 2 * L.h : L.h + 1;
+  const int64_t chunks = L.n * ceil_div(rows, kRows);
   std::vector<double> part;
   if (dbias != nullptr) {
     part.assign(static_cast<size_t>(chunks * C), 0.0);
@@ -727,52 +787,296 @@ void run_scatter(ScatterArgs<T>& a, double* dbias, int threads) {
   if (dbias != nullptr) sum_chunks(part, chunks, C, dbias);
 }
 
-// Phase kernels of one (o, ci) pair. Row groups (genblock.h): p=0: {0}, {1,2}; p=1: {0,1}, {2}.
-// out[ph][r*2+s] for ph = 2p+q, from the 3x3 taps k[ky*3+kx].
+// ---------------------------------------------------------------------------------------------
+// im2col of the compact phase conv, and its adjoint
+
 template <typename T>
-MGM_FAST_INLINE void phase_taps(const T* k, T out[4][4]) {
-  T rows[2][2][3];  // rows[p][r][kx] = sum of the taps ky in G(p, r)
-  for (int kx = 0; kx < 3; ++kx) {
-    rows[0][0][kx] = k[kx];
-    rows[0][1][kx] = k[3 + kx] + k[6 + kx];
-    rows[1][0][kx] = k[kx] + k[3 + kx];
-    rows[1][1][kx] = k[6 + kx];
+struct ColArgs {
+  View<const T> a;  // im2col: the input map (n, c, h, w)
+  View<T> da;       // col2im: the output map (n, c, h, w)
+  T* cols;          // (4, n*h*w, 4c)
+  const T* dcols;
+};
+
+// Chunk = low-resolution row (b, i): its 4 phases x w pixels x 4 taps of c values.
+template <typename T>
+MGM_FAST_INLINE void im2col_chunk_impl(const ColArgs<T>& a, int64_t chunk, Scratch<T>& s) {
+  const Dims& d = a.a.dims;
+  const int64_t C = d.c, h = d.h, w = d.w, K = 4 * C, plane = d.n * h * w;
+  const int64_t b = chunk / h, i = chunk % h;
+  const T* rows[3];  // low-resolution rows i - 1, i, i + 1 (nullptr outside the map)
+  T* bufs[3] = {room(s.t0, w * C), room(s.t1, w * C), room(s.t2, w * C)};
+  for (int64_t k = 0; k < 3; ++k) {
+    const int64_t y = i - 1 + k;
+    rows[k] = y >= 0 && y < h ? load_row(a.a, b, y, bufs[k]) : nullptr;
   }
-  for (int p = 0; p < 2; ++p) {
-    for (int r = 0; r < 2; ++r) {
-      const T* v = rows[p][r];
-      out[2 * p + 0][r * 2 + 0] = v[0];
-      out[2 * p + 0][r * 2 + 1] = v[1] + v[2];
-      out[2 * p + 1][r * 2 + 0] = v[0] + v[1];
-      out[2 * p + 1][r * 2 + 1] = v[2];
+  for (int64_t ph = 0; ph < 4; ++ph) {
+    const int64_t p = ph >> 1, q = ph & 1;
+    T* dst_row = a.cols + (ph * plane + (b * h + i) * w) * K;
+    for (int64_t j = 0; j < w; ++j) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const T* src_row = rows[p + r];  // low-resolution row i - 1 + p + r
+        for (int64_t t = 0; t < 2; ++t) {
+          const int64_t x = j - 1 + q + t;
+          T* __restrict__ dst = dst_row + j * K + (2 * r + t) * C;
+          if (src_row == nullptr || x < 0 || x >= w) {
+            for (int64_t c = 0; c < C; ++c) dst[c] = T(0);
+          } else {
+            const T* __restrict__ src = src_row + x * C;
+            for (int64_t c = 0; c < C; ++c) dst[c] = src[c];
+          }
+        }
+      }
     }
   }
+}
+
+void im2col_chunk(const ColArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(im2col_chunk_impl<float>)(a, chunk, s);
+}
+void im2col_chunk(const ColArgs<double>& a, int64_t chunk, Scratch<double>& s) {
+  im2col_chunk_impl(a, chunk, s);
+}
+
+// Chunk = output row (b, y): the sum over the (p, r, q, t) taps that read pixel (y, x), in that
+// order (i = y + 1 - p - r, j = x + 1 - q - t).
+template <typename T>
+MGM_FAST_INLINE void col2im_chunk_impl(const ColArgs<T>& a, int64_t chunk, Scratch<T>& s) {
+  const Dims& d = a.da.dims;
+  const int64_t C = d.c, h = d.h, w = d.w, K = 4 * C, plane = d.n * h * w, n = w * C;
+  const int64_t b = chunk / h, y = chunk % h;
+  T* __restrict__ o = out_row(a.da, b, y, room(s.t0, n));
+  for (int64_t j = 0; j < n; ++j) o[j] = T(0);
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t r = 0; r < 2; ++r) {
+      const int64_t i = y + 1 - p - r;
+      if (i < 0 || i >= h) continue;
+      for (int64_t q = 0; q < 2; ++q) {
+        for (int64_t t = 0; t < 2; ++t) {
+          const T* base = a.dcols + ((2 * p + q) * plane + (b * h + i) * w) * K + (2 * r + t) * C;
+          const int64_t x0 = q + t > 1 ? 1 : 0;           // j = x + 1 - q - t >= 0
+          const int64_t x1 = q + t == 0 ? w - 1 : w;       // j < w
+          for (int64_t x = x0; x < x1; ++x) {
+            const T* __restrict__ src = base + (x + 1 - q - t) * K;
+            T* __restrict__ dst = o + x * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          }
+        }
+      }
+    }
+  }
+  store_row(a.da, b, y, o);
+}
+
+void col2im_chunk(const ColArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(col2im_chunk_impl<float>)(a, chunk, s);
+}
+void col2im_chunk(const ColArgs<double>& a, int64_t chunk, Scratch<double>& s) {
+  col2im_chunk_impl(a, chunk, s);
+}
+
+// Chunk = pixel row (b, y) of the 3x3 im2col: per pixel, 9 source rows (a zero row outside the
+// map), written in the (ci, tap) column order.
+template <typename T>
+MGM_FAST_INLINE void im2col3_chunk_impl(const ColArgs<T>& a, int64_t chunk, Scratch<T>& s) {
+  const Dims& d = a.a.dims;
+  const int64_t C = d.c, h = d.h, w = d.w;
+  const int64_t b = chunk / h, y = chunk % h;
+  T* zero = room(s.t3, C);
+  for (int64_t c = 0; c < C; ++c) zero[c] = T(0);
+  const T* rows[3];
+  T* bufs[3] = {room(s.t0, w * C), room(s.t1, w * C), room(s.t2, w * C)};
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const int64_t yy = y - 1 + ky;
+    rows[ky] = yy >= 0 && yy < h ? load_row(a.a, b, yy, bufs[ky]) : nullptr;
+  }
+  for (int64_t x = 0; x < w; ++x) {
+    const T* src[9];
+    for (int64_t ky = 0; ky < 3; ++ky) {
+      for (int64_t kx = 0; kx < 3; ++kx) {
+        const int64_t xx = x - 1 + kx;
+        src[ky * 3 + kx] = rows[ky] != nullptr && xx >= 0 && xx < w ? rows[ky] + xx * C : zero;
+      }
+    }
+    T* __restrict__ dst = a.cols + ((b * h + y) * w + x) * 9 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t t = 0; t < 9; ++t) dst[c * 9 + t] = src[t][c];
+    }
+  }
+}
+
+void im2col3_chunk(const ColArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(im2col3_chunk_impl<float>)(a, chunk, s);
+}
+void im2col3_chunk(const ColArgs<double>& a, int64_t chunk, Scratch<double>& s) {
+  im2col3_chunk_impl(a, chunk, s);
+}
+
+// Chunk = pixel row (b, y) of the adjoint: per pixel, the 9 dcols rows that read it (a zero row
+// outside the map), summed in tap order.
+template <typename T>
+MGM_FAST_INLINE void col2im3_chunk_impl(const ColArgs<T>& a, int64_t chunk, Scratch<T>& s) {
+  const Dims& d = a.da.dims;
+  const int64_t C = d.c, h = d.h, w = d.w, K = 9 * C;
+  const int64_t b = chunk / h, y = chunk % h;
+  T* zero = room(s.t1, K);
+  for (int64_t k = 0; k < K; ++k) zero[k] = T(0);
+  T* __restrict__ o = out_row(a.da, b, y, room(s.t0, w * C));
+  for (int64_t x = 0; x < w; ++x) {
+    const T* src[9];  // src[t] + c*9 + t: the entry of tap t = (ky, kx) that reads (y, x, c)
+    for (int64_t ky = 0; ky < 3; ++ky) {
+      const int64_t yy = y + 1 - ky;
+      for (int64_t kx = 0; kx < 3; ++kx) {
+        const int64_t xx = x + 1 - kx;
+        const bool in = yy >= 0 && yy < h && xx >= 0 && xx < w;
+        src[ky * 3 + kx] = in ? a.dcols + ((b * h + yy) * w + xx) * K : zero;
+      }
+    }
+    T* __restrict__ dst = o + x * C;
+    for (int64_t c = 0; c < C; ++c) {
+      T acc = src[0][c * 9];
+      for (int64_t t = 1; t < 9; ++t) acc += src[t][c * 9 + t];
+      dst[c] = acc;
+    }
+  }
+  store_row(a.da, b, y, o);
+}
+
+void col2im3_chunk(const ColArgs<float>& a, int64_t chunk, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(col2im3_chunk_impl<float>)(a, chunk, s);
+}
+void col2im3_chunk(const ColArgs<double>& a, int64_t chunk, Scratch<double>& s) {
+  col2im3_chunk_impl(a, chunk, s);
+}
+
+// Phase weights, one output channel o per chunk, vectorised over the input channels: w[o] is
+// transposed to 9 rows of cin values, each of the 16 phase taps is a sum of those rows (row groups,
+// genblock.h: p=0: {0}, {1,2}; p=1: {0,1}, {2}; columns alike), and the adjoint the other way.
+template <typename T>
+struct PhaseWeightArgs {
+  const T* w;       // forward: (cout, cin, 3, 3)
+  T* wp;            // forward: (4*cout, cin, 2, 2) in wp's layout
+  const T* dwp;     // backward
+  T* dw;            // backward
+  int64_t cout, cin;
+  bool channels_last;
+};
+
+// The row (contiguous over ci, or strided by 4) of phase tap (ph, rs) of output channel o.
+MGM_FAST_INLINE int64_t wp_row(bool channels_last, int64_t ph, int64_t o, int64_t rs, int64_t cout,
+                               int64_t cin) {
+  const int64_t row = ph * cout + o;
+  return channels_last ? (row * 4 + rs) * cin : row * cin * 4 + rs;
+}
+
+template <typename T>
+MGM_FAST_INLINE void phase_weights_chunk_impl(const PhaseWeightArgs<T>& a, int64_t o,
+                                              Scratch<T>& s) {
+  const int64_t cin = a.cin, st = a.channels_last ? 1 : 4;
+  T* t = room(s.t0, 9 * cin);      // t[k * cin + ci] = w[o, ci, k]
+  // rows[((p * 2 + r) * 3 + kx) * cin + ci]: the sum of t over the rows ky in G(p, r)
+  T* rows = room(s.t1, 12 * cin);
+  const T* __restrict__ src = a.w + o * cin * 9;
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    for (int64_t k = 0; k < 9; ++k) t[k * cin + ci] = src[ci * 9 + k];
+  }
+  for (int64_t kx = 0; kx < 3; ++kx) {
+    const T* __restrict__ k0 = t + kx * cin;
+    const T* __restrict__ k1 = t + (3 + kx) * cin;
+    const T* __restrict__ k2 = t + (6 + kx) * cin;
+    T* __restrict__ r00 = rows + (0 * 3 + kx) * cin;
+    T* __restrict__ r01 = rows + (1 * 3 + kx) * cin;
+    T* __restrict__ r10 = rows + (2 * 3 + kx) * cin;
+    T* __restrict__ r11 = rows + (3 * 3 + kx) * cin;
+#pragma omp simd
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      r00[ci] = k0[ci];
+      r01[ci] = k1[ci] + k2[ci];
+      r10[ci] = k0[ci] + k1[ci];
+      r11[ci] = k2[ci];
+    }
+  }
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t r = 0; r < 2; ++r) {
+      const T* __restrict__ v0 = rows + ((p * 2 + r) * 3 + 0) * cin;
+      const T* __restrict__ v1 = v0 + cin;
+      const T* __restrict__ v2 = v1 + cin;
+      T* __restrict__ q0s0 = a.wp + wp_row(a.channels_last, 2 * p, o, r * 2, a.cout, cin);
+      T* __restrict__ q0s1 = a.wp + wp_row(a.channels_last, 2 * p, o, r * 2 + 1, a.cout, cin);
+      T* __restrict__ q1s0 = a.wp + wp_row(a.channels_last, 2 * p + 1, o, r * 2, a.cout, cin);
+      T* __restrict__ q1s1 = a.wp + wp_row(a.channels_last, 2 * p + 1, o, r * 2 + 1, a.cout, cin);
+#pragma omp simd
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        q0s0[ci * st] = v0[ci];
+        q0s1[ci * st] = v1[ci] + v2[ci];
+        q1s0[ci * st] = v0[ci] + v1[ci];
+        q1s1[ci * st] = v2[ci];
+      }
+    }
+  }
+}
+
+void phase_weights_chunk(const PhaseWeightArgs<float>& a, int64_t o, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(phase_weights_chunk_impl<float>)(a, o, s);
+}
+void phase_weights_chunk(const PhaseWeightArgs<double>& a, int64_t o, Scratch<double>& s) {
+  phase_weights_chunk_impl(a, o, s);
 }
 
 // The adjoint: k[ky*3+kx] = sum over the (ph, r, s) whose groups contain (ky, kx).
 template <typename T>
-MGM_FAST_INLINE void phase_taps_adjoint(const T d[4][4], T* k) {
-  T cols[2][2][3];  // cols[p][r][kx]: the column groups folded, for row phase p and row tap r
-  for (int p = 0; p < 2; ++p) {
-    for (int r = 0; r < 2; ++r) {
-      const T* a = d[2 * p + 0] + r * 2;  // q = 0: s = 0 -> {0}, s = 1 -> {1, 2}
-      const T* b = d[2 * p + 1] + r * 2;  // q = 1: s = 0 -> {0, 1}, s = 1 -> {2}
-      cols[p][r][0] = a[0] + b[0];
-      cols[p][r][1] = a[1] + b[0];
-      cols[p][r][2] = a[1] + b[1];
+MGM_FAST_INLINE void phase_weights_backward_chunk_impl(const PhaseWeightArgs<T>& a, int64_t o,
+                                                       Scratch<T>& s) {
+  const int64_t cin = a.cin, st = a.channels_last ? 1 : 4;
+  T* cols = room(s.t1, 12 * cin);  // cols[((p * 2 + r) * 3 + kx) * cin + ci]: column groups folded
+  T* t = room(s.t0, 9 * cin);      // t[k * cin + ci] = dw[o, ci, k]
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t r = 0; r < 2; ++r) {
+      // q = 0: s = 0 -> {0}, s = 1 -> {1, 2};  q = 1: s = 0 -> {0, 1}, s = 1 -> {2}
+      const bool cl = a.channels_last;
+      const T* __restrict__ a0 = a.dwp + wp_row(cl, 2 * p, o, r * 2, a.cout, cin);
+      const T* __restrict__ a1 = a.dwp + wp_row(cl, 2 * p, o, r * 2 + 1, a.cout, cin);
+      const T* __restrict__ b0 = a.dwp + wp_row(cl, 2 * p + 1, o, r * 2, a.cout, cin);
+      const T* __restrict__ b1 = a.dwp + wp_row(cl, 2 * p + 1, o, r * 2 + 1, a.cout, cin);
+      T* __restrict__ c0 = cols + ((p * 2 + r) * 3 + 0) * cin;
+      T* __restrict__ c1 = c0 + cin;
+      T* __restrict__ c2 = c1 + cin;
+#pragma omp simd
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        c0[ci] = a0[ci * st] + b0[ci * st];
+        c1[ci] = a1[ci * st] + b0[ci * st];
+        c2[ci] = a1[ci * st] + b1[ci * st];
+      }
     }
   }
-  for (int kx = 0; kx < 3; ++kx) {
-    k[kx] = cols[0][0][kx] + cols[1][0][kx];
-    k[3 + kx] = cols[0][1][kx] + cols[1][0][kx];
-    k[6 + kx] = cols[0][1][kx] + cols[1][1][kx];
+  for (int64_t kx = 0; kx < 3; ++kx) {
+    const T* __restrict__ c00 = cols + (0 * 3 + kx) * cin;
+    const T* __restrict__ c01 = cols + (1 * 3 + kx) * cin;
+    const T* __restrict__ c10 = cols + (2 * 3 + kx) * cin;
+    const T* __restrict__ c11 = cols + (3 * 3 + kx) * cin;
+    T* __restrict__ k0 = t + kx * cin;
+    T* __restrict__ k1 = t + (3 + kx) * cin;
+    T* __restrict__ k2 = t + (6 + kx) * cin;
+#pragma omp simd
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      k0[ci] = c00[ci] + c10[ci];
+      k1[ci] = c01[ci] + c10[ci];
+      k2[ci] = c01[ci] + c11[ci];
+    }
+  }
+  T* __restrict__ dst = a.dw + o * cin * 9;
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    for (int64_t k = 0; k < 9; ++k) dst[ci * 9 + k] = t[k * cin + ci];
   }
 }
 
-// Offset of wp[row, ci, rs] (row = ph*cout + o, rs = r*2 + s) in either layout.
-MGM_FAST_INLINE int64_t wp_offset(bool channels_last, int64_t row, int64_t ci, int64_t rs,
-                                  int64_t cin) {
-  return channels_last ? (row * 4 + rs) * cin + ci : (row * cin + ci) * 4 + rs;
+void phase_weights_backward_chunk(const PhaseWeightArgs<float>& a, int64_t o, Scratch<float>& s) {
+  MGM_FAST_ISA_DISPATCH(phase_weights_backward_chunk_impl<float>)(a, o, s);
+}
+void phase_weights_backward_chunk(const PhaseWeightArgs<double>& a, int64_t o,
+                                  Scratch<double>& s) {
+  phase_weights_backward_chunk_impl(a, o, s);
 }
 
 }  // namespace
@@ -844,44 +1148,82 @@ void affine_relu(const View<const T>& x, const T* scale, const T* shift, const V
 }
 
 template <typename T>
-void phase_weights(const T* w, int64_t cout, int64_t cin, T* wp, bool channels_last) {
-  for (int64_t o = 0; o < cout; ++o) {
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      T taps[4][4];
-      phase_taps(w + (o * cin + ci) * 9, taps);
-      for (int64_t ph = 0; ph < 4; ++ph) {
-        for (int64_t rs = 0; rs < 4; ++rs) {
-          wp[wp_offset(channels_last, ph * cout + o, ci, rs, cin)] = taps[ph][rs];
-        }
-      }
-    }
-  }
+void phase_weights(const T* w, int64_t cout, int64_t cin, T* wp, bool channels_last, int threads) {
+  PhaseWeightArgs<T> a{w, wp, nullptr, nullptr, cout, cin, channels_last};
+  for_chunks<PhaseWeightArgs<T>, T>(a, cin > 0 ? cout : 0, team(threads, cout * cin * 16),
+                                    [](const PhaseWeightArgs<T>& z, int64_t o, Scratch<T>& s) {
+                                      phase_weights_chunk(z, o, s);
+                                    });
 }
 
 template <typename T>
-void phase_weights_backward(const T* dwp, int64_t cout, int64_t cin, T* dw, bool channels_last) {
-  for (int64_t o = 0; o < cout; ++o) {
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      T d[4][4];
-      for (int64_t ph = 0; ph < 4; ++ph) {
-        for (int64_t rs = 0; rs < 4; ++rs) {
-          d[ph][rs] = dwp[wp_offset(channels_last, ph * cout + o, ci, rs, cin)];
-        }
-      }
-      phase_taps_adjoint(d, dw + (o * cin + ci) * 9);
-    }
-  }
+void phase_weights_backward(const T* dwp, int64_t cout, int64_t cin, T* dw, bool channels_last,
+                            int threads) {
+  PhaseWeightArgs<T> a{nullptr, nullptr, dwp, dw, cout, cin, channels_last};
+  for_chunks<PhaseWeightArgs<T>, T>(a, cin > 0 ? cout : 0, team(threads, cout * cin * 16),
+                                    [](const PhaseWeightArgs<T>& z, int64_t o, Scratch<T>& s) {
+                                      phase_weights_backward_chunk(z, o, s);
+                                    });
 }
 
 template <typename T>
 void phase_epilogue(const T* p, const Dims& low, const Epilogue<T>& ep, const View<T>& out,
-                    double* mean, double* var, int threads) {
+                    double* mean, double* var, int threads, PhaseLayout layout) {
   (void)low;  // the output dims carry it: (n, c, 2h, 2w)
   EpilogueArgs<T> a{};
   a.p = p;
+  a.p_layout = layout;
   a.ep = ep;
   a.out = out;
   run_epilogue(a, mean, var, threads);
+}
+
+template <typename T>
+void phase_im2col(const View<const T>& a, T* cols, int threads) {
+  const Dims& d = a.dims;
+  ColArgs<T> args{};
+  args.a = a;
+  args.cols = cols;
+  for_chunks<ColArgs<T>, T>(args, d.n * d.h, team(threads, 16 * d.numel()),
+                            [](const ColArgs<T>& z, int64_t ch, Scratch<T>& s) {
+                              im2col_chunk(z, ch, s);
+                            });
+}
+
+template <typename T>
+void phase_col2im(const T* dcols, const View<T>& da, int threads) {
+  const Dims& d = da.dims;
+  ColArgs<T> args{};
+  args.da = da;
+  args.dcols = dcols;
+  for_chunks<ColArgs<T>, T>(args, d.n * d.h, team(threads, 16 * d.numel()),
+                            [](const ColArgs<T>& z, int64_t ch, Scratch<T>& s) {
+                              col2im_chunk(z, ch, s);
+                            });
+}
+
+template <typename T>
+void conv3x3_im2col(const View<const T>& a, T* cols, int threads) {
+  const Dims& d = a.dims;
+  ColArgs<T> args{};
+  args.a = a;
+  args.cols = cols;
+  for_chunks<ColArgs<T>, T>(args, d.n * d.h, team(threads, 9 * d.numel()),
+                            [](const ColArgs<T>& z, int64_t ch, Scratch<T>& s) {
+                              im2col3_chunk(z, ch, s);
+                            });
+}
+
+template <typename T>
+void conv3x3_col2im(const T* dcols, const View<T>& da, int threads) {
+  const Dims& d = da.dims;
+  ColArgs<T> args{};
+  args.da = da;
+  args.dcols = dcols;
+  for_chunks<ColArgs<T>, T>(args, d.n * d.h, team(threads, 9 * d.numel()),
+                            [](const ColArgs<T>& z, int64_t ch, Scratch<T>& s) {
+                              col2im3_chunk(z, ch, s);
+                            });
 }
 
 template <typename T>
@@ -916,8 +1258,10 @@ void grad_output_prep(const View<const T>& g, const View<T>& copy, const View<T>
 }
 
 template <typename T>
-void phase_grad_scatter(const View<const T>& g, T* dp, double* dbias, int threads) {
+void phase_grad_scatter(const View<const T>& g, T* dp, double* dbias, int threads,
+                        PhaseLayout layout) {
   ScatterArgs<T> a{};
+  a.layout = layout;
   a.g = g;
   a.bn = nullptr;
   a.low = Dims{g.dims.n, g.dims.c, g.dims.h / 2, g.dims.w / 2};
@@ -981,12 +1325,13 @@ void bn_relu_backward_apply(const BnReluBackward<T>& bn, const double* k1, const
 
 template <typename T>
 void bn_relu_backward_apply_phase(const BnReluBackward<T>& bn, const double* k1, const double* k2,
-                                  T* dp, double* dbias, int threads) {
+                                  T* dp, double* dbias, int threads, PhaseLayout layout) {
   BnArgs<T> n{};
   n.bn = bn;
   n.k1 = k1;
   n.k2 = k2;
   ScatterArgs<T> a{};
+  a.layout = layout;
   a.bn = &n;
   const Dims& d = bn.x.dims;
   a.low = Dims{d.n, d.c, d.h / 2, d.w / 2};
@@ -1000,22 +1345,26 @@ void bn_relu_backward_apply_phase(const BnReluBackward<T>& bn, const double* k1,
                                const double*, double, double*, T*, T*);                        \
   template void affine_relu<T>(const View<const T>&, const T*, const T*, const View<T>&,        \
                                const View<T>&, int);                                           \
-  template void phase_weights<T>(const T*, int64_t, int64_t, T*, bool);                        \
-  template void phase_weights_backward<T>(const T*, int64_t, int64_t, T*, bool);               \
+  template void phase_weights<T>(const T*, int64_t, int64_t, T*, bool, int);                   \
+  template void phase_weights_backward<T>(const T*, int64_t, int64_t, T*, bool, int);          \
   template void phase_epilogue<T>(const T*, const Dims&, const Epilogue<T>&, const View<T>&,   \
-                                  double*, double*, int);                                      \
+                                  double*, double*, int, PhaseLayout);                         \
+  template void phase_im2col<T>(const View<const T>&, T*, int);                                \
+  template void phase_col2im<T>(const T*, const View<T>&, int);                                \
+  template void conv3x3_im2col<T>(const View<const T>&, T*, int);                              \
+  template void conv3x3_col2im<T>(const T*, const View<T>&, int);                              \
   template void conv_epilogue<T>(const View<const T>&, const Epilogue<T>&, const View<T>&,     \
                                  double*, double*, int);                                       \
   template void grad_output_prep<T>(const View<const T>&, const View<T>&, const View<T>&,      \
                                     double*, int);                                             \
-  template void phase_grad_scatter<T>(const View<const T>&, T*, double*, int);                 \
+  template void phase_grad_scatter<T>(const View<const T>&, T*, double*, int, PhaseLayout);    \
   template void bn_relu_backward_reduce<T>(const BnReluBackward<T>&, T*, T*, int64_t, double*, \
                                            double*, int);                                      \
   template void bn_relu_backward_apply<T>(const BnReluBackward<T>&, const double*,             \
                                           const double*, const View<const T>&, const View<T>&, \
                                           int);                                                \
   template void bn_relu_backward_apply_phase<T>(const BnReluBackward<T>&, const double*,       \
-                                                const double*, T*, double*, int);
+                                                const double*, T*, double*, int, PhaseLayout);
 
 MGM_FAST_GENBLOCK_INSTANTIATE(float)
 MGM_FAST_GENBLOCK_INSTANTIATE(double)

@@ -1,8 +1,9 @@
 // The memory-bound pieces of the fused GenBlock on the CPU: batch statistics, the conditional-BN
 // affine + ReLU prologue, the epilogues of the phase-decomposed upsampling conv and of the second
-// conv (bias, residual, fused statistics of the output), and their backward passes. The convs
-// themselves are ATen/oneDNN calls made by the torch glue (csrc/bindings/genblock.cpp); the
-// plain-PyTorch reference is mgm_fast/ops/genblock.py.
+// conv (bias, residual, fused statistics of the output), the phase weights, the im2col matrices
+// of the GEMM formulations of both convs, and their backward passes. The convs themselves are
+// ATen calls (oneDNN convolutions, MKL GEMMs) made by the torch glue (csrc/bindings/genblock.cpp,
+// csrc/bindings/genblock_impl.h); the plain-PyTorch reference is mgm_fast/ops/genblock.py.
 //
 // Torch-free C++17: raw pointers, sizes, a layout flag. Every 4-d tensor is dense in one of two
 // layouts: kPlanes (NCHW contiguous) or kPixels (NHWC, torch's channels_last). Kernels may read
@@ -22,11 +23,21 @@
 //                   One 2x2 conv with padding 1 and 4*Cout outputs over the low-resolution map
 //                   gives P (n, 4*Cout, h+1, w+1); phase (p,q) of output (i, j) is
 //                   P[b, (2p+q)*Cout + o, i+p, j+q]. 16 instead of 36 taps per output pixel.
+//                   The padded grid wastes (h+1)(w+1) - hw positions per phase (36% at 4x4):
+//                   the compact layout computes each phase on the hw pixels only, as one GEMM
+//                   per phase: A_pq (n*h*w, 4*Cin) with A_pq[(b,i,j), (2r+s)*Cin + ci] =
+//                   a[b, ci, i-1+p+r, j-1+q+s] (0 outside; phase_im2col), P_pq = A_pq Wpq^T;
+//                   P (4, n, h, w, Cout) holds phase (p,q) of output (i, j) at [2p+q, b, i, j].
+//                   Backward: dA_pq = dP_pq Wpq, da = the adjoint of the im2col (phase_col2im).
 //   BN backward     dz = dact * [act > 0],  xhat = (x - mean_c) * rstd_c
 //                   dbeta[b,c] = sum_hw dz,  dgamma[b,c] = sum_hw dz * xhat
 //                   training: dx = rstd_c * (gamma[b,c] dz - k1_c - xhat k2_c),
 //                             k1_c = sum_b gamma[b,c] dbeta[b,c] / N, k2_c = sum_b gamma[b,c] dgamma[b,c] / N
 //                   eval (running statistics are constants): dx = scale[b,c] * dz
+//
+// The 3x3 conv as a GEMM: cols (n*h*w, 9*Cin) = conv3x3_im2col(a) in the (ci, tap) column order
+// of the contiguous weight viewed as (Cout, 9*Cin), y = cols W^T, dcols = dy W, dW = dy^T cols,
+// da = conv3x3_col2im(dcols): no weight reorder (which dominates small maps with many channels).
 //
 // Determinism: every reduction cuts its range into fixed chunks (up to 8 rows of one sample, a
 // function of the shape only), accumulates each chunk element-wise in the element type, folds it
@@ -68,6 +79,13 @@ struct View {
   Layout layout = Layout::kPlanes;
 };
 
+/// Where a phase-decomposed conv output P keeps phase ph = 2p+q of the low-resolution pixel
+/// (b, i, j) of a (n, c, h, w) map (see the formulas above).
+enum class PhaseLayout : int {
+  kPadded = 0,   ///< kPixels (n, 4c, h+1, w+1) at [b, ph*c + o, i+p, j+q]: one 2x2 conv, padding 1
+  kCompact = 1,  ///< (4, n, h, w, c) contiguous at [ph, b, i, j, o]: one GEMM per phase
+};
+
 /// What the epilogues add to the conv output before storing it.
 template <typename T>
 struct Epilogue {
@@ -100,21 +118,48 @@ void affine_relu(const View<const T>& x, const T* scale, const T* shift, const V
 
 /// wp (4*cout, cin, 2, 2) from the 3x3 weight w (cout, cin, 3, 3) (contiguous); wp is NCHW or,
 /// with channels_last, (4*cout, 2, 2, cin) in memory (the format oneDNN wants with
-/// channels_last activations, so the conv does not reorder it).
+/// channels_last activations, so the conv does not reorder it; also Wpq as the (cout, 4*cin)
+/// rows of the compact phase GEMMs). threads <= 0: OpenMP's maximum.
 template <typename T>
-void phase_weights(const T* w, int64_t cout, int64_t cin, T* wp, bool channels_last);
+void phase_weights(const T* w, int64_t cout, int64_t cin, T* wp, bool channels_last,
+                   int threads = 0);
 
 /// The adjoint of phase_weights: dw (cout, cin, 3, 3) contiguous from dwp (4*cout, cin, 2, 2)
 /// in either layout.
 template <typename T>
-void phase_weights_backward(const T* dwp, int64_t cout, int64_t cin, T* dw, bool channels_last);
+void phase_weights_backward(const T* dwp, int64_t cout, int64_t cin, T* dw, bool channels_last,
+                            int threads = 0);
 
-/// Interleaves the phase conv output p (kPixels, (n, 4*low.c, low.h+1, low.w+1)) into
-/// out (n, low.c, 2*low.h, 2*low.w), adding the epilogue terms. mean/var (c,): statistics of
-/// the stored output, or nullptr to skip them.
+/// Interleaves the phase conv output p (`layout`: kPadded (n, 4*low.c, low.h+1, low.w+1) or
+/// kCompact (4, n, low.h, low.w, low.c)) into out (n, low.c, 2*low.h, 2*low.w), adding the
+/// epilogue terms. mean/var (c,): statistics of the stored output, or nullptr to skip them.
 template <typename T>
 void phase_epilogue(const T* p, const Dims& low, const Epilogue<T>& ep, const View<T>& out,
-                    double* mean, double* var, int threads);
+                    double* mean, double* var, int threads,
+                    PhaseLayout layout = PhaseLayout::kPadded);
+
+/// The im2col matrices of the compact phase conv: cols (4, n*h*w, 4*c) contiguous,
+/// cols[2p+q, (b*h + i)*w + j, (2r+s)*c + ci] = a[b, ci, i-1+p+r, j-1+q+s] (0 outside the map);
+/// a (n, c, h, w) in either layout.
+template <typename T>
+void phase_im2col(const View<const T>& a, T* cols, int threads);
+
+/// The adjoint of phase_im2col: da[b, ci, y, x] = the sum of the dcols entries that
+/// phase_im2col copies a[b, ci, y, x] to (in a fixed order); da (n, c, h, w) in either layout.
+template <typename T>
+void phase_col2im(const T* dcols, const View<T>& da, int threads);
+
+/// The im2col matrix of a 3x3 conv with padding 1: cols (n*h*w, 9*c) contiguous,
+/// cols[(b*h + y)*w + x, ci*9 + ky*3 + kx] = a[b, ci, y+ky-1, x+kx-1] (0 outside the map) -- the
+/// column order of a contiguous (cout, c, 3, 3) weight viewed as (cout, 9c), so a GEMM reads the
+/// weight (and writes its gradient) in place; a (n, c, h, w) in either layout.
+template <typename T>
+void conv3x3_im2col(const View<const T>& a, T* cols, int threads);
+
+/// The adjoint of conv3x3_im2col: da[b, ci, y, x] = sum over the 9 taps (ky, kx) of
+/// dcols[(b*h + y-ky+1)*w + x-kx+1, ci*9 + ky*3 + kx] (taps inside the map, in tap order).
+template <typename T>
+void conv3x3_col2im(const T* dcols, const View<T>& da, int threads);
 
 /// out = conv + bias + residual (upsampled when half), any layouts; statistics as above.
 template <typename T>
@@ -132,10 +177,11 @@ void grad_output_prep(const View<const T>& g, const View<T>& copy, const View<T>
                       double* dbias, int threads);
 
 /// The gradient of the phase conv output P from the gradient g (n, c, 2h, 2w) of the
-/// interleaved output: dp (kPixels, (n, 4c, h+1, w+1)), zero where P was not used; and
-/// dbias = sum g (nullable).
+/// interleaved output: dp in `layout` (kPadded: (n, 4c, h+1, w+1), zero where P was not used;
+/// kCompact: (4, n, h, w, c)); and dbias = sum g (nullable).
 template <typename T>
-void phase_grad_scatter(const View<const T>& g, T* dp, double* dbias, int threads);
+void phase_grad_scatter(const View<const T>& g, T* dp, double* dbias, int threads,
+                        PhaseLayout layout = PhaseLayout::kPadded);
 
 /// Inputs of the backward pass through prologue = ReLU(conditional BN).
 template <typename T>
@@ -163,11 +209,12 @@ void bn_relu_backward_apply(const BnReluBackward<T>& a, const double* k1, const 
                             const View<const T>& add, const View<T>& dx, int threads);
 
 /// dx written straight into the phase layout of the conv that produced x: x is the interleaved
-/// output (n, c, 2h, 2w) of a phase conv, dp (kPixels, (n, 4c, h+1, w+1)) receives
+/// output (n, c, 2h, 2w) of a phase conv, dp (`layout`, as phase_grad_scatter) receives
 /// phase_grad_scatter(dx) and dbias = sum dx (nullable). Saves a pass over dx.
 template <typename T>
 void bn_relu_backward_apply_phase(const BnReluBackward<T>& a, const double* k1, const double* k2,
-                                  T* dp, double* dbias, int threads);
+                                  T* dp, double* dbias, int threads,
+                                  PhaseLayout layout = PhaseLayout::kPadded);
 
 }  // namespace genblock
 }  // namespace cpu

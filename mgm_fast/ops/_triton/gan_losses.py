@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from mgm_fast.ops._dispatch import triton_interpreting
 
-__all__ = ["HingeD", "HingeG", "noisy"]
+__all__ = ["hinge_d_backward", "hinge_d_forward", "hinge_g_backward", "hinge_g_forward", "noisy"]
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -137,52 +136,42 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
 
 
-class HingeD(torch.autograd.Function):
+def hinge_d_forward(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """mean relu(1 - d_real) + mean relu(1 + d_fake); 0-dim float32."""
-
-    @staticmethod
-    def forward(ctx, d_real, d_fake):
-        real, fake = _flat(d_real), _flat(d_fake)
-        loss = torch.empty((), device=d_real.device, dtype=torch.float32)
-        _hinge_d_fwd[(1,)](real, fake, loss, real.numel(), fake.numel(), BLOCK=_block(1024, 128))
-        ctx.save_for_backward(d_real, d_fake)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        d_real, d_fake = ctx.saved_tensors
-        real, fake = _flat(d_real), _flat(d_fake)
-        grad_real, grad_fake = torch.empty_like(real), torch.empty_like(fake)
-        go = grad_output.to(device=real.device, dtype=torch.float32).reshape(1)
-        block = _block(1024, 128)
-        grid = (max(triton.cdiv(max(real.numel(), fake.numel()), block), 1),)
-        _hinge_d_bwd[grid](real, fake, go, grad_real, grad_fake, real.numel(), fake.numel(), BLOCK=block)
-        return grad_real.view(d_real.shape), grad_fake.view(d_fake.shape)
+    real, fake = _flat(d_real), _flat(d_fake)
+    loss = torch.empty((), device=d_real.device, dtype=torch.float32)
+    _hinge_d_fwd[(1,)](real, fake, loss, real.numel(), fake.numel(), BLOCK=_block(1024, 128))
+    return loss
 
 
-class HingeG(torch.autograd.Function):
+def hinge_d_backward(d_real: torch.Tensor, d_fake: torch.Tensor, grad_output: torch.Tensor):
+    """(grad d_real, grad d_fake) of :func:`hinge_d_forward`, contiguous, in the scores' dtypes."""
+    real, fake = _flat(d_real), _flat(d_fake)
+    grad_real, grad_fake = torch.empty_like(real), torch.empty_like(fake)
+    go = grad_output.to(device=real.device, dtype=torch.float32).reshape(1)
+    block = _block(1024, 128)
+    grid = (max(triton.cdiv(max(real.numel(), fake.numel()), block), 1),)
+    _hinge_d_bwd[grid](real, fake, go, grad_real, grad_fake, real.numel(), fake.numel(), BLOCK=block)
+    return grad_real.view(d_real.shape), grad_fake.view(d_fake.shape)
+
+
+def hinge_g_forward(d_fake: torch.Tensor) -> torch.Tensor:
     """-mean d_fake; 0-dim float32."""
+    fake = _flat(d_fake)
+    loss = torch.empty((), device=d_fake.device, dtype=torch.float32)
+    _hinge_g_fwd[(1,)](fake, loss, fake.numel(), BLOCK=_block(1024, 128))
+    return loss
 
-    @staticmethod
-    def forward(ctx, d_fake):
-        fake = _flat(d_fake)
-        loss = torch.empty((), device=d_fake.device, dtype=torch.float32)
-        _hinge_g_fwd[(1,)](fake, loss, fake.numel(), BLOCK=_block(1024, 128))
-        ctx.shape = d_fake.shape
-        ctx.meta = (d_fake.device, d_fake.dtype)
-        return loss
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        device, dtype = ctx.meta
-        n = max(1, ctx.shape.numel())
-        grad = torch.empty(n, device=device, dtype=dtype)
-        go = grad_output.to(device=device, dtype=torch.float32).reshape(1)
-        block = _block(1024, 128)
-        _hinge_g_bwd[(triton.cdiv(n, block),)](go, grad, ctx.shape.numel(), BLOCK=block)
-        return grad[: ctx.shape.numel()].view(ctx.shape)
+def hinge_g_backward(shape: torch.Size, device: torch.device, dtype: torch.dtype, grad_output: torch.Tensor):
+    """grad d_fake of :func:`hinge_g_forward` (-grad_output / numel everywhere), contiguous."""
+    numel = shape.numel()
+    n = max(1, numel)
+    grad = torch.empty(n, device=device, dtype=dtype)
+    go = grad_output.to(device=device, dtype=torch.float32).reshape(1)
+    block = _block(1024, 128)
+    _hinge_g_bwd[(triton.cdiv(n, block),)](go, grad, numel, BLOCK=block)
+    return grad[:numel].view(shape)
 
 
 # ---------------------------------------------------------------------------------------------

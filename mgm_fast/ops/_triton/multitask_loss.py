@@ -36,11 +36,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from mgm_fast.ops._dispatch import triton_interpreting
 
-__all__ = ["TritonMultitaskLoss", "check_inputs", "forward", "scale_grad"]
+__all__ = ["check_inputs", "forward", "scale_grad"]
 
 _BIG = tl.constexpr(2**62)  # "no bad pixel" marker of the partials (above any pixel index)
 
@@ -429,47 +428,6 @@ def scale_grad(buffer: torch.Tensor, grad_output: torch.Tensor, inv: torch.Tenso
         go = grad_output.to(device=buffer.device, dtype=torch.float32)
         _scale_grad[(triton.cdiv(n, block),)](buffer, out, n, go, inv[k:], BLOCK=block)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# autograd
-
-
-class TritonMultitaskLoss(torch.autograd.Function):
-    """Forward runs the fused kernels; backward rescales the float32 buffers on the device.
-
-    ``on_record(record, shape, ignore_index)`` receives the label-error record of each call
-    (the op module decides how to report it without blocking).
-    """
-
-    @staticmethod
-    def forward(ctx, seg_logits, depth_pred, normal_pred, seg_target, depth_target, normal_target,
-                depth_mask, normal_mask, ignore_index, reduction, on_record):  # fmt: skip
-        need = [bool(ctx.needs_input_grad[i]) for i in range(3)]
-        seg, depth, normal, b_seg, b_depth, b_normal, inv, record = forward(
-            seg_logits, depth_pred, normal_pred, seg_target, depth_target, normal_target,
-            depth_mask, normal_mask, ignore_index, reduction, need,
-        )  # fmt: skip
-        on_record(record, tuple(seg_logits.shape), ignore_index)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(b_seg, b_depth, b_normal, inv)
-        ctx.pred_dtypes = (seg_logits.dtype, depth_pred.dtype, normal_pred.dtype)
-        constant = [loss for loss, n in zip((seg, depth, normal), need) if not n]
-        if constant:
-            ctx.mark_non_differentiable(*constant)
-        return seg, depth, normal
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_outputs):
-        *buffers, inv = ctx.saved_tensors
-        grads = []
-        for k, (buffer, grad_output) in enumerate(zip(buffers, grad_outputs)):
-            if buffer is None or grad_output is None:
-                grads.append(None)
-            else:
-                grads.append(scale_grad(buffer, grad_output, inv, k, ctx.pred_dtypes[k]))
-        return (*grads, None, None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------

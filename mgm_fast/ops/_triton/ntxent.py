@@ -29,11 +29,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from mgm_fast.ops._dispatch import triton_interpreting
 
-__all__ = ["MAX_DIM", "TritonNtxentRows", "ntxent_rows_forward"]
+__all__ = ["MAX_DIM", "ntxent_rows_backward", "ntxent_rows_forward"]
 
 EPS = 1e-12  # torch.nn.functional.normalize's eps
 MAX_DIM = 512  # widest projection (the whole D axis of a tile lives in registers)
@@ -254,27 +253,6 @@ def ntxent_rows_backward(rows, cols, row_index, temperature, lse, inv_r, inv_c, 
             else:
                 grad_cols.zero_()
     return grad_rows, grad_cols
-
-
-class TritonNtxentRows(torch.autograd.Function):
-    """SUM over the rows of the NT-Xent row losses; gradients w.r.t. rows and cols."""
-
-    @staticmethod
-    def forward(ctx, rows, cols, row_index, temperature):
-        loss, lse, inv_r, inv_c = ntxent_rows_forward(rows, cols, row_index, temperature)
-        ctx.save_for_backward(rows, cols, row_index, lse, inv_r, inv_c)
-        ctx.temperature = temperature
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        rows, cols, row_index, lse, inv_r, inv_c = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grad_rows, grad_cols = ntxent_rows_backward(
-            rows, cols, row_index, ctx.temperature, lse, inv_r, inv_c, grad_output, need
-        )
-        return grad_rows, grad_cols, None, None
 
 
 # ---------------------------------------------------------------------------------------------
