@@ -374,6 +374,7 @@ _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)  # multipliers of counter words 0 and 2
 _PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float (rounded to float32)
 _UNIFORM_FLOOR = 1.0e-7  # Box-Muller's floor of the radius uniform (float32, as the kernels)
+_UNIFORM_FLOOR_F32 = float(torch.tensor(_UNIFORM_FLOOR, dtype=torch.float32))  # its float32 value, once
 
 
 def philox_uniforms(seed: int, groups: int) -> torch.Tensor:
@@ -406,7 +407,7 @@ def philox_normals(seed: int, n: int, dtype: torch.dtype = torch.float64) -> tor
     (u2, u3) -> lanes 2, 3, with r = sqrt(-2 log max(u, 1e-7)), evaluated in ``dtype``
     (float64: the truth the kernels approximate; float32: a plain evaluation)."""
     u = philox_uniforms(seed, (n + 3) // 4).to(dtype)
-    radius = u[:, 0::2].clamp_min(float(torch.tensor(_UNIFORM_FLOOR, dtype=torch.float32)))
+    radius = u[:, 0::2].clamp_min(_UNIFORM_FLOOR_F32)
     r = torch.sqrt(-2 * torch.log(radius))
     t = 2 * torch.pi * u[:, 1::2]
     z = torch.stack((r[:, 0] * torch.cos(t[:, 0]), r[:, 0] * torch.sin(t[:, 0]),
