@@ -73,6 +73,9 @@ class ModelConfig:
     attention_impl: str = "reference"
     """Backend of the softmax core of G's and D's self-attention (:mod:`mgm_fast.ops.attention`):
     "reference" (the released bmm-softmax-bmm), "auto", "cpp"."""
+    spectral_norm_impl: str = "reference"
+    """Backend of G's and D's spectral normalisation, one call per network forward
+    (:mod:`mgm_fast.ops.spectral_norm`): "reference" (foreach ops), "auto", "cpp"."""
 
     def __post_init__(self) -> None:
         size = self.image_size

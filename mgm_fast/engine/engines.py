@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
-               "attention_impl", "precision", "channels_last")
+               "attention_impl", "spectral_norm_impl", "precision", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Engine:
         noise_impl: ``ScheduleConfig.noise_impl``.
         genblock_impl: ``ModelConfig.genblock_impl``.
         attention_impl: ``ModelConfig.attention_impl``.
+        spectral_norm_impl: ``ModelConfig.spectral_norm_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
         channels_last: channels_last memory format on every device.
     """
@@ -67,6 +68,7 @@ class Engine:
     noise_impl: str
     genblock_impl: str
     attention_impl: str
+    spectral_norm_impl: str
     precision: str | None
     channels_last: bool
 
@@ -83,15 +85,16 @@ class Engine:
             f"schedule.noise_impl={self.noise_impl}",
             f"model.genblock_impl={self.genblock_impl}",
             f"model.attention_impl={self.attention_impl}",
+            f"model.spectral_norm_impl={self.spectral_norm_impl}",
         ]
 
 
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", autograd="released",
                    adam="for-loop", loss_impl="reference", noise_impl="reference", genblock_impl="reference",
-                   attention_impl="reference", precision="fp32", channels_last=False)
+                   attention_impl="reference", spectral_norm_impl="reference", precision="fp32", channels_last=False)
 FAST = Engine("fast", loader="auto", views="batched", readback="window", autograd="pruned", adam="auto",
               loss_impl="auto", noise_impl="auto", genblock_impl="auto",
-              attention_impl="auto", precision=None, channels_last=True)
+              attention_impl="auto", spectral_norm_impl="auto", precision=None, channels_last=True)
 
 
 def differing_ingredients() -> list[str]:

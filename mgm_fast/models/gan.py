@@ -170,6 +170,7 @@ class Generator(nn.Module):
         super().__init__()
         impl = cfg.genblock_impl if impl is None else impl
         self.impl = impl
+        self.spectral_norm_impl = cfg.spectral_norm_impl
         ch = [m * cfg.g_conv_dim for m in cfg.g_mults]
         self.z_dim = cfg.z_dim
         self.base_channels = ch[0]
@@ -305,6 +306,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.spectral_norm_impl = cfg.spectral_norm_impl
         ch = [m * cfg.d_conv_dim for m in cfg.d_mults]
         self.num_blocks = len(ch) - 1
         self.attn_after: int | None = None  # 0 = after opt_block1

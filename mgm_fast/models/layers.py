@@ -10,6 +10,8 @@
   computes the weights of all its SN layers at once (:func:`spectral_norm_weights`: foreach
   normalisations, one autograd node for all ``W / sigma``), a few ops per layer instead of
   dozens; the layers then take those weights.
+* :class:`BatchNorm2d` and :func:`counts_batches_once` -- ``nn.BatchNorm2d`` whose network
+  advances the batch counters of all its layers in one op per forward.
 * :class:`ConditionalBatchNorm2d` -- BN without affine, then a per-class gamma/beta.
 * :class:`SelfAttention` -- the SAGAN/BigGAN self-attention block with 2x2-pooled keys/values.
 * :class:`BasicBlock` -- the ResNet basic block of the taskgrouping encoder.
@@ -20,7 +22,6 @@ are int64 tensors of shape (B,).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -31,16 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgm_fast.ops.attention import sagan_attention
+from mgm_fast.ops.spectral_norm import normalize_weights
 
 SN_EPS = 1e-12
 """``eps`` of ``torch.nn.utils.spectral_norm`` (used by every normalisation of u and v)."""
-
-
-def _autocast_off(device: torch.device):
-    """A context that disables autocast on ``device`` (nothing to disable on e.g. meta)."""
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class SpectralNormLayer(nn.Module):
@@ -209,122 +204,33 @@ class SNEmbedding(SpectralNormLayer):
 # Spectral norm of a group of layers: one batched refresh per network forward.
 
 
-def _matrix(weight: Tensor) -> Tensor:
-    """The (out, in*kh*kw) matrix view of a weight (no op for a matrix already)."""
-    return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+def spectral_norm_weights(layers: Sequence[SpectralNormLayer], impl: str = "reference") -> list[Tensor]:
+    """``weight_orig / sigma`` of every layer, computed for the whole group at once by the op
+    :func:`mgm_fast.ops.spectral_norm.normalize_weights` (backend ``impl``).
 
+    Training-mode layers run their power iteration (``n_power_iterations`` steps, exactly as
+    ``torch.nn.utils.spectral_norm`` does per call) and store the new ``weight_u`` /
+    ``weight_v``; eval-mode layers use the stored vectors. The iteration and sigma are in the
+    buffers' dtype (fp32) even under autocast, which would run the products in bf16 on CUDA.
+    Gradients reach each ``weight_orig`` through the numerator and sigma. No value is read on
+    the host.
 
-def _normalize(xs: list[Tensor], eps: list[float]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """``F.normalize(x, dim=0, eps=eps)`` of 1-D tensors, batched: (x / max(|x|, eps), |x|,
-    max(|x|, eps)), the last two 0-dim tensors."""
-    norms = torch._foreach_norm(xs)
-    clamped = torch._foreach_clamp_min(norms, eps)
-    return torch._foreach_div(xs, clamped), norms, clamped
-
-
-def _power_iteration(layers: Sequence[SpectralNormLayer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """(sigma, u, v) of training-mode layers after their power iteration, which stores the new
-    ``weight_u`` / ``weight_v``. No gradient; call under autocast off (fp32 iteration).
-
-    Per step only the two products ``W^T u`` and ``W v`` are per layer; the normalisations are
-    foreach ops over the group. Layer i takes ``n_power_iterations`` steps (mixed counts work).
-    sigma = u . (W v) with u = W v / max(|W v|, eps) is |W v|^2 / max(|W v|, eps), taken from the
-    last step's W v instead of a third product. sigma is 0-dim, u (out,), v (in*kh*kw,).
+    Returns one tensor per layer, in order, shaped and typed like its ``weight_orig``.
     """
-    mats = [_matrix(layer.weight_orig) for layer in layers]
-    us = [layer.weight_u for layer in layers]
-    vs = [layer.weight_v for layer in layers]
-    norms: list[Tensor] = list(us)  # placeholders, every entry is overwritten below
-    clamped: list[Tensor] = list(us)
-    for step in range(max(layer.n_power_iterations for layer in layers)):
-        active = [i for i, layer in enumerate(layers) if layer.n_power_iterations > step]
-        eps = [layers[i].eps for i in active]
-        new_v, _, _ = _normalize([torch.mv(mats[i].t(), us[i]) for i in active], eps)
-        for i, v in zip(active, new_v):
-            vs[i] = v
-        new_u, wv_norm, wv_clamped = _normalize([torch.mv(mats[i], vs[i]) for i in active], eps)
-        for j, i in enumerate(active):
-            us[i], norms[i], clamped[i] = new_u[j], wv_norm[j], wv_clamped[j]
-    sigmas = torch._foreach_div(torch._foreach_mul(norms, norms), clamped)
+    if not layers:
+        return []
+    normalised, us, vs = normalize_weights(
+        [layer.weight_orig for layer in layers], [layer.weight_u for layer in layers],
+        [layer.weight_v for layer in layers], [layer.n_power_iterations if layer.training else 0 for layer in layers],
+        [layer.eps for layer in layers], impl=impl)  # fmt: skip
     # The new vectors replace the buffers instead of being written into them: a later forward
     # runs the iteration again before one backward through both (the GAN pattern D(real) +
     # D(fake)), and the tensors this forward saved for backward must stay unchanged -- also
     # under torch.compile, whose graphs save them directly.
     for layer, u, v in zip(layers, us, vs):
-        layer.weight_u, layer.weight_v = u, v
-    return sigmas, us, vs
-
-
-def _stored_sigma(layers: Sequence[SpectralNormLayer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """(sigma = u . (W v), u, v) from the stored vectors (eval mode: no iteration)."""
-    us = [layer.weight_u for layer in layers]
-    vs = [layer.weight_v for layer in layers]
-    sigmas = [torch.dot(u, torch.mv(_matrix(layer.weight_orig), v)) for layer, u, v in zip(layers, us, vs)]
-    return sigmas, us, vs
-
-
-class _DivideBySigma(torch.autograd.Function):
-    """``W_i / sigma_i`` for a group of weights, with u_i, v_i and sigma_i = u_i . (W_i v_i)
-    treated as torch's spectral_norm treats them: u, v constants, sigma a function of W.
-
-    apply(n, W_1..W_n, sigma_1..sigma_n, u_1..u_n, v_1..v_n) -> (W_1/sigma_1, ..., W_n/sigma_n).
-    W_i any shape (out, ...), sigma_i 0-dim, u_i (out,), v_i (W_i.numel() / out,), one dtype per i.
-    Backward (d sigma / dW = u v^T): dW = g / sigma - (<g, W> / sigma^2) u v^T, batched with
-    foreach ops; per layer only the reduction <g, W> and the views that shape u and v.
-    """
-
-    @staticmethod
-    def forward(ctx, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.n = n
-        ctx.save_for_backward(*tensors)
-        return tuple(torch._foreach_div(list(tensors[:n]), list(tensors[n : 2 * n])))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        n = ctx.n
-        saved = ctx.saved_tensors
-        weights, sigmas = list(saved[:n]), list(saved[n : 2 * n])
-        us, vs = saved[2 * n : 3 * n], saved[3 * n :]
-        grads_list = list(grads)
-        with _autocast_off(weights[0].device):
-            inner = [p.sum() for p in torch._foreach_mul(grads_list, weights)]  # <g, W>
-            coef = torch._foreach_div(inner, torch._foreach_mul(sigmas, sigmas))
-            # u as a column (out, 1, ...) and v shaped like one output row: u v^T by broadcasting
-            cols = [u.view(-1, *[1] * (w.dim() - 1)) for u, w in zip(us, weights)]
-            rows = [v if w.dim() == 2 else v.view(w.shape[1:]) for v, w in zip(vs, weights)]
-            grad_w = torch._foreach_div(grads_list, sigmas)
-            torch._foreach_addcmul_(grad_w, torch._foreach_mul(cols, coef), rows, value=-1.0)
-        return (None, *grad_w, *[None] * (3 * n))
-
-
-def spectral_norm_weights(layers: Sequence[SpectralNormLayer]) -> list[Tensor]:
-    """``weight_orig / sigma`` of every layer, computed for the whole group at once.
-
-    Training-mode layers run their power iteration (``n_power_iterations`` steps, exactly as
-    ``torch.nn.utils.spectral_norm`` does per call) and store the new ``weight_u`` /
-    ``weight_v``; eval-mode layers use the stored vectors. The iteration and sigma are fp32 (the
-    buffers' dtype) even under autocast, which would run mv in bf16 on CUDA. Gradients reach
-    each ``weight_orig`` through the numerator and sigma. No value is read on the host.
-
-    Returns one tensor per layer, in order, shaped and typed like its ``weight_orig``.
-    """
-    out: list[Tensor] = []
-    if not layers:
-        return out
-    with _autocast_off(layers[0].weight_orig.device):
-        slots: dict[int, Tensor] = {}
-        for training in (True, False):
-            group = [(i, layer) for i, layer in enumerate(layers) if layer.training == training]
-            if not group:
-                continue
-            members = [layer for _, layer in group]
-            with torch.no_grad():
-                sigmas, us, vs = _power_iteration(members) if training else _stored_sigma(members)
-            weights = [layer.weight_orig for layer in members]
-            normalised = _DivideBySigma.apply(len(members), *weights, *sigmas, *us, *vs)
-            slots.update((i, w) for (i, _), w in zip(group, normalised))
-        out = [slots[i] for i in range(len(layers))]
-    return out
+        if layer.training:
+            layer.weight_u, layer.weight_v = u, v
+    return normalised
 
 
 def spectral_norm_layers(module: nn.Module) -> list[SpectralNormLayer]:
@@ -342,7 +248,7 @@ def spectral_norm_layers(module: nn.Module) -> list[SpectralNormLayer]:
     return [layer for layer in layers if not any(layer is other for other in idle)]
 
 
-def refresh_spectral_norm(module: nn.Module) -> list[SpectralNormLayer]:
+def refresh_spectral_norm(module: nn.Module, impl: str = "reference") -> list[SpectralNormLayer]:
     """Prepare the normalised weight of every SN layer ``module``'s forward calls
     (:func:`spectral_norm_layers`), in one :func:`spectral_norm_weights` call: one power
     iteration per layer, as if each layer ran its own, at a fraction of the ops. Each layer's
@@ -352,19 +258,20 @@ def refresh_spectral_norm(module: nn.Module) -> list[SpectralNormLayer]:
     another one does not iterate twice per forward. Returns the layers it prepared.
     """
     layers = [layer for layer in spectral_norm_layers(module) if layer._prepared_weight is None]
-    for layer, weight in zip(layers, spectral_norm_weights(layers)):
+    for layer, weight in zip(layers, spectral_norm_weights(layers, impl)):
         layer._prepared_weight = weight
     return layers
 
 
 def refreshes_spectral_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator of a network's ``forward``: :func:`refresh_spectral_norm` first, and afterwards
-    (also when the forward raises) drop any prepared weight left unused, so that a layer later
-    called on its own never takes a weight of an earlier forward."""
+    """Decorator of a network's ``forward``: :func:`refresh_spectral_norm` first (with the
+    network's ``spectral_norm_impl`` backend, "reference" when it has none), and afterwards (also
+    when the forward raises) drop any prepared weight left unused, so that a layer later called on
+    its own never takes a weight of an earlier forward."""
 
     @functools.wraps(forward)
     def wrapped(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        layers = refresh_spectral_norm(self)
+        layers = refresh_spectral_norm(self, getattr(self, "spectral_norm_impl", "reference"))
         try:
             return forward(self, *args, **kwargs)
         finally:
@@ -375,6 +282,75 @@ def refreshes_spectral_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -------------------------------------------------------------------------------------------
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers, state dict and arithmetic) whose batch counter
+    its network can advance for all its layers at once.
+
+    In training mode ``nn.BatchNorm2d`` adds 1 to ``num_batches_tracked`` on every call, one tiny
+    op per layer. Inside a forward decorated with :func:`counts_batches_once`, a layer instead
+    records its counter and the network adds 1 to every recorded counter in one foreach op when
+    its forward returns (a layer called twice is counted twice). With ``momentum=None`` the
+    counter sets the running-average factor of the call itself, so such a layer counts as usual.
+    Called on its own, it is ``nn.BatchNorm2d``.
+    """
+
+    _counted_calls: list[Tensor] | None = None
+    """Where a call records its counter while the enclosing network defers the counts (a plain
+    attribute, not state)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # a compiled graph fuses the increments itself
+            return super().forward(input)
+        calls = self._counted_calls
+        if calls is None or not (self.training and self.track_running_stats) or self.momentum is None:
+            return super().forward(input)
+        self._check_input_dim(input)
+        calls.append(self.num_batches_tracked)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                            self.momentum, self.eps)  # fmt: skip
+
+
+def counts_batches_once(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of a network's ``forward``: the :class:`BatchNorm2d` layers under the network
+    record their calls, and their ``num_batches_tracked`` counters advance in one
+    ``_foreach_add_`` after the forward (the values are those of one increment per call). A
+    network inside a decorated one leaves the counting to the outer one. Under ``torch.compile``
+    the layers count as ``nn.BatchNorm2d`` does (the compiled graph fuses the increments)."""
+
+    @functools.wraps(forward)
+    def wrapped(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # each layer counts itself inside a compiled graph
+            return forward(self, *args, **kwargs)
+        layers = [m for m in self.modules() if isinstance(m, BatchNorm2d)]
+        if not layers or any(layer._counted_calls is not None for layer in layers):
+            return forward(self, *args, **kwargs)
+        calls: list[Tensor] = []
+        for layer in layers:
+            layer._counted_calls = calls
+        try:
+            out = forward(self, *args, **kwargs)
+        finally:
+            for layer in layers:
+                layer._counted_calls = None
+        if calls:
+            counters: dict[int, list] = {}
+            for counter in calls:  # one foreach entry per counter, its number of calls as the step
+                counters.setdefault(id(counter), [counter, 0])[1] += 1
+            tensors = [entry[0] for entry in counters.values()]
+            steps = [entry[1] for entry in counters.values()]
+            if all(step == 1 for step in steps):
+                torch._foreach_add_(tensors, 1)
+            else:
+                torch._foreach_add_(tensors, steps)
+        return out
+
+    # A code object of its own per decorated forward: torch.compile caches compiled frames per code
+    # object, and the networks that share this wrapper would otherwise share (and overflow) one
+    # cache.
+    wrapped.__code__ = wrapped.__code__.replace(co_name=forward.__name__, co_qualname=forward.__qualname__)
+    return wrapped
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -462,14 +438,14 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = BatchNorm2d(out_channels)
         self.downsample: nn.Sequential | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                BatchNorm2d(out_channels),
             )
 
     def forward(self, x: Tensor) -> Tensor:

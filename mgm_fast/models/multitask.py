@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgm_fast.config import ModelConfig
-from mgm_fast.models.layers import init_resnet_, make_layer
+from mgm_fast.models.layers import BatchNorm2d, counts_batches_once, init_resnet_, make_layer
 
 TASKS = ("seg", "depth", "normal")
 """Every dense task, in canonical order."""
@@ -47,7 +47,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, cfg.stem_width, 5, 2, 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(cfg.stem_width)
+        self.bn1 = BatchNorm2d(cfg.stem_width)
         prev = cfg.stem_width
         self.num_layers = len(cfg.encoder_widths)
         for i, (width, blocks) in enumerate(zip(cfg.encoder_widths, cfg.encoder_blocks)):
@@ -56,6 +56,7 @@ class Encoder(nn.Module):
         self.out_channels = prev
         init_resnet_(self)
 
+    @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         for i in range(self.num_layers):
@@ -81,13 +82,14 @@ class DenseDecoder(nn.Module):
         for k, width in enumerate(widths):
             last = k == self.num_stages - 1
             setattr(self, f"upconv{k}", nn.ConvTranspose2d(prev, width, 2, 2))
-            setattr(self, f"bn_upconv{k}", nn.BatchNorm2d(width))
+            setattr(self, f"bn_upconv{k}", BatchNorm2d(width))
             setattr(self, f"conv_decode{k}", nn.Conv2d(width, out_channels if last else width, 3, 1, 1))
             if not last:
-                setattr(self, f"bn_decode{k}", nn.BatchNorm2d(width))
+                setattr(self, f"bn_decode{k}", BatchNorm2d(width))
             prev = width
         self.out_channels = out_channels
 
+    @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
         for k in range(self.num_stages):
             x = F.relu(getattr(self, f"bn_upconv{k}")(getattr(self, f"upconv{k}")(x)))
@@ -140,6 +142,7 @@ class MultiTaskNet(nn.Module):
         """SimCLR projection: (B, feature_dim, h, w) -> (B, clr_dim)."""
         return self.clr_head(features)
 
+    @counts_batches_once
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """(B, 3, H, W) images in [-1, 1] -> {"seg": (B, num_seg_classes, H, W) logits,
         "depth": (B, 1, H, W), "normal": (B, 3, H, W)} (only the configured tasks)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgm_fast.config import ModelConfig
-from mgm_fast.models.layers import init_resnet_, make_layer
+from mgm_fast.models.layers import BatchNorm2d, counts_batches_once, init_resnet_, make_layer
 from mgm_fast.models.multitask import TASKS, check_tasks, task_out_channels
 
 
@@ -32,7 +32,7 @@ class PostEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, stem_width, 5, 2, 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.bn1 = BatchNorm2d(stem_width)
         prev = stem_width
         self.num_layers = len(widths)
         for i, (width, n) in enumerate(zip(widths, blocks)):
@@ -41,6 +41,7 @@ class PostEncoder(nn.Module):
         self.out_features = prev
         init_resnet_(self)
 
+    @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         for i in range(self.num_layers):
@@ -71,6 +72,7 @@ class RefinementNet(nn.Module):
         self.fc2 = nn.Linear(cfg.refine_hidden, cfg.num_scenes)
         self.logit_relu = cfg.refine_logit_relu
 
+    @counts_batches_once
     def forward(
         self, seg: Tensor | None = None, depth: Tensor | None = None, normal: Tensor | None = None
     ) -> Tensor:

@@ -7,6 +7,7 @@ from mgm_fast.ops import genblock as _genblock  # noqa: F401  (registers the ops
 from mgm_fast.ops import multitask_loss as _multitask_loss  # noqa: F401  (registers the op)
 from mgm_fast.ops import ntxent as _ntxent  # noqa: F401  (registers the ops)
 from mgm_fast.ops import simclr_views as _simclr_views  # noqa: F401  (registers the op)
+from mgm_fast.ops import spectral_norm as _spectral_norm  # noqa: F401  (registers the op)
 from mgm_fast.ops._dispatch import REGISTRY, Backend, BackendUnavailable, FusedOp
 
 __all__ = ["REGISTRY", "Backend", "BackendUnavailable", "FusedOp"]

@@ -38,7 +38,7 @@ def test_engine_defaults_depend_on_the_device():
     fields = dict(o.split("=") for o in engines.REFERENCE.config_overrides())
     assert fields == {"optim.implementation": "for-loop", "schedule.loss_impl": "reference",
                       "schedule.noise_impl": "reference", "model.genblock_impl": "reference",
-                      "model.attention_impl": "reference"}
+                      "model.attention_impl": "reference", "model.spectral_norm_impl": "reference"}
 
 
 def test_per_sample_views_use_the_same_parameters_as_batched_views():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from mgm_fast import _native
 from mgm_fast.models.layers import (
     SNConv2d,
     SNEmbedding,
@@ -326,6 +327,27 @@ def test_network_refresh_matches_torch_fp32():
             ours(xa, ya).sum() + ours(xb, yb).square().sum(),
             ref(xa, ya).sum() + ref(xb, yb).square().sum(),
         )
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+        out.backward()
+        out_ref.backward()
+        _compare_stacks(ours, ref, rtol=1e-4, atol=1e-5)
+        _sgd(ours, ref)
+
+
+@pytest.mark.skipif(_native.cpp_reason() is not None, reason="C++ extension unavailable")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_network_refresh_cpp_backend_matches_torch_fp32(channels_last):
+    """The network's refresh on the cpp backend (one kernel call for the group's iteration, one
+    for its weight gradients; a channels_last conv weight read in place): outputs, gradients and
+    u/v follow torch's spectral_norm at fp32 rounding over several steps."""
+    ours, ref = _stacks(torch.float32)
+    ours.spectral_norm_impl = "cpp"
+    if channels_last:
+        ours.conv3.weight_orig.data = ours.conv3.weight_orig.data.contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = _inputs(torch.float32), _inputs(torch.float32)
+        out = ours(xa, ya).sum() + ours(xb, yb).square().sum()
+        out_ref = ref(xa, ya).sum() + ref(xb, yb).square().sum()
         torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
         out.backward()
         out_ref.backward()

@@ -86,3 +86,22 @@ def test_refresh_ops_per_layer(tiny):
     backward -= ops["aten.detach"]  # AccumulateGrad storing each new .grad, not spectral norm
     assert forward <= 4 * convs + 3 * matrices + 10  # reshape, t, mv, mv + batched normalisation
     assert backward <= 3 * convs + 2 * matrices + 8  # sum, two views + batched update
+
+
+@pytest.mark.skipif(_native.cpp_reason() is not None, reason="C++ extension unavailable")
+def test_refresh_ops_per_network_cpp(tiny):
+    """On the cpp backend the spectral norm of a whole network is a fixed handful of ops, however
+    many layers it has: one kernel call for the group's iteration, one foreach division for
+    W / sigma, and one kernel call for the group's weight gradients -- no per-layer op."""
+    cfg, _ = tiny
+    layers = spectral_norm_layers(Discriminator(cfg).train())
+    assert len(layers) > 10
+    weights: list[torch.Tensor] = []
+    forward, fwd_ops = _count(lambda: weights.extend(spectral_norm_weights(layers, "cpp")))
+    grads = [torch.randn_like(w) for w in weights]
+    backward, ops = _count(lambda: torch.autograd.backward(weights, grads))
+    backward -= ops["aten.detach"]  # AccumulateGrad storing each new .grad, not spectral norm
+    assert fwd_ops["mgm_fast.spectral_norm_power_iteration_cpp"] == 1 and fwd_ops["aten.mv"] == 0
+    assert ops["mgm_fast.spectral_norm_weight_grad_cpp"] == 1
+    assert forward <= 4, fwd_ops
+    assert backward <= 2, ops

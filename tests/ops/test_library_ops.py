@@ -361,6 +361,39 @@ CASES.append(Case("simclr_views_cpp", "b2 13x11 -> 9x7, two views each", _views_
 
 
 # ---------------------------------------------------------------------------------------------
+# spectral_norm
+
+
+def _spectral_norm_group(g):
+    """A conv weight stored channels_last, a linear and an embedding weight, with unit u, v."""
+    weights = [_randn(g, 5, 3, 3, 3).contiguous(memory_format=torch.channels_last), _randn(g, 7, 4), _randn(g, 3, 6)]
+    us = [torch.nn.functional.normalize(_randn(g, w.shape[0]), dim=0) for w in weights]
+    vs = [torch.nn.functional.normalize(_randn(g, w.numel() // w.shape[0]), dim=0) for w in weights]
+    return weights, us, vs
+
+
+def _spectral_norm_iteration_args():
+    weights, us, vs = _spectral_norm_group(_gen("spectral_norm iteration"))
+    return (weights, us, vs, [1, 2, 0], [1e-12, 1e-12, 1e-12]), {}
+
+
+def _spectral_norm_grad_args():
+    g = _gen("spectral_norm grad")
+    weights, us, vs = _spectral_norm_group(g)
+    grads = [_randn(g, *w.shape) for w in weights]  # contiguous: the kernel lays them out like W
+    sigmas = [torch.tensor(1.5), torch.tensor(0.7), torch.tensor(2.0)]
+    return (grads, weights, sigmas, us, vs), {}
+
+
+CASES += [
+    Case("spectral_norm_power_iteration_cpp", "conv (channels_last) + linear + embedding, steps 1/2/0",
+         _spectral_norm_iteration_args, NO_AUTOGRAD),
+    Case("spectral_norm_weight_grad_cpp", "conv (channels_last) + linear + embedding", _spectral_norm_grad_args,
+         NO_AUTOGRAD),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # genblock's Triton convolutions (mgm_fast.ops._triton.genblock)
 
 
@@ -441,6 +474,7 @@ def test_every_backend_op_is_a_custom_op_of_the_namespace():
         "cbn_relu_conv3x3_cuda_forward", "multitask_loss_cpp", "multitask_loss_cuda", "multitask_loss_triton",
         "ntxent_rows_cpp", "ntxent_rows_cuda", "ntxent_rows_triton", "noisy_cpp", "noisy_triton", "hinge_d_triton",
         "hinge_g_triton", "simclr_views_cpp",
+        "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
 
