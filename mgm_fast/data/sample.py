@@ -46,6 +46,7 @@ from PIL import Image
 __all__ = [
     "IGNORE_INDEX",
     "MIN_NORMAL_NORM",
+    "SAMPLE_DTYPES",
     "SAMPLE_KEYS",
     "TENSOR_KEYS",
     "DataError",
@@ -81,7 +82,7 @@ MAX_NORMAL_NORM = 1.5
 to (-1, -1, -1), length sqrt(3), which no unit vector quantised to 8 bits can produce."""
 
 _SHAPES = {"rgb": 3, "seg": None, "depth": 1, "depth_mask": 1, "normal": 3, "normal_mask": 1}
-_DTYPES = {
+SAMPLE_DTYPES = {
     "rgb": torch.float32,
     "seg": torch.int64,
     "depth": torch.float32,
@@ -90,6 +91,7 @@ _DTYPES = {
     "normal_mask": torch.bool,
     "scene": torch.int64,
 }
+"""dtype of each tensor field of a sample (and of a batch), as in the table above."""
 _UNIT_TOL = 1e-3
 
 
@@ -170,7 +172,7 @@ def validate_sample(
     missing = [k for k in SAMPLE_KEYS if k not in sample]
     if missing:
         _fail(source, f"sample lacks key(s) {missing}; expected {list(SAMPLE_KEYS)}")
-    for key, dtype in _DTYPES.items():
+    for key, dtype in SAMPLE_DTYPES.items():
         t = sample[key]
         if not isinstance(t, torch.Tensor):
             _fail(source, f"'{key}' is a {type(t).__name__}, expected a torch.Tensor")

@@ -1,0 +1,184 @@
+"""DALI adapter of the taskonomy format."""
+
+from __future__ import annotations
+
+import torch
+
+from mgm_fast.data.dali.adapter import (
+    FormatAdapter,
+    Modality,
+    dali_modules,
+    decode_normals_8bit_batch,
+    pil_luma,
+    select_keys,
+    to_device,
+)
+from mgm_fast.data.sample import IGNORE_INDEX, DataError
+
+
+class TaskonomyAdapter(FormatAdapter):
+    """Taskonomy views: rgb, segment_semantic (8-bit), depth_zbuffer (16-bit) and normal PNGs,
+    class_scene .npy, and the optional mask_valid / mask PNG."""
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        has = {("mask_valid" in r[3]) or ("mask" in r[3]) for r in dataset.records}
+        self.has_mask = has == {True}
+        self.mixed_masks = len(has) > 1
+
+    def check_supported(self) -> None:
+        if self.mixed_masks:
+            raise DataError(
+                f"{self.ds.root}: some buildings have a validity-mask task and others not; the DALI loader "
+                "needs it in all selected buildings or in none (choose with buildings=)"
+            )
+
+    def check_first(self, i: int) -> None:
+        # DALI decodes to a fixed bit depth (8-bit labels, 16-bit depth) and would rescale a file
+        # of the other depth; the PNG header says which it is (the dataset checks PIL's mode)
+        files = self.all_files(i)
+        for task, want in (("segment_semantic", 8), ("depth_zbuffer", 16)):
+            if self.wants(*(("seg",) if task == "segment_semantic" else ("depth", "depth_mask"))):
+                depth = _png_bit_depth(files[task])
+                if depth != want:
+                    self.fail(i, f"{task} is a {depth}-bit PNG; the DALI loader reads {want}-bit {task} PNGs")
+
+    def all_files(self, i: int) -> dict[str, str]:
+        paths = self.ds.files(i)
+        out = {t: str(paths[t]) for t in ("rgb", "segment_semantic", "depth_zbuffer", "normal")}
+        if self.ds.use_scenes:
+            out["class_scene"] = str(paths["class_scene"])
+        if self.has_mask:
+            out["mask"] = str(paths.get("mask_valid") or paths.get("mask"))
+        return out
+
+    def sample_id(self, i: int) -> str:
+        b, p, v, _ = self.ds.records[i]
+        return f"{b}/point_{p}_view_{v}"
+
+    def modalities(self) -> dict[str, Modality]:
+        self.check_supported()
+        _, _, types, *_ = dali_modules()
+        mods = {}
+        if self.wants("rgb"):
+            mods["rgb"] = Modality("image", types.RGB)
+        if self.wants("seg"):  # checked at full resolution in DALI: decoded on the host
+            mods["segment_semantic"] = Modality("image", types.ANY_DATA, cpu_decode=True)
+        if self.wants("depth", "depth_mask"):
+            mods["depth_zbuffer"] = Modality(
+                "image", types.ANY_DATA, types.UINT16, cpu_decode=True, cast=types.INT32
+            )
+        if self.wants("normal", "normal_mask"):
+            mods["normal"] = Modality("image", types.RGB)
+        if self.has_mask and self.wants("depth", "depth_mask", "normal", "normal_mask"):
+            mods["mask"] = Modality("image", types.RGB)
+        if self.ds.use_scenes and self.wants("scene"):
+            mods["class_scene"] = Modality("npy", pad=False)  # (365,) scores, kept as read
+        if not mods:
+            mods["rgb"] = Modality("image", types.RGB)
+        return mods
+
+    def dali_checks(self, name, node, ctx) -> dict:
+        from mgm_fast.data.taskonomy import NUM_SEG_RAW
+
+        if name == "segment_semantic":
+            return {"seg_flag": ctx.flag(node >= NUM_SEG_RAW)}
+        if name == "class_scene" and ctx.npy_float["class_scene"]:
+            return {"scene_flag": ctx.flag(ctx.nonfinite(node))}
+        return {}
+
+    def finish(self, out, ids, device) -> dict:
+        from mgm_fast.data.taskonomy import DEPTH_INVALID, DEPTH_UNITS_PER_METRE, NUM_PLACES
+
+        ds = self.ds
+        self.check_flags(
+            out,
+            ids,
+            {
+                "seg_flag": "segment_semantic value outside 0..17",
+                "scene_flag": "class_scene has non-finite values",
+            },
+        )
+        channels = {"segment_semantic": (1,), "depth_zbuffer": (1,), "normal": (3, 4)}
+        present = [k for k in ("rgb", "segment_semantic", "depth_zbuffer", "normal") if k in out]
+        for j, i in enumerate(ids):
+            for name in present:
+                c = int(out[f"{name}_shape"][j, 2])
+                if name in channels and c not in channels[name]:
+                    self.fail(i, f"{name} has {c} channel(s), expected {channels[name]}")
+            if "mask" in out:
+                for name in ("depth_zbuffer", "normal"):
+                    if name in out and not torch.equal(out["mask_shape"][j, :2], out[f"{name}_shape"][j, :2]):
+                        self.fail(i, f"mask differs in size from {name}")
+        self.check_same_size({k: out[f"{k}_shape"] for k in present}, ids)
+
+        res = {}
+        mask = None
+        if "mask" in out:
+            mask = pil_luma(to_device(self.resize(out["mask"], out["mask_shape"], ids, "mask"), device)) > 0
+        if self.wants("rgb"):
+            res["rgb"] = self.colour_to_sample(out, device, scale=1.0 / 255.0)
+        if self.wants("seg"):
+            raw = self.resize(out["segment_semantic"], out["segment_semantic_shape"], ids, "segment_semantic")
+            seg = raw[..., 0].to(torch.int64) - (2 if ds.background_as_ignore else 1)
+            res["seg"] = to_device(torch.where(seg < 0, IGNORE_INDEX, seg), device)
+        if self.wants("depth", "depth_mask"):
+            z = self.resize(out["depth_zbuffer"], out["depth_zbuffer_shape"], ids, "depth_zbuffer")[..., 0]
+            z = to_device(z, device)
+            depth = z.to(torch.float32) / DEPTH_UNITS_PER_METRE  # exact: 16-bit / 512
+            dmask = (z != DEPTH_INVALID) & (z > 0)
+            if ds.max_depth is not None:
+                dmask &= depth <= ds.max_depth
+            if mask is not None:
+                dmask &= mask
+            res["depth"] = torch.where(dmask, depth, 0.0)[:, None]
+            res["depth_mask"] = dmask[:, None]
+        if self.wants("normal", "normal_mask"):
+            raw = to_device(self.resize(out["normal"], out["normal_shape"], ids, "normal"), device)
+            normal, nmask = decode_normals_8bit_batch(raw)
+            if mask is not None:
+                nmask = nmask & mask[:, None]
+                normal = torch.where(nmask, normal, 0.0)
+            res["normal"], res["normal_mask"] = normal, nmask
+        if self.wants("scene"):
+            if ds.use_scenes:
+                probs, shp = out["class_scene"], out["class_scene_shape"]
+                for j, i in enumerate(ids):
+                    if sorted(int(v) for v in shp[j]) not in ([NUM_PLACES], [1, NUM_PLACES]):
+                        self.fail(
+                            i, f"class_scene has shape {tuple(shp[j].tolist())}, expected ({NUM_PLACES},)"
+                        )
+                scene = self._scenes(probs.reshape(len(ids), NUM_PLACES), ids)
+            else:
+                scene = torch.full((len(ids),), -1, dtype=torch.int64)
+            res["scene"] = to_device(scene, device)
+        return select_keys(res, self.keys, [self.sample_id(i) for i in ids])
+
+    def _scenes(self, probs: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """(B, 365) host scores -> int64 (B,) labels as ``TaskonomyDataset._scene_of``: first
+        arg-max (as numpy), then the kept classes with "other" / "restrict" / "drop"."""
+        ds = self.ds
+        if ds.keep is None:
+            return probs.argmax(1).to(torch.int64)
+        keep = torch.tensor(ds.keep, dtype=torch.int64)
+        if ds.scene_other == "restrict":
+            return probs[:, keep].argmax(1).to(torch.int64)
+        hit = probs.argmax(1)[:, None] == keep[None, :]
+        kept = hit.any(1)
+        if ds.scene_other == "drop" and not bool(kept.all()):
+            self.fail(
+                ids[int(torch.nonzero(~kept)[0, 0])], "scene is outside scene_classes (the file changed?)"
+            )
+        return torch.where(kept, hit.to(torch.int64).argmax(1), len(ds.keep))
+
+
+def _png_bit_depth(path: str) -> int | None:
+    """Bits per channel from a PNG's IHDR chunk (None when the file is not a PNG)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
