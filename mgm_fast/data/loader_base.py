@@ -249,7 +249,9 @@ class LoaderBase:
         :func:`mgm_fast.ops._dispatch.value_checks_enabled`): the memory loader checks its stored
         samples once, here; streaming loaders check each batch on the host before it is copied to
         the device. Raises :class:`DataError` naming the samples."""
-        self.label_limits = {k: v for k, v in (("scene", num_scenes), ("seg", num_seg_classes)) if v is not None}
+        self.label_limits = {
+            k: v for k, v in (("scene", num_scenes), ("seg", num_seg_classes)) if v is not None
+        }
 
     def _check_label_batch(self, batch: Mapping, ids: Sequence[str]) -> None:
         for key, limit in (self.label_limits or {}).items():
@@ -265,8 +267,10 @@ class LoaderBase:
                 shown = [ids[i] for i in rows[:3]] if len(ids) == bad.shape[0] else rows[:3]
                 example = int(value[bad].flatten()[0])
                 allowed = f"[0, {limit})" + (f" or {IGNORE_INDEX} (ignored)" if key == "seg" else "")
-                raise DataError(f"'{key}' label {example} in samples {shown}{'...' if len(rows) > 3 else ''} "
-                                f"is outside {allowed} ({type(self.dataset).__name__})")
+                raise DataError(
+                    f"'{key}' label {example} in samples {shown}{'...' if len(rows) > 3 else ''} "
+                    f"is outside {allowed} ({type(self.dataset).__name__})"
+                )
 
     def state_dict(self) -> dict:
         """Data-order state: plain ints/bools/str (``torch.load(weights_only=True)`` safe)."""

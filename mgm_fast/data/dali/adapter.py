@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgm_fast.data.sample import MAX_NORMAL_NORM, MIN_NORMAL_NORM, DataError
+from mgm_fast.data.sample import MAX_NORMAL_NORM, MIN_NORMAL_NORM, NORMAL8_SCALE, DataError
 
 __all__ = [
     "INSTALL_HINT",
@@ -139,7 +139,7 @@ def normalise_normals_batch(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def decode_normals_8bit_batch(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, H, W, 3) 8-bit normal maps -> ``normalise_normals_batch(p * float32(2/255) - 1)``, the
     arithmetic of :func:`mgm_fast.data.sample.decode_normals_8bit`."""
-    return normalise_normals_batch(torch.mul(raw, float32_value(2.0 / 255.0)).sub_(1.0))
+    return normalise_normals_batch(torch.mul(raw, float(NORMAL8_SCALE)).sub_(1.0))
 
 
 def pil_luma(rgb: torch.Tensor) -> torch.Tensor:
@@ -196,10 +196,16 @@ class GraphContext:
 
 
 class FormatAdapter:
-    """How one dataset type maps onto a DALI pipeline. Subclasses name the modalities each
-    requested key needs, the per-sample checks computed in DALI, and ``finish`` (torch)."""
+    """How one dataset type maps onto a DALI pipeline. Subclasses take :attr:`fields` from the
+    plain loader's module, say how DALI reads each modality (:meth:`readers`), which per-sample
+    checks run in DALI (:meth:`dali_checks`), and finish a batch in torch (:meth:`finish`) with
+    the plain loader's decoding rules."""
 
+    dataset_type: type = object
+    """The plain loader's dataset class this adapter reads."""
     colour = "rgb"  # modality decoded as the colour image
+    fields: Mapping[str, tuple[str, ...]] = {}
+    """The plain loader's table of the sample fields decoded from each modality's file."""
 
     def __init__(self, dataset):
         self.ds = dataset
@@ -217,11 +223,19 @@ class FormatAdapter:
         return {k: str(v) for k, v in self.ds.files(i).items()}
 
     def sample_id(self, i: int) -> str:
+        return self.ds.sample_id(i)
+
+    def readers(self) -> dict[str, Modality]:
+        """How DALI reads and decodes each modality this dataset has, in reading order."""
         raise NotImplementedError
 
     def modalities(self) -> dict[str, Modality]:
-        """The modalities ``self.keys`` need, in reading order."""
-        raise NotImplementedError
+        """The modalities ``self.keys`` need, in reading order: those whose files feed a requested
+        field (:attr:`fields`); the colour image alone when only ``scene`` is asked for (one
+        modality is always read: its reader carries the epoch)."""
+        readers = self.readers()
+        mods = {name: mod for name, mod in readers.items() if self.wants(*self.fields[name])}
+        return mods or {self.colour: readers[self.colour]}
 
     def dali_checks(self, name: str, node, ctx: GraphContext) -> dict:
         """output name -> uint8 per-sample flag node (1: ask the dataset for its error)."""

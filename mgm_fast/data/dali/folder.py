@@ -1,4 +1,5 @@
-"""DALI adapter of the folder format."""
+"""DALI adapter of the released folder layout (:mod:`mgm_fast.data.folder`: its modality table,
+label rule and mask threshold are used here as they are)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,23 @@ from mgm_fast.data.dali.adapter import (
     select_keys,
     to_device,
 )
-from mgm_fast.data.sample import IGNORE_INDEX
+from mgm_fast.data.folder import MASK_THRESHOLD, MODALITY_FIELDS, FolderDataset, apply_label_offset
+from mgm_fast.data.sample import RGB8_SCALE, labels_outside
 
 
 class FolderAdapter(FormatAdapter):
     """Released folder layout: rgb/ PNG|JPEG, ss/ and de/ .npy, nm|sn/ PNG, optional msk/ PNG."""
 
-    def sample_id(self, i: int) -> str:
-        return self.ds.sample_id(i)
+    dataset_type = FolderDataset
+    fields = MODALITY_FIELDS
 
-    def modalities(self) -> dict[str, Modality]:
-        _, _, types, *_ = dali_modules()
-        mods = {}
-        if self.wants("rgb"):
-            mods["rgb"] = Modality("image", types.RGB)
-        if self.wants("normal", "normal_mask"):
-            mods["normals"] = Modality("image", types.RGB)
-            if self.ds.has_mask:
-                mods["msk"] = Modality("image", types.RGB)  # PIL's luma is applied in torch, exactly
-        if self.wants("seg"):
-            mods["ss"] = Modality("npy")
-        if self.wants("depth", "depth_mask"):
-            mods["de"] = Modality("npy")
-        if not mods:  # only "scene": still read one modality, it carries the epoch
-            mods["rgb"] = Modality("image", types.RGB)
+    def readers(self) -> dict[str, Modality]:
+        types = dali_modules()[2]
+        mods = {"rgb": Modality("image", types.RGB), "normals": Modality("image", types.RGB)}
+        if self.ds.has_mask:
+            mods["msk"] = Modality("image", types.RGB)  # PIL's luma is applied in torch, exactly
+        mods["ss"] = Modality("npy")
+        mods["de"] = Modality("npy")
         return mods
 
     def dali_checks(self, name, node, ctx) -> dict:
@@ -46,8 +40,7 @@ class FolderAdapter(FormatAdapter):
             if ctx.npy_float["ss"]:
                 bad = ctx.nonfinite(node) | (dmath.floor(node) != node)
             v = fn.cast(node, dtype=types.INT64)
-            lab = v + int(self.ds.label_offset)
-            out = ((lab < 0) | (lab >= int(self.ds.num_seg_classes))) & (lab != IGNORE_INDEX)
+            out = labels_outside(v + int(self.ds.label_offset), int(self.ds.num_seg_classes))
             if self.ds.ignore_value is not None:
                 out = out & (v != int(self.ds.ignore_value))
             return {"ss_flag": ctx.flag(out if bad is None else bad | out)}
@@ -91,13 +84,10 @@ class FolderAdapter(FormatAdapter):
 
         res = {}
         if self.wants("rgb"):
-            res["rgb"] = self.colour_to_sample(out, device, scale=1.0 / 255.0)
+            res["rgb"] = self.colour_to_sample(out, device, scale=RGB8_SCALE)
         if self.wants("seg"):  # host labels: gather, then offset / ignore on the output pixels
             raw = self.resize(ss, hws["ss"], ids, "ss").to(torch.int64)
-            seg = raw + int(ds.label_offset)
-            if ds.ignore_value is not None:
-                seg = torch.where(raw == int(ds.ignore_value), IGNORE_INDEX, seg)
-            res["seg"] = to_device(seg, device)
+            res["seg"] = to_device(apply_label_offset(raw, ds.label_offset, ds.ignore_value), device)
         if self.wants("depth", "depth_mask"):
             depth = to_device(self.resize(de, hws["de"], ids, "de"), device).to(torch.float32)
             dmask = torch.isfinite(depth) & (depth > 0)
@@ -108,7 +98,7 @@ class FolderAdapter(FormatAdapter):
             normal, nmask = decode_normals_8bit_batch(raw)
             if "msk" in out:
                 m = to_device(self.resize(out["msk"], out["msk_shape"], ids, "msk"), device)
-                nmask = nmask & (pil_luma(m) > 127)[:, None]
+                nmask = nmask & (pil_luma(m) > MASK_THRESHOLD)[:, None]
                 normal = torch.where(nmask, normal, 0.0)
             res["normal"], res["normal_mask"] = normal, nmask
         if self.wants("scene"):

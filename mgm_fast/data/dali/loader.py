@@ -15,7 +15,7 @@ from mgm_fast.data.dali.taskonomy import TaskonomyAdapter
 from mgm_fast.data.loader_base import LoaderBase, check_keys
 from mgm_fast.data.sample import DataError, list_preview
 
-__all__ = ["DaliLoader", "adapter_for", "make_dali_loader", "not_supported_reasons"]
+__all__ = ["ADAPTERS", "DaliLoader", "adapter_for", "make_dali_loader", "not_supported_reasons"]
 
 
 def not_supported_reasons(dataset, device: torch.device | str) -> list[str]:
@@ -33,18 +33,15 @@ def not_supported_reasons(dataset, device: torch.device | str) -> list[str]:
     return reasons
 
 
-def adapter_for(dataset) -> FormatAdapter:
-    from mgm_fast.data.folder import FolderDataset
-    from mgm_fast.data.mtan import MTANDataset
-    from mgm_fast.data.taskonomy import TaskonomyDataset
+ADAPTERS = (FolderAdapter, TaskonomyAdapter, MTANAdapter)
+"""The format adapters, each for the dataset class of its :attr:`FormatAdapter.dataset_type`."""
 
-    for cls, layout in (
-        (FolderDataset, FolderAdapter),
-        (TaskonomyDataset, TaskonomyAdapter),
-        (MTANDataset, MTANAdapter),
-    ):
-        if isinstance(dataset, cls):
-            return layout(dataset)
+
+def adapter_for(dataset) -> FormatAdapter:
+    """The format adapter of ``dataset``; TypeError for a dataset type DALI does not read."""
+    for adapter in ADAPTERS:
+        if isinstance(dataset, adapter.dataset_type):
+            return adapter(dataset)
     raise TypeError(
         f"the DALI loader reads FolderDataset (official layout), TaskonomyDataset and MTANDataset, not "
         f"{type(dataset).__name__} (in-memory data such as SyntheticScenes is best kept on the device)"

@@ -1,4 +1,5 @@
-"""DALI adapter of the mtan format."""
+"""DALI adapter of MTAN's npy layout (:mod:`mgm_fast.data.mtan`: its modality table and image range
+are used here as they are)."""
 
 from __future__ import annotations
 
@@ -12,37 +13,35 @@ from mgm_fast.data.dali.adapter import (
     select_keys,
     to_device,
 )
-from mgm_fast.data.sample import IGNORE_INDEX
+from mgm_fast.data.mtan import IMAGE_RANGE_TOL, MODALITY_FIELDS, MTANDataset
+from mgm_fast.data.sample import labels_outside
 
 
 class MTANAdapter(FormatAdapter):
     """MTAN npy split: image (H, W, 3) in [0, 1], label (H, W[, 1]), depth (H, W[, 1]), normal (H, W, 3)."""
 
     colour = "image"
+    dataset_type = MTANDataset
+    fields = MODALITY_FIELDS
 
-    def sample_id(self, i: int) -> str:
-        return f"{self.ds.split}/{i}"
+    def readers(self) -> dict[str, Modality]:
+        return {name: Modality("npy") for name in self.fields}
 
     def modalities(self) -> dict[str, Modality]:
         # the dataset checks every file against the image's size, so the image is always read
-        mods = {"image": Modality("npy")}
-        if self.wants("seg"):
-            mods["label"] = Modality("npy")
-        if self.wants("depth", "depth_mask"):
-            mods["depth"] = Modality("npy")
-        if self.wants("normal", "normal_mask"):
-            mods["normal"] = Modality("npy")
-        return mods
+        return {self.colour: Modality("npy"), **super().modalities()}
 
     def dali_checks(self, name, node, ctx) -> dict:
         fn, dmath, types = ctx.fn, ctx.dmath, ctx.types
         if name == "image":
             x = fn.cast(node, dtype=types.FLOAT)
-            return {"image_flag": ctx.flag(ctx.nonfinite(x) | (x < -1e-3) | (x > 1 + 1e-3))}
+            return {
+                "image_flag": ctx.flag(ctx.nonfinite(x) | (x < -IMAGE_RANGE_TOL) | (x > 1 + IMAGE_RANGE_TOL))
+            }
         if name == "label":
             bad = ctx.nonfinite(node) | (dmath.floor(node) != node) if ctx.npy_float["label"] else None
             v = fn.cast(node, dtype=types.INT64)
-            out = ((v < 0) | (v >= int(self.ds.num_seg_classes))) & (v != IGNORE_INDEX)
+            out = labels_outside(v, int(self.ds.num_seg_classes))
             return {"label_flag": ctx.flag(out if bad is None else bad | out)}
         if name == "depth" and ctx.npy_float["depth"] and not self.ds.allow_invalid_depth:
             d = fn.cast(node, dtype=types.FLOAT)

@@ -1,4 +1,5 @@
-"""DALI adapter of the taskonomy format."""
+"""DALI adapter of the Taskonomy layout (:mod:`mgm_fast.data.taskonomy`: its task table, label,
+depth, mask and scene rules are used here as they are)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,33 @@ from mgm_fast.data.dali.adapter import (
     select_keys,
     to_device,
 )
-from mgm_fast.data.sample import IGNORE_INDEX, DataError
+from mgm_fast.data.sample import RGB8_SCALE, DataError
+from mgm_fast.data.taskonomy import (
+    DEPTH_UNITS_PER_METRE,
+    MASK_TASKS,
+    MASK_THRESHOLD,
+    NUM_PLACES,
+    NUM_SEG_RAW,
+    REQUIRED,
+    TASK_FIELDS,
+    TaskonomyDataset,
+    depth_zbuffer_valid,
+    mask_file,
+    scene_from_scores,
+    segment_semantic_classes,
+)
 
 
 class TaskonomyAdapter(FormatAdapter):
     """Taskonomy views: rgb, segment_semantic (8-bit), depth_zbuffer (16-bit) and normal PNGs,
     class_scene .npy, and the optional mask_valid / mask PNG."""
 
+    dataset_type = TaskonomyDataset
+    fields = TASK_FIELDS
+
     def __init__(self, dataset):
         super().__init__(dataset)
-        has = {("mask_valid" in r[3]) or ("mask" in r[3]) for r in dataset.records}
+        has = {any(t in r[3] for t in MASK_TASKS) for r in dataset.records}
         self.has_mask = has == {True}
         self.mixed_masks = len(has) > 1
 
@@ -45,42 +63,35 @@ class TaskonomyAdapter(FormatAdapter):
 
     def all_files(self, i: int) -> dict[str, str]:
         paths = self.ds.files(i)
-        out = {t: str(paths[t]) for t in ("rgb", "segment_semantic", "depth_zbuffer", "normal")}
+        out = {t: str(paths[t]) for t in REQUIRED}
         if self.ds.use_scenes:
             out["class_scene"] = str(paths["class_scene"])
         if self.has_mask:
-            out["mask"] = str(paths.get("mask_valid") or paths.get("mask"))
+            out["mask"] = str(mask_file(paths))
         return out
 
-    def sample_id(self, i: int) -> str:
-        b, p, v, _ = self.ds.records[i]
-        return f"{b}/point_{p}_view_{v}"
+    def readers(self) -> dict[str, Modality]:
+        types = dali_modules()[2]
+        mods = {
+            "rgb": Modality("image", types.RGB),
+            # labels and depth are checked at full resolution in DALI: decoded on the host
+            "segment_semantic": Modality("image", types.ANY_DATA, cpu_decode=True),
+            "depth_zbuffer": Modality(
+                "image", types.ANY_DATA, types.UINT16, cpu_decode=True, cast=types.INT32
+            ),
+            "normal": Modality("image", types.RGB),
+        }
+        if self.has_mask:
+            mods["mask"] = Modality("image", types.RGB)
+        if self.ds.use_scenes:
+            mods["class_scene"] = Modality("npy", pad=False)  # (365,) scores, kept as read
+        return mods
 
     def modalities(self) -> dict[str, Modality]:
         self.check_supported()
-        _, _, types, *_ = dali_modules()
-        mods = {}
-        if self.wants("rgb"):
-            mods["rgb"] = Modality("image", types.RGB)
-        if self.wants("seg"):  # checked at full resolution in DALI: decoded on the host
-            mods["segment_semantic"] = Modality("image", types.ANY_DATA, cpu_decode=True)
-        if self.wants("depth", "depth_mask"):
-            mods["depth_zbuffer"] = Modality(
-                "image", types.ANY_DATA, types.UINT16, cpu_decode=True, cast=types.INT32
-            )
-        if self.wants("normal", "normal_mask"):
-            mods["normal"] = Modality("image", types.RGB)
-        if self.has_mask and self.wants("depth", "depth_mask", "normal", "normal_mask"):
-            mods["mask"] = Modality("image", types.RGB)
-        if self.ds.use_scenes and self.wants("scene"):
-            mods["class_scene"] = Modality("npy", pad=False)  # (365,) scores, kept as read
-        if not mods:
-            mods["rgb"] = Modality("image", types.RGB)
-        return mods
+        return super().modalities()
 
     def dali_checks(self, name, node, ctx) -> dict:
-        from mgm_fast.data.taskonomy import NUM_SEG_RAW
-
         if name == "segment_semantic":
             return {"seg_flag": ctx.flag(node >= NUM_SEG_RAW)}
         if name == "class_scene" and ctx.npy_float["class_scene"]:
@@ -88,19 +99,17 @@ class TaskonomyAdapter(FormatAdapter):
         return {}
 
     def finish(self, out, ids, device) -> dict:
-        from mgm_fast.data.taskonomy import DEPTH_INVALID, DEPTH_UNITS_PER_METRE, NUM_PLACES
-
         ds = self.ds
         self.check_flags(
             out,
             ids,
             {
-                "seg_flag": "segment_semantic value outside 0..17",
+                "seg_flag": f"segment_semantic value outside 0..{NUM_SEG_RAW - 1}",
                 "scene_flag": "class_scene has non-finite values",
             },
         )
         channels = {"segment_semantic": (1,), "depth_zbuffer": (1,), "normal": (3, 4)}
-        present = [k for k in ("rgb", "segment_semantic", "depth_zbuffer", "normal") if k in out]
+        present = [k for k in REQUIRED if k in out]
         for j, i in enumerate(ids):
             for name in present:
                 c = int(out[f"{name}_shape"][j, 2])
@@ -115,20 +124,19 @@ class TaskonomyAdapter(FormatAdapter):
         res = {}
         mask = None
         if "mask" in out:
-            mask = pil_luma(to_device(self.resize(out["mask"], out["mask_shape"], ids, "mask"), device)) > 0
+            m = to_device(self.resize(out["mask"], out["mask_shape"], ids, "mask"), device)
+            mask = pil_luma(m) > MASK_THRESHOLD
         if self.wants("rgb"):
-            res["rgb"] = self.colour_to_sample(out, device, scale=1.0 / 255.0)
+            res["rgb"] = self.colour_to_sample(out, device, scale=RGB8_SCALE)
         if self.wants("seg"):
             raw = self.resize(out["segment_semantic"], out["segment_semantic_shape"], ids, "segment_semantic")
-            seg = raw[..., 0].to(torch.int64) - (2 if ds.background_as_ignore else 1)
-            res["seg"] = to_device(torch.where(seg < 0, IGNORE_INDEX, seg), device)
+            seg = segment_semantic_classes(raw[..., 0].to(torch.int64), ds.background_as_ignore)
+            res["seg"] = to_device(seg, device)
         if self.wants("depth", "depth_mask"):
             z = self.resize(out["depth_zbuffer"], out["depth_zbuffer_shape"], ids, "depth_zbuffer")[..., 0]
             z = to_device(z, device)
             depth = z.to(torch.float32) / DEPTH_UNITS_PER_METRE  # exact: 16-bit / 512
-            dmask = (z != DEPTH_INVALID) & (z > 0)
-            if ds.max_depth is not None:
-                dmask &= depth <= ds.max_depth
+            dmask = depth_zbuffer_valid(z, depth, ds.max_depth)
             if mask is not None:
                 dmask &= mask
             res["depth"] = torch.where(dmask, depth, 0.0)[:, None]
@@ -155,21 +163,14 @@ class TaskonomyAdapter(FormatAdapter):
         return select_keys(res, self.keys, [self.sample_id(i) for i in ids])
 
     def _scenes(self, probs: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        """(B, 365) host scores -> int64 (B,) labels as ``TaskonomyDataset._scene_of``: first
-        arg-max (as numpy), then the kept classes with "other" / "restrict" / "drop"."""
-        ds = self.ds
-        if ds.keep is None:
-            return probs.argmax(1).to(torch.int64)
-        keep = torch.tensor(ds.keep, dtype=torch.int64)
-        if ds.scene_other == "restrict":
-            return probs[:, keep].argmax(1).to(torch.int64)
-        hit = probs.argmax(1)[:, None] == keep[None, :]
-        kept = hit.any(1)
-        if ds.scene_other == "drop" and not bool(kept.all()):
-            self.fail(
-                ids[int(torch.nonzero(~kept)[0, 0])], "scene is outside scene_classes (the file changed?)"
-            )
-        return torch.where(kept, hit.to(torch.int64).argmax(1), len(ds.keep))
+        """(B, 365) host scores -> int64 (B,) labels by the dataset's rule
+        (:func:`~mgm_fast.data.taskonomy.scene_from_scores`); a view outside ``scene_classes``
+        in "drop" mode (its file changed after indexing) goes to the dataset for its error."""
+        scene = torch.from_numpy(scene_from_scores(probs.numpy(), self.ds.keep, self.ds.scene_other))
+        dropped = torch.nonzero(scene < 0)
+        if len(dropped):
+            self.fail(ids[int(dropped[0, 0])], "scene is outside scene_classes (the file changed?)")
+        return scene
 
 
 def _png_bit_depth(path: str) -> int | None:
