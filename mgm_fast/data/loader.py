@@ -58,6 +58,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+# BatchPlan, epoch_seed and resolve_indices are re-exported: callers reach every loader name here
 from mgm_fast.data.loader_base import BatchPlan, LoaderBase, check_keys, epoch_seed, resolve_indices
 from mgm_fast.data.sample import SAMPLE_DTYPES, DataError, collate
 

@@ -10,7 +10,7 @@ batches, ``len()`` = batches per epoch on this rank, ``epoch``, ``position``, ``
 memory and torch loaders (:mod:`mgm_fast.data.loader`) and the DALI loader
 (:mod:`mgm_fast.data.dali`) are built on it, so a run may resume with another loader kind.
 
-Order of the samples (identical for the memory and torch loaders)
+Order of the samples (identical for every loader)
     ``indices`` are positions into the dataset (ints) or sample ids (str, resolved through
     ``dataset.sample_id``). Epoch ``e`` uses the permutation ``torch.randperm(n, generator=g)``
     of the n selected samples, with ``g`` a CPU ``torch.Generator`` seeded by
@@ -34,8 +34,8 @@ Iteration and resume
     the same epoch (like a restored loader). ``position`` counts batches handed out, so a
     ``state_dict()`` taken after a training step on batch k resumes with batch k + 1: a loader
     restored mid-epoch yields exactly the remaining batches of that epoch, then the same epochs
-    as an uninterrupted one. :func:`batches` walks epochs forever for a step-counted trainer.
-
+    as an uninterrupted one. :func:`mgm_fast.data.loader.batches` walks epochs forever for a
+    step-counted trainer.
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ key             dtype      shape            where / values
 The values equal what the dataset's own ``__getitem__`` returns (tests/data/test_dali.py checks
 them tensor by tensor) except for the RGB resize, which has a documented tolerance (below).
 
-The loader is a :mod:`mgm_fast.data.loader` loader: the same order of samples as the memory
-and torch loaders for the same ``(seed, epoch)`` (its ``BatchPlan``: a seeded permutation per
-epoch, rank ``r`` taking elements ``r::world_size`` of it cut to full global batches), the same
+The loader is a :class:`~mgm_fast.data.loader_base.LoaderBase`, like the memory and torch
+loaders: the same order of samples as they have for the same ``(seed, epoch)`` (its
+``BatchPlan``: a seeded permutation per epoch, rank ``r`` taking elements ``r::world_size`` of
+it cut to full global batches), the same
 ``epoch`` / ``position`` bookkeeping and the same ``state_dict`` (a run may resume with another
 loader kind), and the same ``keys`` option (only the files those fields need are read).
 

@@ -163,7 +163,7 @@ def rgb_to_sample(x: torch.Tensor, scale: float, resized: bool) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------
-# Layouts: which files a sample has, the DALI graph pieces and the torch finish of each dataset.
+# Format adapters: which files a sample has, the DALI graph pieces and the torch finish of each dataset.
 
 
 class Modality:

@@ -24,8 +24,7 @@ def not_supported_reasons(dataset, device: torch.device | str) -> list[str]:
     if not dali_available():
         reasons.append(f"nvidia.dali is not installed ({INSTALL_HINT})")
     try:
-        layout = adapter_for(dataset)
-        layout.check_supported()
+        adapter_for(dataset).check_supported()
     except (TypeError, DataError) as e:
         reasons.append(str(e))
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -74,7 +73,7 @@ class DaliLoader(LoaderBase):
     """Batches of a file dataset read, decoded and resized by DALI (module docstring); same
     order, state and batch format as :class:`mgm_fast.data.loader.TorchLoader`.
 
-    Args (beyond the common dataset .. keys of :mod:`mgm_fast.data.loader`):
+    Args (beyond the common dataset .. keys of :class:`mgm_fast.data.loader.TorchLoader`):
         num_threads: DALI CPU threads.
         pipeline_device: ``"cpu"`` or ``"gpu"``; default ``"gpu"`` for a CUDA ``device``.
         prefetch_queue_depth: batches DALI prepares ahead.
