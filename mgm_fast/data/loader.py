@@ -190,7 +190,7 @@ class MemoryLoader(LoaderBase):
         indices: dataset positions or sample ids to load (see :func:`resolve_indices`).
         batch_size: samples per batch on this rank.
         device: where the data lives and the batches appear.
-        seed: order seed (module docstring); shuffle, drop_last: as there.
+        seed: order seed; shuffle, drop_last: see :mod:`mgm_fast.data.loader_base`.
         rank, world_size: shard of the batches (every rank stores all samples).
         keys: fields to keep, e.g. ``("rgb", "scene")`` for the weakly-labelled MGM-light stream;
             batches hold these plus ``id``. Default: all.

@@ -70,8 +70,9 @@ def _npy_is_float(path: str) -> bool:
 
 
 class DaliLoader(LoaderBase):
-    """Batches of a file dataset read, decoded and resized by DALI (module docstring); same
-    order, state and batch format as :class:`mgm_fast.data.loader.TorchLoader`.
+    """Batches of a file dataset read, decoded and resized by DALI (package docstring of
+    :mod:`mgm_fast.data.dali`); same order, state and batch format as
+    :class:`mgm_fast.data.loader.TorchLoader`.
 
     Args (beyond the common dataset .. keys of :class:`mgm_fast.data.loader.TorchLoader`):
         num_threads: DALI CPU threads.
@@ -288,7 +289,7 @@ def make_dali_loader(
     num_threads: int = 2,
     **kw,
 ) -> DaliLoader:
-    """A DALI loader over ``indices`` of ``dataset`` (module docstring).
+    """A DALI loader over ``indices`` of ``dataset`` (package docstring).
 
     Args:
         dataset: :class:`~mgm_fast.data.folder.FolderDataset`,
