@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "official split (splits.mat), map the 894 raw labels to the 40 (Gupta et al.) or 13 (Couprie "
         "et al.) classes and the scene types to 27 or 10 scene classes, compute surface normals from the "
         "depth (or take precomputed ones), resize, and write the official folder layout or the MTAN "
-        "layout with a manifest. Tables, intrinsics and methods: mgm_fast/data/nyuv2.py.",
+        "layout with a manifest. Tables, intrinsics and methods: mgm_fast/data/nyuv2/.",
     )
     n.add_argument("mat", metavar="MAT", help="nyu_depth_v2_labeled.mat")
     n.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)")

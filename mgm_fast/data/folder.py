@@ -73,14 +73,38 @@ from mgm_fast.data.sample import (
     validate_sample,
 )
 
-__all__ = ["DATASET_JSON", "FolderDataset", "read_dataset_json", "write_folder"]
+__all__ = [
+    "DATASET_JSON",
+    "MASK_THRESHOLD",
+    "MODALITY_EXTENSIONS",
+    "MODALITY_FIELDS",
+    "RGB_EXTENSIONS",
+    "FolderDataset",
+    "apply_label_offset",
+    "decode_labels",
+    "read_dataset_json",
+    "write_folder",
+]
 
 DATASET_JSON = "dataset.json"
 FORMAT = "mgm_fast.folder"
 VERSION = 1
 
-_RGB_EXT = (".png", ".jpg", ".jpeg")
-_MODS = {"ss": (".npy",), "de": (".npy",), "normals": (".png",), "msk": (".png",)}
+RGB_EXTENSIONS = (".png", ".jpg", ".jpeg")
+"""Colour image files under rgb/ (any case)."""
+MODALITY_EXTENSIONS = {"ss": (".npy",), "de": (".npy",), "normals": (".png",), "msk": (".png",)}
+"""File type of the other modalities, by their key in :meth:`FolderDataset.files` (``normals``
+is the nm/ or sn/ folder)."""
+MODALITY_FIELDS = {
+    "rgb": ("rgb",),
+    "ss": ("seg",),
+    "de": ("depth", "depth_mask"),
+    "normals": ("normal", "normal_mask"),
+    "msk": ("normal", "normal_mask"),
+}
+"""Sample fields decoded from each file of a sample (keys of :meth:`FolderDataset.files`)."""
+MASK_THRESHOLD = 127
+"""A msk/ pixel keeps its normal valid where the pixel's PIL luma (``convert("L")``) exceeds this."""
 
 
 def read_dataset_json(root: Path) -> dict:
@@ -136,11 +160,17 @@ def decode_labels(
             raise DataError(f"{path}: label map is float ({arr.dtype}) with non-integer or non-finite values")
     elif arr.dtype.kind not in "iub":
         raise DataError(f"{path}: label map has dtype {arr.dtype}, expected integers")
-    raw = arr.astype(np.int64)
+    seg = apply_label_offset(arr.astype(np.int64), label_offset, ignore_value)
+    check_labels(seg, num_classes, path)
+    return seg
+
+
+def apply_label_offset(raw, label_offset: int, ignore_value: int | None):
+    """int64 stored labels (numpy array or torch tensor, any shape) -> ``raw + label_offset``,
+    ``IGNORE_INDEX`` where ``raw == ignore_value`` (module docstring); same type and shape."""
     seg = raw + int(label_offset)
     if ignore_value is not None:
         seg[raw == int(ignore_value)] = IGNORE_INDEX
-    check_labels(seg, num_classes, path)
     return seg
 
 
@@ -220,8 +250,8 @@ class FolderDataset(torch.utils.data.Dataset):
                 problems.append(f"{self.root / d}: scene folder(s) not in rgb/: {list_preview(extra_scenes)}")
         self.records: list[tuple[int, str, str, dict[str, Path]]] = []
         for s, scene in enumerate(self.scene_dirs):
-            rgb_files = _stems(rgb_root / scene, _RGB_EXT)
-            files = {mod: _stems(self.root / d / scene, _MODS[mod]) for mod, d in mod_dirs.items()}
+            rgb_files = _stems(rgb_root / scene, RGB_EXTENSIONS)
+            files = {mod: _stems(self.root / d / scene, MODALITY_EXTENSIONS[mod]) for mod, d in mod_dirs.items()}
             for mod, found in files.items():
                 folder = self.root / mod_dirs[mod] / scene
                 missing = sorted(set(rgb_files) - set(found))
@@ -243,7 +273,7 @@ class FolderDataset(torch.utils.data.Dataset):
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise DataError(f"{self.root}: modalities do not match by file stem:\n  {shown}{more}")
         if not self.records:
-            raise DataError(f"{rgb_root}: no images found (extensions {', '.join(_RGB_EXT)})")
+            raise DataError(f"{rgb_root}: no images found (extensions {', '.join(RGB_EXTENSIONS)})")
 
         if num_seg_classes is None:
             num_seg_classes = meta.get("num_seg_classes")
@@ -325,7 +355,7 @@ class FolderDataset(torch.utils.data.Dataset):
                 raise DataError(
                     f"{paths['msk']}: mask has PIL mode {msk_img.mode!r}; expected an 8-bit image"
                 )
-            msk = np.asarray(msk_img.convert("L")) > 127
+            msk = np.asarray(msk_img.convert("L")) > MASK_THRESHOLD
             if msk.shape != normal_valid.shape:
                 raise DataError(
                     f"{paths['msk']}: mask is {msk.shape[1]}x{msk.shape[0]} but the normal map "

@@ -1,8 +1,9 @@
 """Training data loaders: the dataset decoded once and resident on the device, or torch's DataLoader.
 
-Three loaders share one interface (iteration over batches in the sample format of
-:mod:`mgm_fast.data.sample`, ``len()`` = batches per epoch on this rank, ``state_dict()`` /
-``load_state_dict()``, ``epoch``, ``position``, ``kind``):
+Three loaders share one interface, that of :class:`mgm_fast.data.loader_base.LoaderBase`
+(iteration over batches in the sample format of :mod:`mgm_fast.data.sample`, ``len()`` =
+batches per epoch on this rank, ``state_dict()`` / ``load_state_dict()``, ``epoch``,
+``position``, ``kind``), and one order of the samples and one resume rule (documented there):
 
 * :class:`MemoryLoader` decodes the selected samples ONCE (batched where the dataset offers it:
   ``render_batch`` of the synthetic scenes, ``__getitems__``, else one ``dataset[i]`` per sample,
@@ -17,32 +18,6 @@ Three loaders share one interface (iteration over batches in the sample format o
 
 :func:`make_loader` picks one (``"auto"``) or builds the one asked for, and says which (``kind``)
 and why (``reason``); a forced loader that cannot run raises, it is never silently replaced.
-
-Order of the samples (identical for the memory and torch loaders)
-    ``indices`` are positions into the dataset (ints) or sample ids (str, resolved through
-    ``dataset.sample_id``). Epoch ``e`` uses the permutation ``torch.randperm(n, generator=g)``
-    of the n selected samples, with ``g`` a CPU ``torch.Generator`` seeded by
-    :func:`epoch_seed` ``(seed, e)`` (``shuffle=False``: the given order). With ``drop_last``
-    the permutation is cut to a multiple of ``world_size * batch_size`` and rank ``r`` takes
-    elements ``r::world_size`` of it, so every rank gets the same number of full batches, the
-    ranks are disjoint, and rank r's k-th batch is elements ``r::world_size`` of the k-th batch
-    of a single-rank loader with batch ``world_size * batch_size``. ``drop_last=False`` keeps
-    a short last batch and is single-rank only (ranks would get different batch counts).
-
-    The permutation is drawn on the CPU and copied to the device once per epoch (n int64): the
-    order is then the same on every device type (a CPU test reproduces a GPU run), the ids of a
-    batch need no device-to-host copy, and the batches themselves are gathered on the device.
-    Drawing each epoch from ``(seed, epoch)`` makes the generator state a function of the epoch,
-    so ``state_dict`` holds only ``seed, epoch, position`` (+ the plan, checked on load), and the
-    global torch RNG is never touched (the trainer's own RNG stream stays reproducible).
-
-Iteration and resume
-    ``for batch in loader`` yields the remaining batches of the current epoch from ``position``
-    and then moves to the next epoch; breaking out keeps the position, so the next loop continues
-    the same epoch (like a restored loader). ``position`` counts batches handed out, so a
-    ``state_dict()`` taken after a training step on batch k resumes with batch k + 1: a loader
-    restored mid-epoch yields exactly the remaining batches of that epoch, then the same epochs
-    as an uninterrupted one. :func:`batches` walks epochs forever for a step-counted trainer.
 
 Storage of :class:`MemoryLoader` (per sample, H x W pixels; the batch is always the sample format)
 
@@ -76,15 +51,16 @@ changes every epoch); only the batches are sharded.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from mgm_fast.data.sample import IGNORE_INDEX, TENSOR_KEYS, DataError, collate
+# BatchPlan, epoch_seed and resolve_indices are re-exported: callers reach every loader name here
+from mgm_fast.data.loader_base import BatchPlan, LoaderBase, check_keys, epoch_seed, resolve_indices
+from mgm_fast.data.sample import SAMPLE_DTYPES, DataError, collate
 
 __all__ = [
     "LOADER_KINDS",
@@ -112,15 +88,6 @@ in-memory loader take by default."""
 RGB_STEP = float(np.float32(2.0 / 255.0))
 """float32(2/255): one uint8 RGB level in [-1, 1] units (``x = q * RGB_STEP - 1``)."""
 
-_SAMPLE_DTYPES = {
-    "rgb": torch.float32,
-    "seg": torch.int64,
-    "depth": torch.float32,
-    "depth_mask": torch.bool,
-    "normal": torch.float32,
-    "normal_mask": torch.bool,
-    "scene": torch.int64,
-}
 _DEFAULT_STORE = {
     "rgb": torch.uint8,
     "seg": torch.int16,
@@ -162,250 +129,6 @@ def dequantize_rgb(q: torch.Tensor) -> torch.Tensor:
     subtract.
     """
     return torch.mul(q, RGB_STEP).sub_(1.0)
-
-
-# -------------------------------------------------------------------------------------------
-# Indices, order and sharding.
-
-
-def resolve_indices(dataset, indices) -> torch.Tensor:
-    """Dataset positions (ints) or sample ids (str) -> CPU int64 tensor of positions.
-
-    Ids are looked up through ``dataset.sample_id(i)`` (e.g. a :class:`~mgm_fast.data.splits.Split`
-    part such as ``split.train_weak``). Raises :class:`DataError` for positions out of range,
-    unknown ids, repeats (a sample would be seen twice per epoch) or an empty selection.
-    """
-    if isinstance(indices, torch.Tensor | np.ndarray):
-        items = indices.tolist()
-    else:
-        items = list(indices)
-    if not items:
-        raise DataError(f"{type(dataset).__name__}: no samples selected (empty indices)")
-    n = len(dataset)
-    if all(isinstance(i, str) for i in items):
-        if not hasattr(dataset, "sample_id"):
-            raise DataError(
-                f"{type(dataset).__name__} has no sample_id(i), so ids cannot be resolved; pass integer "
-                "positions instead"
-            )
-        where = {dataset.sample_id(i): i for i in range(n)}
-        missing = [s for s in items if s not in where]
-        if missing:
-            more = f" ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise DataError(
-                f"{type(dataset).__name__}: {len(missing)} id(s) not in the dataset: {missing[:5]}{more}"
-            )
-        items = [where[s] for s in items]
-    elif not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in items):
-        raise DataError("indices must be all ints (dataset positions) or all str (sample ids)")
-    pos = torch.tensor([int(i) for i in items], dtype=torch.int64)
-    bad = pos[(pos < 0) | (pos >= n)]
-    if len(bad):
-        raise DataError(f"{type(dataset).__name__}: indices {bad[:5].tolist()} out of range for {n} samples")
-    uniq, counts = torch.unique(pos, return_counts=True)
-    if len(uniq) != len(pos):
-        raise DataError(f"indices repeat dataset position(s) {uniq[counts > 1][:5].tolist()}")
-    return pos
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """63-bit seed of epoch ``epoch``'s permutation: a keyed hash of (seed, epoch), so nearby
-    (seed, epoch) pairs give unrelated permutations and none coincide by arithmetic."""
-    data = f"{int(seed)}\x00{int(epoch)}".encode()
-    digest = hashlib.blake2b(data, digest_size=8, person=b"mgm_fast.order").digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-class BatchPlan:
-    """Which samples rank ``rank`` sees in which batch of each epoch (module docstring).
-
-    Args:
-        num_samples: n, the number of selected samples.
-        batch_size: B, samples per batch on this rank.
-        seed: order seed; shuffle: permute every epoch (else the given order).
-        drop_last: cut each epoch to full batches (required for world_size > 1).
-        rank, world_size: this process's shard.
-    Attributes:
-        num_batches: batches per epoch on each rank (> 0).
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        for name, value, low in (
-            ("batch_size", batch_size, 1),
-            ("world_size", world_size, 1),
-            ("rank", rank, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if rank >= world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if world_size > 1 and not drop_last:
-            raise ValueError(
-                "drop_last=False with world_size > 1 would give the ranks different numbers of batches "
-                "(a collective would hang); use drop_last=True for sharded loading"
-            )
-        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
-        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
-        self.rank, self.world_size = int(rank), int(world_size)
-        step = self.batch_size * self.world_size
-        if self.drop_last:
-            self.num_batches = self.num_samples // step
-            self.samples_per_epoch = self.num_batches * step  # all ranks together
-        else:
-            self.num_batches = -(-self.num_samples // self.batch_size)
-            self.samples_per_epoch = self.num_samples
-        if self.num_batches == 0:
-            raise DataError(
-                f"{self.num_samples} samples give no full batch of {self.batch_size} x {self.world_size} rank(s) "
-                "with drop_last=True: an epoch would be empty"
-            )
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """CPU int64 (n,): the permutation of epoch ``epoch`` over all ranks (before sharding)."""
-        if not self.shuffle:
-            return torch.arange(self.num_samples, dtype=torch.int64)
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        return torch.randperm(self.num_samples, generator=g)
-
-    def positions(self, epoch: int) -> torch.Tensor:
-        """CPU int64 (num_batches * B,) (shorter last batch without drop_last): positions into
-        the selection that this rank visits in epoch ``epoch``, batch after batch."""
-        return self.order(epoch)[: self.samples_per_epoch][self.rank :: self.world_size]
-
-    def batch_slice(self, k: int) -> slice:
-        return slice(k * self.batch_size, (k + 1) * self.batch_size)
-
-    def describe(self) -> dict:
-        return {
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
-            "world_size": self.world_size,
-        }
-
-
-def _indices_digest(indices: torch.Tensor) -> str:
-    return hashlib.blake2b(indices.numpy().tobytes(), digest_size=8).hexdigest()
-
-
-class _Loader:
-    """Epoch / position bookkeeping shared by the loaders; subclasses implement ``_epoch_batches``."""
-
-    kind = "?"
-    reason = ""
-
-    def __init__(self, dataset, indices, batch_size, device, seed, shuffle, drop_last, rank, world_size):
-        self.dataset = dataset
-        self.indices = resolve_indices(dataset, indices)
-        self.device = torch.device(device)
-        self.plan = BatchPlan(len(self.indices), batch_size, seed, shuffle, drop_last, rank, world_size)
-        self.batch_size = self.plan.batch_size
-        self.epoch = 0
-        self.position = 0  # batches of ``epoch`` already handed out
-        self._digest = _indices_digest(self.indices)
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self.plan.num_batches
-
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
-        """Continue at batch ``position`` of epoch ``epoch``."""
-        if not 0 <= position <= len(self):
-            raise ValueError(f"position {position} is not in [0, {len(self)}]")
-        self.epoch, self.position = int(epoch), int(position)
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.position >= len(self):  # the last epoch was finished before a checkpoint
-            self.epoch, self.position = self.epoch + 1, 0
-        epoch = self.epoch
-        for batch in self._epoch_batches(epoch, self.position):
-            self.position += 1  # counted when handed out: a checkpoint after this step resumes after it
-            yield batch
-        if self.epoch == epoch and self.position >= len(self):
-            self.epoch, self.position = epoch + 1, 0
-
-    def _epoch_batches(self, epoch: int, start: int) -> Iterator[dict]:
-        raise NotImplementedError
-
-    label_limits: dict[str, int] | None = None
-    """Upper bounds of the label fields (``scene``, ``seg``) set by :meth:`require_labels`."""
-
-    def require_labels(self, num_scenes: int | None = None, num_seg_classes: int | None = None) -> None:
-        """Guarantee that every batch holds labels the networks can index: ``scene`` in
-        [0, num_scenes), ``seg`` in [0, num_seg_classes) or the ignore index.
-
-        This is the data boundary of the training engine, whose ops skip their own value checks
-        (they would read device values inside every step, see
-        :func:`mgm_fast.ops._dispatch.value_checks_enabled`): the memory loader checks its stored
-        samples once, here; streaming loaders check each batch on the host before it is copied to
-        the device. Raises :class:`DataError` naming the samples."""
-        self.label_limits = {k: v for k, v in (("scene", num_scenes), ("seg", num_seg_classes)) if v is not None}
-
-    def _check_label_batch(self, batch: Mapping, ids: Sequence[str]) -> None:
-        for key, limit in (self.label_limits or {}).items():
-            if key not in batch:
-                continue
-            value = batch[key]
-            low = IGNORE_INDEX if key == "seg" else 0
-            bad = (value < low) | (value >= limit)
-            if key == "seg":
-                bad &= value != IGNORE_INDEX
-            if bad.any():
-                rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
-                shown = [ids[i] for i in rows[:3]] if len(ids) == bad.shape[0] else rows[:3]
-                example = int(value[bad].flatten()[0])
-                allowed = f"[0, {limit})" + (f" or {IGNORE_INDEX} (ignored)" if key == "seg" else "")
-                raise DataError(f"'{key}' label {example} in samples {shown}{'...' if len(rows) > 3 else ''} "
-                                f"is outside {allowed} ({type(self.dataset).__name__})")
-
-    def state_dict(self) -> dict:
-        """Data-order state: plain ints/bools/str (``torch.load(weights_only=True)`` safe)."""
-        return {
-            **self.plan.describe(),
-            "epoch": self.epoch,
-            "position": self.position,
-            "indices": self._digest,
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Restore ``epoch`` and ``position``; the plan (selection, batch size, seed, sharding)
-        must be the one the state was saved with, else a ValueError lists the differences."""
-        mine = {**self.plan.describe(), "indices": self._digest}
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if diff:
-            shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the data plan differs ({shown})")
-        self.set_epoch(int(state["epoch"]), int(state["position"]))
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(kind={self.kind!r}, samples={self.plan.num_samples}, batch_size={self.batch_size}, "
-            f"batches={len(self)}, rank={self.plan.rank}/{self.plan.world_size}, device={self.device}, "
-            f"epoch={self.epoch}, position={self.position})"
-        )
-
-
-def _check_keys(keys) -> tuple[str, ...]:
-    if keys is None:
-        return tuple(TENSOR_KEYS)
-    keys = tuple(keys)
-    bad = [k for k in keys if k not in TENSOR_KEYS]
-    if bad or not keys:
-        raise ValueError(f"keys {list(keys)} must be a non-empty subset of {list(TENSOR_KEYS)} (bad: {bad})")
-    return tuple(k for k in TENSOR_KEYS if k in keys)  # canonical order, no repeats
 
 
 # -------------------------------------------------------------------------------------------
@@ -458,7 +181,7 @@ def _to_store(key: str, value: torch.Tensor, dtype: torch.dtype, ids: list[str])
     return value.to(dtype)
 
 
-class MemoryLoader(_Loader):
+class MemoryLoader(LoaderBase):
     """All selected samples decoded once and kept on ``device``; batches gathered there.
 
     Args:
@@ -467,7 +190,7 @@ class MemoryLoader(_Loader):
         indices: dataset positions or sample ids to load (see :func:`resolve_indices`).
         batch_size: samples per batch on this rank.
         device: where the data lives and the batches appear.
-        seed: order seed (module docstring); shuffle, drop_last: as there.
+        seed: order seed; shuffle, drop_last: see :mod:`mgm_fast.data.loader_base`.
         rank, world_size: shard of the batches (every rank stores all samples).
         keys: fields to keep, e.g. ``("rgb", "scene")`` for the weakly-labelled MGM-light stream;
             batches hold these plus ``id``. Default: all.
@@ -504,7 +227,7 @@ class MemoryLoader(_Loader):
         decode_workers: int = 0,
     ):
         super().__init__(dataset, indices, batch_size, device, seed, shuffle, drop_last, rank, world_size)
-        self.keys = _check_keys(keys)
+        self.keys = check_keys(keys)
         self.store_dtypes = _store_dtypes(self.keys, rgb_dtype, seg_dtype, normal_dtype)
         self.ids: list[str] = []
         self.data: dict[str, torch.Tensor] = {}
@@ -560,8 +283,8 @@ class MemoryLoader(_Loader):
             value = stored.index_select(0, idx)
             if key == "rgb" and value.dtype == torch.uint8:
                 value = dequantize_rgb(value)
-            elif value.dtype != _SAMPLE_DTYPES[key]:
-                value = value.to(_SAMPLE_DTYPES[key])
+            elif value.dtype != SAMPLE_DTYPES[key]:
+                value = value.to(SAMPLE_DTYPES[key])
             out[key] = value
         out["id"] = ids
         return out
@@ -579,7 +302,7 @@ def estimate_nbytes(
     decoded for its shapes, times the number of samples (all samples share one size)."""
     pos = resolve_indices(dataset, indices)
     sample = dataset[int(pos[0])]
-    dtypes = _store_dtypes(_check_keys(keys), rgb_dtype, seg_dtype, normal_dtype)
+    dtypes = _store_dtypes(check_keys(keys), rgb_dtype, seg_dtype, normal_dtype)
     per_sample = sum(sample[k].numel() * torch.empty((), dtype=d).element_size() for k, d in dtypes.items())
     return per_sample * len(pos)
 
@@ -640,7 +363,7 @@ def _collate_keys(samples, keys: tuple[str, ...]) -> dict:
     return {**{k: batch[k] for k in keys}, "id": batch["id"]}
 
 
-class TorchLoader(_Loader):
+class TorchLoader(LoaderBase):
     """Batches decoded every epoch by ``torch.utils.data.DataLoader``; same order, state and
     batch format as :class:`MemoryLoader`.
 
@@ -673,7 +396,7 @@ class TorchLoader(_Loader):
         prefetch_factor: int | None = None,
     ):
         super().__init__(dataset, indices, batch_size, device, seed, shuffle, drop_last, rank, world_size)
-        self.keys = _check_keys(keys)
+        self.keys = check_keys(keys)
         self.sampler = ShardedBatchSampler(self.plan, self.indices)
         pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         extra = {}

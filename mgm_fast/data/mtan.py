@@ -58,7 +58,15 @@ from mgm_fast.data.sample import (
     validate_sample,
 )
 
-__all__ = ["MTAN_SEG_CLASSES", "SCENES_JSON", "MTANDataset", "read_scenes_json", "write_mtan"]
+__all__ = [
+    "IMAGE_RANGE_TOL",
+    "MODALITY_FIELDS",
+    "MTAN_SEG_CLASSES",
+    "SCENES_JSON",
+    "MTANDataset",
+    "read_scenes_json",
+    "write_mtan",
+]
 
 MTAN_SEG_CLASSES = (
     "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
@@ -68,7 +76,17 @@ MTAN_SEG_CLASSES = (
 
 SCENES_JSON = "scenes.json"
 SPLITS = ("train", "val")
-_MODS = ("image", "label", "depth", "normal")
+MODALITY_FIELDS = {
+    "image": ("rgb",),
+    "label": ("seg",),
+    "depth": ("depth", "depth_mask"),
+    "normal": ("normal", "normal_mask"),
+}
+"""The modality folders of a split and the sample fields decoded from each one's files."""
+_MODS = tuple(MODALITY_FIELDS)
+IMAGE_RANGE_TOL = 1e-3
+"""``image`` values may exceed [0, 1] by this much (float rounding of the release) before a
+file is refused as not being in [0, 1]; they are clipped to [0, 1]."""
 _INT_STEM = re.compile(r"^(0|[1-9][0-9]*)$")
 _SCENES_HELP = (
     "MGM needs one scene label per image and the MTAN release has none. Provide {path} (or pass "
@@ -248,7 +266,7 @@ class MTANDataset(torch.utils.data.Dataset):
             )
         image = image.astype(np.float32)
         lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
-        if not np.isfinite(image).all() or lo < -1e-3 or hi > 1 + 1e-3:
+        if not np.isfinite(image).all() or lo < -IMAGE_RANGE_TOL or hi > 1 + IMAGE_RANGE_TOL:
             raise DataError(
                 f"{paths['image']}: image values span [{lo:.4g}, {hi:.4g}], expected finite values in [0, 1]"
             )

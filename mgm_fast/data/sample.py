@@ -46,6 +46,9 @@ from PIL import Image
 __all__ = [
     "IGNORE_INDEX",
     "MIN_NORMAL_NORM",
+    "NORMAL8_SCALE",
+    "RGB8_SCALE",
+    "SAMPLE_DTYPES",
     "SAMPLE_KEYS",
     "TENSOR_KEYS",
     "DataError",
@@ -55,6 +58,7 @@ __all__ = [
     "decode_normals_8bit",
     "encode_normals_8bit",
     "image_to_rgb01",
+    "labels_outside",
     "list_preview",
     "make_sample",
     "normalise_normals",
@@ -80,8 +84,13 @@ MAX_NORMAL_NORM = 1.5
 """Decoded normals longer than this are invalid too: an 8-bit map's black (0, 0, 0) fill decodes
 to (-1, -1, -1), length sqrt(3), which no unit vector quantised to 8 bits can produce."""
 
+RGB8_SCALE = np.float32(1.0 / 255.0)
+"""float32(1/255): an 8-bit colour level ``p`` is ``p * RGB8_SCALE`` in [0, 1]."""
+NORMAL8_SCALE = np.float32(2.0 / 255.0)
+"""float32(2/255): an 8-bit normal-map level ``p`` decodes to ``p * NORMAL8_SCALE - 1``."""
+
 _SHAPES = {"rgb": 3, "seg": None, "depth": 1, "depth_mask": 1, "normal": 3, "normal_mask": 1}
-_DTYPES = {
+SAMPLE_DTYPES = {
     "rgb": torch.float32,
     "seg": torch.int64,
     "depth": torch.float32,
@@ -90,6 +99,7 @@ _DTYPES = {
     "normal_mask": torch.bool,
     "scene": torch.int64,
 }
+"""dtype of each tensor field of a sample (and of a batch), as in the table above."""
 _UNIT_TOL = 1e-3
 
 
@@ -170,7 +180,7 @@ def validate_sample(
     missing = [k for k in SAMPLE_KEYS if k not in sample]
     if missing:
         _fail(source, f"sample lacks key(s) {missing}; expected {list(SAMPLE_KEYS)}")
-    for key, dtype in _DTYPES.items():
+    for key, dtype in SAMPLE_DTYPES.items():
         t = sample[key]
         if not isinstance(t, torch.Tensor):
             _fail(source, f"'{key}' is a {type(t).__name__}, expected a torch.Tensor")
@@ -296,7 +306,7 @@ def image_to_rgb01(im: Image.Image, path: Path) -> np.ndarray:
     if im.mode not in ("RGB", "RGBA", "L", "P", "LA", "1"):
         raise DataError(f"{path}: RGB image has PIL mode {im.mode!r}; expected 8-bit RGB/RGBA/L/P")
     arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-    return arr * np.float32(1.0 / 255.0)
+    return arr * RGB8_SCALE
 
 
 def decode_normals_8bit(im: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +318,7 @@ def decode_normals_8bit(im: Image.Image, path: Path) -> tuple[np.ndarray, np.nda
     """
     if im.mode not in ("RGB", "RGBA"):
         raise DataError(f"{path}: normal map has PIL mode {im.mode!r}; expected 8-bit RGB (3 channels)")
-    arr = np.asarray(im.convert("RGB"), dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    arr = np.asarray(im.convert("RGB"), dtype=np.float32) * NORMAL8_SCALE - np.float32(1.0)
     return normalise_normals(arr)
 
 
@@ -453,7 +463,7 @@ def sanitize_depth(
 def check_labels(seg: np.ndarray, num_classes: int, path: Path) -> None:
     """Labels (void already ``IGNORE_INDEX``) must lie in [0, num_classes); else a DataError
     naming ``path`` and the offending values."""
-    bad = (seg != IGNORE_INDEX) & ((seg < 0) | (seg >= num_classes))
+    bad = labels_outside(seg, num_classes)
     if bad.any():
         values = np.unique(seg[bad])
         shown = ", ".join(str(int(v)) for v in values[:8]) + (" ..." if len(values) > 8 else "")
@@ -461,6 +471,13 @@ def check_labels(seg: np.ndarray, num_classes: int, path: Path) -> None:
             f"{path}: {int(bad.sum())} pixel(s) with label(s) {shown} outside [0, {num_classes}) "
             f"(void must map to {IGNORE_INDEX})"
         )
+
+
+def labels_outside(seg, num_classes: int):
+    """Elementwise: ``seg`` is neither ``IGNORE_INDEX`` nor in [0, num_classes). ``seg``: integer
+    numpy array, torch tensor or DALI graph node of any shape (the DALI adapters flag samples
+    with this rule inside the pipeline)."""
+    return (seg != IGNORE_INDEX) & ((seg < 0) | (seg >= num_classes))
 
 
 def list_preview(items: Sequence[str], n: int = 5) -> str:

@@ -94,17 +94,40 @@ from mgm_fast.data.sample import (
 __all__ = [
     "DEPTH_INVALID",
     "DEPTH_UNITS_PER_METRE",
+    "MASK_TASKS",
+    "MASK_THRESHOLD",
     "NUM_PLACES",
+    "NUM_SEG_RAW",
+    "REQUIRED",
+    "TASK_FIELDS",
     "TaskonomyDataset",
     "decode_depth_zbuffer",
     "decode_segment_semantic",
+    "depth_zbuffer_valid",
+    "mask_file",
+    "scene_from_scores",
+    "segment_semantic_classes",
     "write_taskonomy",
 ]
 
 DEPTH_UNITS_PER_METRE = 512.0
 DEPTH_INVALID = 65535
 NUM_PLACES = 365
-NUM_SEG_RAW = 18  # raw values 0..17
+NUM_SEG_RAW = 18
+"""segment_semantic holds the raw values 0..NUM_SEG_RAW - 1."""
+MASK_TASKS = ("mask_valid", "mask")
+"""Validity-mask task folders (omnidata, taskgrouping); a building uses the first one it has."""
+MASK_THRESHOLD = 0
+"""A mask pixel is valid where its value (PIL luma of 8-bit masks) exceeds this."""
+TASK_FIELDS = {
+    "rgb": ("rgb",),
+    "segment_semantic": ("seg",),
+    "depth_zbuffer": ("depth", "depth_mask"),
+    "normal": ("normal", "normal_mask"),
+    "mask": ("depth", "depth_mask", "normal", "normal_mask"),
+    "class_scene": ("scene",),
+}
+"""Sample fields decoded from each task's file (``"mask"``: whichever of :data:`MASK_TASKS`)."""
 REQUIRED = ("rgb", "segment_semantic", "depth_zbuffer", "normal")
 _EXT = {"rgb": ".png", "segment_semantic": ".png", "depth_zbuffer": ".png", "normal": ".png", "class_scene": ".npy",
         "mask_valid": ".png", "mask": ".png"}  # fmt: skip
@@ -125,11 +148,19 @@ def decode_depth_zbuffer(
         raise DataError(
             f"{path}: depth_zbuffer values span [{raw.min()}, {raw.max()}], expected 16-bit 0..65535"
         )
-    valid = (raw != DEPTH_INVALID) & (raw > 0)
     depth = (raw / DEPTH_UNITS_PER_METRE).astype(np.float32)
+    valid = depth_zbuffer_valid(raw, depth, max_depth)
+    return np.where(valid, depth, 0).astype(np.float32), valid
+
+
+def depth_zbuffer_valid(raw, depth, max_depth: float | None = None):
+    """Where depth_zbuffer holds a measurement: raw neither 65535 (missing) nor 0, and the depth
+    in metres within ``max_depth`` when given. ``raw`` (integer) and ``depth`` (metres): numpy
+    arrays or torch tensors of one shape; returns bool of that shape."""
+    valid = (raw != DEPTH_INVALID) & (raw > 0)
     if max_depth is not None:
         valid &= depth <= max_depth
-    return np.where(valid, depth, 0).astype(np.float32), valid
+    return valid
 
 
 def decode_segment_semantic(arr: np.ndarray, path: Path, background_as_ignore: bool = False) -> np.ndarray:
@@ -145,10 +176,34 @@ def decode_segment_semantic(arr: np.ndarray, path: Path, background_as_ignore: b
         raise DataError(
             f"{path}: segment_semantic has value(s) {', '.join(str(int(v)) for v in vals[:8])} outside 0..{NUM_SEG_RAW - 1}"
         )
-    shift = 2 if background_as_ignore else 1
-    seg = raw - shift
+    return segment_semantic_classes(raw, background_as_ignore)
+
+
+def segment_semantic_classes(raw, background_as_ignore: bool = False):
+    """Raw segment_semantic values in 0..17 (int64 numpy array or torch tensor, any shape) ->
+    classes: ``raw - 1`` (``raw - 2`` with ``background_as_ignore``), ``IGNORE_INDEX`` below 0."""
+    seg = raw - (2 if background_as_ignore else 1)
     seg[seg < 0] = IGNORE_INDEX
     return seg
+
+
+def mask_file(paths: Mapping[str, Path]) -> Path | None:
+    """The validity-mask file among a view's task files (the first of :data:`MASK_TASKS`), if any."""
+    return next((paths[t] for t in MASK_TASKS if t in paths), None)
+
+
+def scene_from_scores(scores: np.ndarray, keep: Sequence[int] | None, scene_other: str) -> np.ndarray:
+    """float (..., 365) class_scene scores -> int64 (...) scene labels (module docstring): the
+    first arg-max over all classes when ``keep`` is None, over the kept classes with
+    ``"restrict"``; else the position in ``keep`` of the overall arg-max, or outside the list
+    ``len(keep)`` (``"other"``) or -1 (``"drop"``: the view is left out)."""
+    if keep is None:
+        return np.argmax(scores, -1).astype(np.int64)
+    if scene_other == "restrict":
+        return np.argmax(scores[..., keep], -1).astype(np.int64)
+    hit = np.argmax(scores, -1)[..., None] == np.asarray(keep)
+    outside = len(keep) if scene_other == "other" else -1
+    return np.where(hit.any(-1), np.argmax(hit, -1), outside).astype(np.int64)
 
 
 def _read_places_names(places_names) -> list[str] | None:
@@ -248,7 +303,7 @@ class TaskonomyDataset(torch.utils.data.Dataset):
         self.records: list[tuple[str, int, int, dict[str, Path]]] = []
         self.dropped = 0
         for b in self.buildings:
-            mask_task = next((t for t in ("mask_valid", "mask") if self._task_dir(b, t).is_dir()), None)
+            mask_task = next((t for t in MASK_TASKS if self._task_dir(b, t).is_dir()), None)
             files = {t: self._index(b, t, problems) for t in tasks + ([mask_task] if mask_task else [])}
             keys = set(files["rgb"])
             for t, found in files.items():
@@ -436,14 +491,7 @@ class TaskonomyDataset(torch.utils.data.Dataset):
             )
         if not np.isfinite(arr).all():
             raise DataError(f"{path}: class_scene has non-finite values")
-        if self.keep is None:
-            return int(np.argmax(arr))
-        if self.scene_other == "restrict":
-            return int(np.argmax(arr[self.keep]))
-        top = int(np.argmax(arr))
-        if top in self.keep:
-            return self.keep.index(top)
-        return len(self.keep) if self.scene_other == "other" else -1
+        return int(scene_from_scores(arr, self.keep, self.scene_other))
 
     # -- samples
     def __len__(self) -> int:
@@ -476,10 +524,10 @@ class TaskonomyDataset(torch.utils.data.Dataset):
             )
         depth, depth_valid = decode_depth_zbuffer(np.asarray(d_img), paths["depth_zbuffer"], self.max_depth)
         normal, normal_valid = decode_normals_8bit(read_image(paths["normal"], "normal map"), paths["normal"])
-        mask_path = paths.get("mask_valid") or paths.get("mask")
+        mask_path = mask_file(paths)
         if mask_path is not None:
             m_img = read_image(mask_path, "validity mask")
-            mask = np.asarray(m_img.convert("L") if m_img.mode not in ("I", "I;16") else m_img) > 0
+            mask = np.asarray(m_img.convert("L") if m_img.mode not in ("I", "I;16") else m_img) > MASK_THRESHOLD
             for name, arr in (("depth_zbuffer", depth_valid), ("normal", normal_valid)):
                 if mask.shape != arr.shape:
                     raise DataError(f"{mask_path}: mask is {mask.shape} but {name} is {arr.shape}")

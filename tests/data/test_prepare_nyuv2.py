@@ -295,7 +295,7 @@ def test_normals_of_known_planes(noise):
 def test_closed_form_eigenvectors_match_eigh():
     """The closed-form smallest eigenvector against numpy.linalg.eigh (its reference twin) on
     random covariances, including thin ones (planes) and near-degenerate ones."""
-    from mgm_fast.data.nyuv2 import _smallest_eigenvectors
+    from mgm_fast.data.nyuv2.normals import _smallest_eigenvectors
 
     rng = np.random.default_rng(1)
     k = 4000
@@ -635,7 +635,7 @@ def test_bad_scene_labels_split_and_output(tmp_path, frames, nyu):
 def test_partial_output_removed_on_error(tmp_path, nyu, monkeypatch):
     """A failure half-way leaves no output folder and no temporary folder behind."""
     mat, splits = nyu
-    import mgm_fast.data.nyuv2 as mod
+    import mgm_fast.data.nyuv2.prepare as mod
 
     calls = {"n": 0}
     real = mod.compute_normals

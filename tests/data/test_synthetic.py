@@ -11,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mgm_fast.data import synthetic as syn
 from mgm_fast.data.sample import validate_sample
 from mgm_fast.data.synthetic import (
-    FLOOR,
     IGNORE_INDEX,
     SCENE_CLASSES,
     SEG_CLASSES,
@@ -22,6 +20,8 @@ from mgm_fast.data.synthetic import (
     SyntheticScenes,
     intrinsics,
 )
+from mgm_fast.data.synthetic import render as syn_render
+from mgm_fast.data.synthetic.scenes import FLOOR
 from mgm_fast.data.visualize import contact_sheet
 
 FIELDS = ("rgb", "seg", "depth", "depth_mask", "normal", "normal_mask", "scene")
@@ -242,7 +242,7 @@ def test_culling_is_conservative(monkeypatch, size):
     every ray against every primitive, bit for bit."""
     ds = SyntheticScenes(24, size, seed=9)
     fast = ds.render_batch(range(24), num_threads=1)
-    monkeypatch.setattr(syn, "_cull_pairs", _brute_force_pairs)
+    monkeypatch.setattr(syn_render, "_cull_pairs", _brute_force_pairs)
     slow = ds.render_batch(range(24), num_threads=1)
     for k in FIELDS:
         assert torch.equal(fast[k], slow[k]), k
