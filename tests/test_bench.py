@@ -28,14 +28,14 @@ def _bench(group, name, median, *, param=None, extra=None, rounds=7, minimum=Non
     }
 
 
-def _write_results(folder: Path, benchmarks, name="benchmarks.json"):
+def _write_results(folder: Path, benchmarks, name="benchmarks.json", when="2026-01-02T03:04:05.000001+00:00"):
     folder.mkdir(parents=True, exist_ok=True)
     doc = {
         "machine_info": {"machine": "x86_64", "system": "Linux", "release": "6.1", "python_version": "3.11.7",
                          "python_implementation": "CPython", "cpu": {"brand_raw": "Test CPU 9000", "count": 8}},
         "commit_info": {"id": "0123456789abcdef", "branch": "main", "dirty": True},
         "benchmarks": benchmarks,
-        "datetime": "2026-01-02T03:04:05.000001+00:00",
+        "datetime": when,
         "version": "5.3.1",
     }
     (folder / name).write_text(json.dumps(doc))
@@ -235,6 +235,54 @@ def test_readme_block_replaced_between_markers(tmp_path):
     assert "1 more group(s) without a baseline" in text
     assert bench.main(["readme-block", str(results), str(readme)]) == 0
     assert readme.read_text() == text  # idempotent
+
+
+def test_readme_block_shows_each_group_from_its_newest_run_only(tmp_path):
+    """A results folder collects runs (the folder itself, a sub-folder per rerun); a group measured
+    in two runs is summarised once, from the later run, and the earlier run's section says so."""
+    device = tmp_path / "benchmarks" / "results" / "test-machine"
+    older = [_bench(OP, "test_op[reference]", 4e-3), _bench(OP, "test_op[fused]", 1e-3),
+             _bench("views", "test_views_loop", 0.5, extra={"baseline": True}),
+             _bench("views", "test_views_fast", 0.05)]
+    newer = [_bench(OP, "test_op[reference-b4]", 6e-3), _bench(OP, "test_op[fused-b4]", 2e-3)]
+    _write_results(device, older, when="2026-01-02T03:04:05+00:00")
+    _write_results(device / "rerun", newer, when="2026-01-03T00:00:00+00:00")
+    for folder in (device, device / "rerun"):
+        assert bench.main(["report", str(folder)]) == 0
+    readme = tmp_path / "docs" / "performance.md"
+    readme.parent.mkdir()
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    assert bench.main(["readme-block", str(device), str(readme)]) == 0
+    text = readme.read_text()
+    assert text.count(f"| {OP} |") == 1
+    assert _table_rows(text, "**test-machine/rerun**") == [[OP, "`test_op[fused-b4]` 2.000 ms",
+                                                             "`test_op[reference-b4]` 6.000 ms", "**3.00x**"]]
+    assert _table_rows(text, "**test-machine** ") == [["views", "`test_views_fast` 50.000 ms",
+                                                        "`test_views_loop` 500.0 ms", "**10.00x**"]]
+    assert f"Measured again in a later run, so shown under test-machine/rerun only: {OP}." in text
+    assert "[full report](../benchmarks/results/test-machine/rerun/README.md)" in text
+    # naming a run twice (the folder and its sub-folder) still gives each run one section
+    assert bench.main(["readme-block", str(device), str(device / "rerun"), str(readme)]) == 0
+    assert readme.read_text() == text
+
+    # the dates decide, not the folder: an older sub-folder run gives way to the folder's
+    _write_results(device / "rerun", newer, when="2026-01-01T00:00:00+00:00")
+    assert bench.main(["readme-block", str(device), str(readme)]) == 0
+    text = readme.read_text()
+    assert text.count(f"| {OP} |") == 1 and "| `test_op[fused]` 1.000 ms |" in text
+    assert f"shown under test-machine only: {OP}." in text
+
+
+def test_committed_performance_block_is_one_generated_generation():
+    """docs/performance.md's block is what the tool makes of the committed results, and no
+    benchmark group appears in it twice."""
+    doc = ROOT / "docs" / "performance.md"
+    committed = doc.read_text()
+    assert bench.render_block([CPU_RESULTS], doc) in committed
+    block = committed.split(bench.START_MARKER, 1)[1].split(bench.END_MARKER, 1)[0]
+    groups = [line.split(" | ")[0].strip("| ") for line in block.splitlines()
+              if line.startswith("| ") and not line.startswith("| benchmark group")]
+    assert groups and len(groups) == len(set(groups))
 
 
 def test_readme_block_errors_leave_the_file_alone(tmp_path, capsys):
