@@ -57,8 +57,8 @@ from typing import Any
 
 import torch
 
+from mgm_fast.atomic_io import atomic_torch_save
 from mgm_fast.config import ModelConfig, default_d_channel_mults, default_g_channel_mults
-from mgm_fast.engine.checkpoint import atomic_torch_save
 
 # (released prefix, our prefix), in the released checkpoint's order.
 PREFIX_MAP: tuple[tuple[str, str], ...] = (
