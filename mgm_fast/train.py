@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 from tqdm import tqdm
 
 from mgm_fast.config import Config, override, preset, to_dict
@@ -42,6 +42,7 @@ from mgm_fast.engine.checkpoint import (
     CheckpointManager,
     RestoreReport,
     capture_rng,
+    check_finite,
     load_checkpoint,
     restore,
     restore_rng,
@@ -322,13 +323,7 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
             if done % run.args.log_every == 0 or done == total:
                 # One host sync per window (and one all-reduce across ranks).
                 means = {k: float(v) for k, v in distributed.average_scalars(ctx.pop_means(), run.world).items()}
-                bad = [k for k, v in means.items() if not math.isfinite(v)]
-                if bad:
-                    last = run.manager.last_saved if run.manager else None
-                    raise FloatingPointError(
-                        f"{name}: loss {', '.join(bad)} is not finite at step {run.step}; the run stops "
-                        f"here (last good checkpoint: {last})"
-                    )
+                check_finite(means, run.step, run.manager.last_saved if run.manager else None, where=name)
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 skipped = {"skipped": dict(ctx.skipped)} if ctx.skipped else {}
                 run.record(phase=name, step=run.step, epoch=done // steps_per_epoch, images_per_s=rate,
@@ -447,8 +442,6 @@ def write_samples(run: Run, nets: MGMNets, path: Path, per_scene: int = 6) -> No
     values after a short run and eval-mode samples would not show what G has learnt. The copy
     keeps the run's own BN statistics and spectral-norm vectors untouched.
     """
-    from PIL import Image
-
     nets.eval()
     generator = distributed.local_copy(nets.generator).train()
     # A loader of its own: pulling a batch from the shared validation loader would leave it

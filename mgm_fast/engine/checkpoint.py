@@ -1101,6 +1101,7 @@ def check_finite(
     step: int,
     last_checkpoint: str | os.PathLike | None,
     policy: str = "stop",
+    where: str | None = None,
 ) -> bool:
     """Check accumulated losses for NaN / inf; call at logging time, not every step.
 
@@ -1113,6 +1114,7 @@ def check_finite(
             None, for the message.
         policy: "stop" raises :class:`NonFiniteLossError`; "skip" returns False so the caller
             can drop the window (e.g. skip logging or reload).
+        where: what the losses belong to (e.g. the training phase), the message's first words.
 
     Returns:
         True when every value is finite; False (policy "skip") otherwise.
@@ -1139,15 +1141,16 @@ def check_finite(
         name: (float(v.detach().float().sum()) if isinstance(v, torch.Tensor) else float(v))
         for name, v in losses.items()
     }
-    where = (
+    resume_from = (
         f"last good checkpoint: {last_checkpoint}"
         if last_checkpoint is not None
         else "no checkpoint written yet"
     )
     raise NonFiniteLossError(
-        f"non-finite loss at step {step}: "
+        (f"{where}: " if where else "")
+        + f"loss not finite at step {step}: "
         + ", ".join(f"{name}={values[name]}" for name in bad)
-        + f"; {where}",
+        + f"; {resume_from}",
         step=step,
         names=bad,
         values=values,
