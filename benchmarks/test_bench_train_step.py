@@ -100,9 +100,8 @@ def test_bench_mgm_step(benchmark, engine, tmp_path, tmp_path_factory):
     value = benchmark.pedantic(_steps, args=(ctx, batches, steps), rounds=1 if disabled else 3, iterations=1)
     assert value == value, "non-finite losses"  # NaN check: the engines must train
     extra = dict(engine=engine, baseline=engine == "reference", device=DEVICE, preset=PRESET, batch=BATCH,
-                 precision=run.args.precision, channels_last=run.args.channels_last, loader=run.args.loader,
-                 **{k: getattr(engines.get(run.args.engine), k) for k in ("views", "readback", "autograd", "adam",
-                                                                            "loss_impl", "genblock_impl")})
+                 **{k: getattr(run.execution, k) for k in ("precision", "channels_last", "loader", "views", "readback",
+                                                           "autograd", "adam", "loss_impl", "genblock_impl")})
     if not disabled:
         extra["flops"] = _model_flops(tmp_path_factory) * STEPS
     record_rate(benchmark, BATCH * steps, "images", **extra)

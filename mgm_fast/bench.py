@@ -842,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the JSON to this file")
     p = sub.add_parser("step-cost", help="ATen ops, host syncs, graph breaks and host floor of one step per method",
                        description="See mgm_fast/stepcost.py.")
+    # Imported here, not at the top: stepcost imports this module (collect_env), and the other
+    # commands need none of the training stack it brings in.
     from mgm_fast import stepcost
 
     stepcost.add_arguments(p)

@@ -57,8 +57,9 @@ from typing import Any
 
 import torch
 
+from mgm_fast.atomic_io import atomic_torch_save
 from mgm_fast.config import ModelConfig, default_d_channel_mults, default_g_channel_mults
-from mgm_fast.engine.checkpoint import atomic_torch_save
+from mgm_fast.models import build_models
 
 # (released prefix, our prefix), in the released checkpoint's order.
 PREFIX_MAP: tuple[tuple[str, str], ...] = (
@@ -477,8 +478,6 @@ def build_from_released(
 
     Returns ``(model_config, nets, report)``; ``overrides`` go to :func:`infer_model_config`.
     """
-    from mgm_fast.models import build_models
-
     state = load_released_state_dict(path_or_dict)
     cfg = infer_model_config(state, **overrides)
     nets = build_models(cfg, device=device)

@@ -9,7 +9,17 @@ Two presets ship:
 
 Every field can be overridden with ``override(cfg, ["model.z_dim=64", ...])``; the value is
 parsed according to the field's declared type, and an unknown key is an error that lists the
-valid ones.
+valid ones. In code, change a config with ``dataclasses.replace``; :func:`from_dict` reads back
+what :func:`to_dict` wrote.
+
+Backends. Five fields say which implementation computes a part of the step, never what it
+computes: ``model.genblock_impl``, ``model.attention_impl``, ``schedule.loss_impl``,
+``schedule.noise_impl`` and ``optim.implementation`` (Adam). Each defaults to the released
+code's own computation -- "reference" (plain PyTorch, and the global RNG's stream for the
+instance noise), "for-loop" for Adam -- so a config built here, without an engine, computes what
+the released code computes. A training run never relies on these defaults: its engine
+(``mgm_fast/engine/engines.py``, ``--engine``) sets all five, and ``--set`` overrides win over
+the engine's choice.
 """
 
 from __future__ import annotations
@@ -69,13 +79,14 @@ class ModelConfig:
     shortcut of the last block) sees relu(x). False gives the textbook block whose shortcut reads
     x. No parameter changes, so checkpoints load either way."""
     genblock_impl: str = "reference"
-    """Backend of the generator's upsampling blocks (see ``python -m mgm_fast.info``)."""
+    """Backend of the generator's upsampling blocks (see ``python -m mgm_fast.info``); the
+    default, like every backend field's, is the released computation (module docstring)."""
     attention_impl: str = "reference"
     """Backend of the softmax core of G's and D's self-attention (:mod:`mgm_fast.ops.attention`):
-    "reference" (the released bmm-softmax-bmm), "auto", "cpp"."""
+    "reference" (the released bmm-softmax-bmm, the default), "auto", "cpp"."""
     spectral_norm_impl: str = "reference"
     """Backend of G's and D's spectral normalisation, one call per network forward
-    (:mod:`mgm_fast.ops.spectral_norm`): "reference" (foreach ops), "auto", "cpp"."""
+    (:mod:`mgm_fast.ops.spectral_norm`): "reference" (foreach ops, the default), "auto", "cpp"."""
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -159,9 +170,10 @@ class OptimConfig:
     middle_weight_decay: float = 0.0
     g_weight_decay: float = 0.0
     d_weight_decay: float = 0.0
-    implementation: str = "auto"
-    """Adam kernel: "auto" (= "fused", on CPU and CUDA alike), "fused", "foreach" or "for-loop".
-    All compute the same update up to floating-point rounding."""
+    implementation: str = "for-loop"
+    """Adam kernel: "for-loop" (the default: one parameter at a time, as the reference engine
+    runs it), "foreach", "fused", or "auto" (= "fused", on CPU and CUDA alike). All compute the
+    same update up to floating-point rounding."""
 
 
 @dataclass
@@ -193,13 +205,13 @@ class ScheduleConfig:
     phase_a_encoder_pass: bool = True
     """Released: GAN pre-training runs the encoder on the real batch and discards the result,
     which only moves the encoder's BatchNorm running statistics (docs/method.md I2/B5)."""
-    loss_impl: str = "auto"
-    """Backend of the fused losses -- multi-task dense loss, NT-Xent, hinge -- ("auto",
-    "reference", "cpp", "cuda", "triton"; see python -m mgm_fast.info)."""
+    loss_impl: str = "reference"
+    """Backend of the fused losses -- multi-task dense loss, NT-Xent, hinge -- ("reference", the
+    default, "auto", "cpp", "cuda", "triton"; see python -m mgm_fast.info)."""
     noise_impl: str = "reference"
-    """Instance noise: "reference" draws torch.randn from the global RNG (the released stream);
-    "auto" / "cpp" / "triton" draw in-kernel (ops.gan_losses.noisy, Philox) from the run's own
-    noise generator -- same distribution, another stream."""
+    """Instance noise: "reference" (the default) draws torch.randn from the global RNG (the
+    released stream); "auto" / "cpp" / "triton" draw in-kernel (ops.gan_losses.noisy, Philox)
+    from the run's own noise generator -- same distribution, another stream."""
 
 
 @dataclass
@@ -303,6 +315,21 @@ def override(cfg: Any, assignments: list[str]) -> Any:
         if post is not None:
             post()
     return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """The :class:`Config` of a plain nested dict written by :func:`to_dict` (lists become the
+    tuples the fields declare; a field the dict lacks keeps its default)."""
+
+    def section(cls: type, values: dict) -> Any:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    return Config(
+        preset=data["preset"],
+        model=section(ModelConfig, data["model"]),
+        optim=section(OptimConfig, data["optim"]),
+        schedule=section(ScheduleConfig, data["schedule"]),
+    )
 
 
 def to_dict(cfg: Any) -> dict:

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import inspect
+import json
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,7 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mgm_fast import train
+from mgm_fast.bench import collect_env
+from mgm_fast.engine import schedule
+from mgm_fast.engine.distributed import SINGLE
 
 METHOD_STEPS = {
     "phase-a": ("mgm", "gan_pretrain_step"),
@@ -143,8 +152,6 @@ class DispatchCounter(TorchDispatchMode):
 def sub_step_labels(counter: DispatchCounter) -> Iterator[None]:
     """While active, each call of a schedule sub-step (``SUB_STEPS``) counts into its own section
     (``refine_step/real``, ``d_step`` ...); everything else of the step into ``other``."""
-    from mgm_fast.engine import schedule
-
     originals = {name: getattr(schedule, name) for name in SUB_STEPS}
 
     def wrap(name, fn):
@@ -191,12 +198,6 @@ def prepare(method: str, engine: str, device: str, preset: str = "tiny", batch: 
             extra_args: list[str] | None = None, out: str | Path | None = None):
     """(ctx, step function, batch source) of ``method`` built as ``python -m mgm_fast.train`` builds
     it. ``method`` is a key of METHOD_STEPS. The batch source yields the step's arguments."""
-    import tempfile
-
-    from mgm_fast import train
-    from mgm_fast.engine import schedule
-    from mgm_fast.engine.distributed import SINGLE
-
     train_method, step_name = METHOD_STEPS[method]
     out = out or tempfile.mkdtemp(prefix="mgm_fast-stepcost-")
     argv = ["--method", train_method, "--engine", engine, "--preset", preset, "--device", device, "--quiet",
@@ -280,8 +281,6 @@ def _count_compiled_step(method, ctx, step_fn, batches, warmup: int, timed_steps
     """Graph breaks (warm-up and counted step) and graphs compiled in the counted step (after the
     warm-up every graph should exist: a new one is a recompile). Dynamo does not compile under a
     TorchDispatchMode, so a compiled step's ops and syncs are not counted (None)."""
-    from torch._dynamo.utils import counters
-
     counters.clear()
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
@@ -386,11 +385,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from mgm_fast.bench import collect_env
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_STEPS]
     if unknown:

@@ -2,9 +2,10 @@
 
 With no arguments: full MGM (GAN pre-training, then joint training) with the ``tiny`` preset on
 the embedded synthetic dataset, on the CPU in a few minutes. Everything lands in the run folder:
-``config.yaml`` (the resolved config), ``split.json`` (the split manifest), ``metrics.jsonl``
-(losses every ``--log-every`` steps, evaluations), ``samples/`` (generated images per scene
-class), ``checkpoints/`` and ``eval.json`` / ``eval.md`` (the final evaluation).
+``config.yaml`` (the resolved config and the execution record of the engine), ``split.json``
+(the split manifest), ``metrics.jsonl`` (losses every ``--log-every`` steps, evaluations),
+``samples/`` (generated images per scene class), ``checkpoints/`` and ``eval.json`` /
+``eval.md`` (the final evaluation).
 
 Methods (``--method``):
   mgm        GAN pre-training (phase A), then MGM joint training (phase B, steps 1-6)
@@ -22,7 +23,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 from tqdm import tqdm
 
-from mgm_fast.config import Config, override, preset, to_dict
+from mgm_fast.config import Config, from_dict, override, preset, to_dict
 from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.data.loader import make_loader
 from mgm_fast.data.registry import SPEC_FORMS, open_dataset
@@ -42,11 +43,13 @@ from mgm_fast.engine.checkpoint import (
     CheckpointManager,
     RestoreReport,
     capture_rng,
+    check_finite,
     load_checkpoint,
     restore,
     restore_rng,
 )
 from mgm_fast.engine.distributed import World
+from mgm_fast.engine.engines import Execution
 from mgm_fast.evaluate import evaluate_nets
 from mgm_fast.metrics import METRIC_DIRECTIONS, delta_m, format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
@@ -132,18 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    cfg = preset(args.preset)
-    overrides = engines.get(getattr(args, "engine", "fast")).config_overrides() + list(args.set)
-    if args.batch_size is not None:
-        overrides.append(f"schedule.batch_size={args.batch_size}")
-    if args.epochs is not None:
-        overrides.append(f"schedule.epochs={args.epochs}")
-    if args.gan_epochs is not None:
-        overrides.append(f"schedule.gan_epochs={args.gan_epochs}")
-    if args.steps is not None:
-        overrides.append(f"schedule.max_steps={args.steps}")
-    return override(cfg, overrides)
+def resolve_run(args: argparse.Namespace, device: torch.device) -> tuple[Config, Execution]:
+    """The run's config and execution record, from its command line and device: the one place
+    where ``--engine`` is resolved.
+
+    Precedence, lowest first: the preset; the engine's backends (:meth:`Engine.configure`);
+    ``--set``; ``--batch-size`` / ``--epochs`` / ``--gan-epochs`` / ``--steps``. The record takes
+    the engine's ingredients unless ``--loader`` / ``--precision`` / ``--channels-last`` /
+    ``--views`` name one, and the backends from the config so resolved. The dataset's class
+    counts enter the config later (:func:`setup`), once the data is open."""
+    engine = engines.get(args.engine)
+    cfg = override(engine.configure(preset(args.preset)), list(args.set))
+    schedule_options = {"batch_size": args.batch_size, "epochs": args.epochs, "gan_epochs": args.gan_epochs,
+                        "max_steps": args.steps}
+    cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(
+        cfg.schedule, **{k: v for k, v in schedule_options.items() if v is not None}))
+    execution = engine.execution(cfg, device, loader=args.loader, precision=args.precision,
+                                 channels_last=args.channels_last, views=args.views, compile=args.compile)
+    return cfg, execution
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
@@ -165,6 +174,8 @@ class StopRequested(Exception):
 @dataclass
 class Run:
     cfg: Config
+    execution: Execution
+    """How this run executes (the resolved engine); every builder below reads it."""
     args: argparse.Namespace
     out: Path
     device: torch.device
@@ -199,7 +210,7 @@ def verify_backends(run: Run) -> None:
     """First-use verification of every fused backend this run may pick on its device (cached per
     device, versions and source; mgm_fast/ops/_verify.py): a failing one is excluded with a
     warning, or stops the run under --strict-backends. Writes backends.json."""
-    dtypes = [torch.float32, *{"bf16": [torch.bfloat16], "fp16": [torch.float16]}.get(run.args.precision, [])]
+    dtypes = [torch.float32, *{"bf16": [torch.bfloat16], "fp16": [torch.float16]}.get(run.execution.precision, [])]
     for op in REGISTRY.values():  # this run's own verdicts and record (several runs may share a process)
         op.exclusions.clear()
         op.resolutions.clear()
@@ -247,8 +258,9 @@ def precision_context(precision: str, device: torch.device):
 
 
 def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
+    execution = run.execution
     scaler = None
-    if run.args.precision == "fp16":
+    if execution.precision == "fp16":
         scaler = torch.amp.GradScaler(run.device.type)
     # The views' parameters are drawn on the images' device (no host-to-device copy in a step);
     # a run resumed from a checkpoint that drew them on the CPU keeps doing so.
@@ -262,13 +274,13 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         augment=SimCLRAugment(),
         aug_generator=gen,
         noise_generator=noise_gen,
-        autocast=precision_context(run.args.precision, run.device),
+        autocast=precision_context(execution.precision, run.device),
         scaler=scaler,
         world=run.world,
         on_nonfinite=run.args.on_nonfinite,
-        views=run.args.views,
-        readback=engines.get(run.args.engine).readback,
-        autograd=engines.get(run.args.engine).autograd,
+        views=execution.views,
+        readback=execution.readback,
+        autograd=execution.autograd,
         check_values=run.args.check_values,
     )
 
@@ -322,13 +334,7 @@ def phase(run: Run, index: int, name: str, ctx: schedule.StepContext, step_fn, l
             if done % run.args.log_every == 0 or done == total:
                 # One host sync per window (and one all-reduce across ranks).
                 means = {k: float(v) for k, v in distributed.average_scalars(ctx.pop_means(), run.world).items()}
-                bad = [k for k, v in means.items() if not math.isfinite(v)]
-                if bad:
-                    last = run.manager.last_saved if run.manager else None
-                    raise FloatingPointError(
-                        f"{name}: loss {', '.join(bad)} is not finite at step {run.step}; the run stops "
-                        f"here (last good checkpoint: {last})"
-                    )
+                check_finite(means, run.step, run.manager.last_saved if run.manager else None, where=name)
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 skipped = {"skipped": dict(ctx.skipped)} if ctx.skipped else {}
                 run.record(phase=name, step=run.step, epoch=done // steps_per_epoch, images_per_s=rate,
@@ -447,8 +453,6 @@ def write_samples(run: Run, nets: MGMNets, path: Path, per_scene: int = 6) -> No
     values after a short run and eval-mode samples would not show what G has learnt. The copy
     keeps the run's own BN statistics and spectral-norm vectors untouched.
     """
-    from PIL import Image
-
     nets.eval()
     generator = distributed.local_copy(nets.generator).train()
     # A loader of its own: pulling a batch from the shared validation loader would leave it
@@ -488,12 +492,12 @@ def load_baseline(spec: str) -> dict[str, float]:
 
 
 def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
-    resume_ckpt = None
+    resume_ckpt = saved_run = None
     if args.resume:
         run_dir = Path(args.resume)
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["args"]
+        saved_run = yaml.safe_load((run_dir / "config.yaml").read_text())
         stop_at = args.stop_at
-        args = argparse.Namespace(**{**_new_option_defaults(), **saved, "resume": str(run_dir),
+        args = argparse.Namespace(**{**_new_option_defaults(), **saved_run["args"], "resume": str(run_dir),
                                      "out": str(run_dir), "stop_at": stop_at,
                                      "split": str(run_dir / "split.json")})
         # Rank 0 picks the checkpoint (and may finish an interrupted best.pt update); the
@@ -507,26 +511,17 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
             raise SystemExit(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
         if resume_ckpt is None:
             resume_ckpt = load_checkpoint(path)
-    cfg = resolve_config(args)
+    cfg, execution = resolve_run(args, device) if saved_run is None else saved_record(saved_run, args, device)
     tasks = parse_tasks(args.tasks)
     if cfg.schedule.batch_size % world.world_size:
         raise SystemExit(f"--batch-size {cfg.schedule.batch_size} (global) is not divisible by the "
                          f"{world.world_size} torchrun processes")
-    engine = engines.get(args.engine)
-    if args.loader is None:
-        args.loader = engine.loader
-    if args.precision is None:
-        args.precision = engine.resolved_precision(device)
-    if args.channels_last is None:
-        args.channels_last = engine.channels_last
-    if args.views is None:
-        args.views = engine.views
-    if device.type == "cuda" and args.engine != "reference":
-        # cuDNN picks the fastest convolution algorithm per shape once (shapes are fixed per run).
+    if execution.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     dataset, info = open_dataset(args.data, cfg.model.image_size)
-    override(cfg, [f"model.num_seg_classes={info.num_seg_classes}", f"model.num_scenes={info.num_scenes}"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_seg_classes=info.num_seg_classes,
+                                                             num_scenes=info.num_scenes))
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     if args.split:
         split = Split.from_json(args.split, dataset_ids=ids)
@@ -538,13 +533,10 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     if resume_ckpt is None and world.is_main:
         saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at")}
         resolved = {"method": args.method, "tasks": list(tasks), "data": args.data, "seed": args.seed,
-                    "regime": args.regime, "engine": args.engine, "precision": args.precision,
-                    "loader": args.loader, "channels_last": args.channels_last, "views": args.views,
-                    "args": saved_args,
-                    "config": to_dict(cfg)}
+                    "regime": args.regime, **execution.to_dict(), "args": saved_args, "config": to_dict(cfg)}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         split.to_json(out / "split.json")
-    run = Run(cfg, args, out, device, tasks, dataset, info, split, world=world, resume_ckpt=resume_ckpt)
+    run = Run(cfg, execution, args, out, device, tasks, dataset, info, split, world=world, resume_ckpt=resume_ckpt)
     if args.baseline:
         run.baseline = load_baseline(args.baseline)
     if world.is_main:
@@ -554,6 +546,18 @@ def setup(args: argparse.Namespace, world: World, device: torch.device) -> Run:
     if resume_ckpt is not None:
         run.say(f"resuming {out} from {resume_ckpt['_path']} (step {resume_ckpt['step']})")
     return run
+
+
+def saved_record(saved_run: dict, args: argparse.Namespace, device: torch.device) -> tuple[Config, Execution]:
+    """The config and execution record of a run folder's ``config.yaml`` (``saved_run``), for
+    ``--resume``. A ``config.yaml`` written before the record was complete has only some of its
+    fields (no readback, autograd, backends, compile); its run is resolved again from its saved
+    options ``args``, which there hold the loader, precision, channels_last and views the run
+    resolved, so it continues as it started."""
+    execution = Execution.from_dict(saved_run)
+    if execution is None:
+        _, execution = resolve_run(args, device)
+    return from_dict(saved_run["config"]), execution
 
 
 def _new_option_defaults() -> dict:
@@ -569,7 +573,7 @@ def loader_for(run: Run, ids, shuffle=True, drop_last=True, keys=None, sharded=T
     if sharded:
         kw.update(rank=world.rank, world_size=world.world_size)
     batch = s.batch_size // world.world_size if sharded else s.batch_size
-    loader = make_loader(run.dataset, ids, batch, run.device, run.args.seed, loader=run.args.loader,
+    loader = make_loader(run.dataset, ids, batch, run.device, run.args.seed, loader=run.execution.loader,
                          shuffle=shuffle, drop_last=drop_last, **kw)
     # The data boundary of the steps' label checks (the ops skip theirs inside a step).
     uses_scenes = run.args.method in ("mgm", "mgm-light")
@@ -583,26 +587,26 @@ def build_nets(run: Run, tasks: tuple[str, ...] | None = None) -> MGMNets:
     from rank 0), then this rank's own random stream (seed offset per rank)."""
     args, world = run.args, run.world
     nets = build_models(run.cfg.model, tasks or run.tasks).to(run.device)
-    if args.channels_last:
+    if run.execution.channels_last:
         nets = nets.to(memory_format=torch.channels_last)
     if args.sync_bn:
         distributed.convert_sync_batchnorm(nets, world)
     distributed.broadcast_module(nets, world)
     if world.rank > 0:
         torch.manual_seed(world.seed_for(args.seed))
-    if args.compile:
+    if run.execution.compile:
         compile_nets(nets)
     return nets
 
 
 def train(run: Run) -> dict[str, float]:
-    cfg, args, s, world = run.cfg, run.args, run.cfg.schedule, run.world
+    cfg, args, execution, s, world = run.cfg, run.args, run.execution, run.cfg.schedule, run.world
     labelled = loader_for(run, run.split.train_labelled)
     val = loader_for(run, run.split.val, shuffle=False, drop_last=False, sharded=False)
     ranks = f" | {world.world_size} processes x batch {s.batch_size // world.world_size}" if world.enabled else ""
     run.say(f"run folder {run.out} | data {args.data}: {run.split.counts()} | loader {labelled.kind} | "
-            f"device {run.device} | method {args.method} | engine {args.engine} ({args.precision}"
-            f"{', channels_last' if args.channels_last else ''}){ranks}")
+            f"device {run.device} | method {args.method} | engine {execution.engine} ({execution.precision}"
+            f"{', channels_last' if execution.channels_last else ''}){ranks}")
     verify_backends(run)
 
     def validate_fn(nets, with_scene):

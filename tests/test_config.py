@@ -1,6 +1,6 @@
 import pytest
 
-from mgm_fast.config import ModelConfig, override, preset, to_dict
+from mgm_fast.config import Config, ModelConfig, from_dict, override, preset, to_dict
 
 
 def test_paper_preset_is_the_released_defaults():
@@ -53,3 +53,18 @@ def test_to_dict_is_plain():
     assert ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["model"].items()}) == preset(
         "paper"
     ).model
+
+
+@pytest.mark.parametrize("name", ["paper", "tiny"])
+def test_from_dict_reads_back_to_dict(name):
+    cfg = preset(name)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_backend_fields_default_to_the_released_computation():
+    """One rule for every backend field: a config built without an engine computes what the
+    released code computes (the engines set these fields for a training run)."""
+    cfg = Config()
+    assert (cfg.model.genblock_impl, cfg.model.attention_impl) == ("reference", "reference")
+    assert (cfg.schedule.loss_impl, cfg.schedule.noise_impl) == ("reference", "reference")
+    assert cfg.optim.implementation == "for-loop"

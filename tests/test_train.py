@@ -170,3 +170,27 @@ def test_eval_every_keeps_best_by_delta_m_against_a_baseline(tmp_path):
     assert ckpt["step"] == best["step"] and ckpt["metrics"]["delta_m"] == pytest.approx(best["delta_m"])
     with pytest.raises(SystemExit, match="no such run folder"):
         _run(tmp_path / "bad", "--method", "mt", "--baseline", str(tmp_path / "missing"))
+
+
+_OLD_RECORD = ("engine", "precision", "loader", "channels_last", "views")
+"""The execution fields a config.yaml had at its top level before the record was complete; its
+saved options held the resolved values of the last four."""
+
+
+def test_resume_reads_an_old_style_config_yaml(tmp_path):
+    common = ["--method", "mt", "--data", "synthetic:40", "--steps", "3", "--log-every", "1", "--quiet",
+              "--set", "schedule.batch_size=4", "--ckpt-every", "0"]
+    straight = tmp_path / "straight"
+    assert train.main([*common, "--out", str(straight)]) == 0
+    interrupted = tmp_path / "interrupted"
+    assert train.main([*common, "--out", str(interrupted), "--stop-at", "1"]) == 0
+    path = interrupted / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    old = {k: saved[k] for k in ("method", "tasks", "data", "seed", "regime", *_OLD_RECORD)}
+    old["args"] = {**saved["args"], **{k: saved[k] for k in _OLD_RECORD[1:]}}
+    old["config"] = saved["config"]
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert train.main(["--resume", str(interrupted), "--quiet"]) == 0
+    a, b = _weights(straight), _weights(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _loss_rows(straight) == _loss_rows(interrupted)

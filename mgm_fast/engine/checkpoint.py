@@ -21,9 +21,9 @@ a tensor, a ``torch.Size``, ``torch.dtype`` or ``torch.device``, so :func:`load_
 reads it with ``torch.load(weights_only=True)``: loading a checkpoint never runs code from the
 file. :func:`save_checkpoint` checks this before writing and names the offending entry.
 
-Files are written atomically (:func:`atomic_torch_save`: temp file in the same folder, flush,
-fsync, rename, fsync the folder), so a process killed at any moment leaves either the previous
-file or the new one, never a torn one.
+Files are written atomically (:func:`mgm_fast.atomic_io.atomic_torch_save`, re-exported here:
+temp file in the same folder, flush, fsync, rename, fsync the folder), so a process killed at
+any moment leaves either the previous file or the new one, never a torn one.
 
 Public API:
 
@@ -61,6 +61,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 from torch import nn
+
+from mgm_fast import __version__
+from mgm_fast.atomic_io import atomic_torch_save, atomic_write, atomic_write_text, fsync_dir
+from mgm_fast.config import to_dict
 
 FORMAT = "mgm_fast.checkpoint"
 """Value of the ``format`` entry of every checkpoint this module writes."""
@@ -115,57 +119,6 @@ class NonFiniteLossError(FloatingPointError):
         self.last_checkpoint = last_checkpoint
 
 
-# -------------------------------------------------------------------------------------------
-# Atomic writes.
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable; some file systems cannot open or fsync a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(handle)`` on a temp file next to ``path``, fsync it, rename it over ``path``
-    and fsync the folder. On any error the temp file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target: os.replace is only atomic within one file system.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temp file in the target folder, flush, fsync,
-    rename over ``path``, fsync the folder. Returns ``path`` as a :class:`~pathlib.Path`.
-
-    If serialisation fails (or the process dies) the previous content of ``path`` stays intact
-    and no temp file is left behind (a killed process may leave a ``.<name>.*.tmp`` file, which
-    :class:`CheckpointManager` removes when it opens the folder).
-    """
-    return _atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 # -------------------------------------------------------------------------------------------
@@ -465,8 +418,6 @@ def save_checkpoint(
     tensors from their devices (one device-to-host copy per tensor, a host sync).
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        from mgm_fast.config import to_dict
-
         config = to_dict(config)
     for name, value in (("step", step), ("epoch", epoch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -475,8 +426,6 @@ def save_checkpoint(
         raise TypeError(f"phase must be a str, got {type(phase).__name__}")
     _check_names(modules, "modules", nn.Module)
     _check_names(optimizers, "optimizers", torch.optim.Optimizer)
-    from mgm_fast import __version__
-
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -839,7 +788,7 @@ def restore(
 # Run folder management.
 
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
-# Temp files of _atomic_write for the names this manager owns.
+# Temp files of atomic_write for the names this manager owns.
 _TMP_RE = re.compile(r"^\.(ckpt-\d{8,}\.pt|latest|best\.pt)\..+\.tmp$")
 
 
@@ -959,7 +908,7 @@ class CheckpointManager:
             "step": step,
             "best": self.best,
         }
-        _atomic_write_text(self.run_dir / self.POINTER, json.dumps(pointer, indent=1) + "\n")
+        atomic_write_text(self.run_dir / self.POINTER, json.dumps(pointer, indent=1) + "\n")
 
     # -- best ------------------------------------------------------------------------------
 
@@ -985,14 +934,14 @@ class CheckpointManager:
                 with open(source, "rb") as src:
                     shutil.copyfileobj(src, handle, 1 << 22)
 
-            _atomic_write(target, copy)
+            atomic_write(target, copy)
             return
         try:
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
 
     def _repair_best(self) -> None:
         assert self.best is not None
@@ -1079,7 +1028,7 @@ class CheckpointManager:
             os.replace(path, stale)
             if self.best is not None and self.best["file"] == path.name:
                 self.best = {**self.best, "file": stale.name}
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
         warnings.warn(
             f"{self.run_dir}: saving step {step} while later checkpoints exist (resumed from an earlier "
             f"one?); renamed {[p.name for p in later]} to stale-*.pt",
@@ -1152,6 +1101,7 @@ def check_finite(
     step: int,
     last_checkpoint: str | os.PathLike | None,
     policy: str = "stop",
+    where: str | None = None,
 ) -> bool:
     """Check accumulated losses for NaN / inf; call at logging time, not every step.
 
@@ -1164,6 +1114,7 @@ def check_finite(
             None, for the message.
         policy: "stop" raises :class:`NonFiniteLossError`; "skip" returns False so the caller
             can drop the window (e.g. skip logging or reload).
+        where: what the losses belong to (e.g. the training phase), the message's first words.
 
     Returns:
         True when every value is finite; False (policy "skip") otherwise.
@@ -1190,15 +1141,16 @@ def check_finite(
         name: (float(v.detach().float().sum()) if isinstance(v, torch.Tensor) else float(v))
         for name, v in losses.items()
     }
-    where = (
+    resume_from = (
         f"last good checkpoint: {last_checkpoint}"
         if last_checkpoint is not None
         else "no checkpoint written yet"
     )
     raise NonFiniteLossError(
-        f"non-finite loss at step {step}: "
+        (f"{where}: " if where else "")
+        + f"loss not finite at step {step}: "
         + ", ".join(f"{name}={values[name]}" for name in bad)
-        + f"; {where}",
+        + f"; {resume_from}",
         step=step,
         names=bad,
         values=values,

@@ -21,6 +21,13 @@ differ only in the ingredients below, so comparing them measures the implementat
 ``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
 (the ablation rows of the end-to-end benchmark). Explicit command-line options (``--loader``,
 ``--precision``, ``--channels-last``, ``--views``) and ``--set`` overrides win over the engine's choice.
+
+A run resolves its engine once (``mgm_fast.train.resolve_run``): :meth:`Engine.configure` writes
+the five ingredients that are config fields (the backends) into the run's :class:`Config`, and
+:meth:`Engine.execution` gives the run's :class:`Execution` record -- every ingredient as the run
+uses it, after the explicit options, on its device. The record is kept on the run, read by
+everything that builds the run's loaders, networks and step context, and written in full to
+the run's ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from mgm_fast.config import Config
 
 INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
                "attention_impl", "spectral_norm_impl", "precision", "channels_last")
@@ -56,6 +65,9 @@ class Engine:
         spectral_norm_impl: ``ModelConfig.spectral_norm_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
         channels_last: channels_last memory format on every device.
+        cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms once per shape and
+            keep the fastest (shapes are fixed per run). Not an ablation ingredient: every
+            ``fast-<ingredient>`` engine keeps fast's choice.
     """
 
     name: str
@@ -71,30 +83,103 @@ class Engine:
     spectral_norm_impl: str
     precision: str | None
     channels_last: bool
+    cudnn_benchmark: bool
 
     def resolved_precision(self, device: torch.device) -> str:
         if self.precision is not None:
             return self.precision
         return "bf16" if device.type == "cuda" else "fp32"
 
-    def config_overrides(self) -> list[str]:
-        """``--set`` style overrides of the config fields this engine chooses."""
-        return [
-            f"optim.implementation={self.adam}",
-            f"schedule.loss_impl={self.loss_impl}",
-            f"schedule.noise_impl={self.noise_impl}",
-            f"model.genblock_impl={self.genblock_impl}",
-            f"model.attention_impl={self.attention_impl}",
-            f"model.spectral_norm_impl={self.spectral_norm_impl}",
-        ]
+    def configure(self, cfg: Config) -> Config:
+        """A copy of ``cfg`` with the backends this engine chooses (``cfg`` is left unchanged)."""
+        return dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, genblock_impl=self.genblock_impl,
+                                      attention_impl=self.attention_impl, spectral_norm_impl=self.spectral_norm_impl),
+            optim=dataclasses.replace(cfg.optim, implementation=self.adam),
+            schedule=dataclasses.replace(cfg.schedule, loss_impl=self.loss_impl, noise_impl=self.noise_impl),
+        )
+
+    def execution(self, cfg: Config, device: torch.device, loader: str | None = None,
+                  precision: str | None = None, channels_last: bool | None = None, views: str | None = None,
+                  compile: bool = False) -> Execution:
+        """The record of a run of this engine on ``device`` whose config is ``cfg``.
+
+        ``loader``, ``precision``, ``channels_last`` and ``views`` are the explicit command-line
+        choices (None: the engine's); the backends are read from ``cfg``, which holds this
+        engine's (:meth:`configure`) unless ``--set`` changed them.
+        """
+        return Execution(
+            engine=self.name,
+            loader=self.loader if loader is None else loader,
+            views=self.views if views is None else views,
+            readback=self.readback,
+            autograd=self.autograd,
+            adam=cfg.optim.implementation,
+            loss_impl=cfg.schedule.loss_impl,
+            noise_impl=cfg.schedule.noise_impl,
+            genblock_impl=cfg.model.genblock_impl,
+            attention_impl=cfg.model.attention_impl,
+            spectral_norm_impl=cfg.model.spectral_norm_impl,
+            precision=self.resolved_precision(device) if precision is None else precision,
+            channels_last=self.channels_last if channels_last is None else channels_last,
+            cudnn_benchmark=self.cudnn_benchmark and device.type == "cuda",
+            compile=compile,
+        )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one run executes: its engine's ingredients (the fields of :class:`Engine`, same names
+    and values) after the explicit command-line options, resolved for the run's device.
+
+    Built once per run by ``mgm_fast.train.resolve_run`` (a resumed run reads it back from its
+    ``config.yaml``) and kept on the run object; the loaders, networks and step context are
+    built from it, and ``config.yaml`` holds every field at its top level.
+
+    Attributes beyond the engine's: ``engine`` (its name), ``precision`` resolved ("fp32",
+    "bf16" or "fp16", never None), ``cudnn_benchmark`` (True only on CUDA), ``compile``
+    (``--compile``: every network torch.compiled). ``adam``, ``loss_impl``, ``noise_impl``,
+    ``genblock_impl``, ``attention_impl`` and ``spectral_norm_impl`` repeat the run config's fields of those names, for
+    the record; the networks and the schedule read them from the config.
+    """
+
+    engine: str
+    loader: str
+    views: str
+    readback: str
+    autograd: str
+    adam: str
+    loss_impl: str
+    noise_impl: str
+    genblock_impl: str
+    attention_impl: str
+    spectral_norm_impl: str
+    precision: str
+    channels_last: bool
+    cudnn_benchmark: bool
+    compile: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Execution | None:
+        """The record among the entries of ``record`` (extra entries are ignored); None when one
+        of its fields is missing (a ``config.yaml`` written before the record was complete)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if any(name not in record for name in names):
+            return None
+        return cls(**{name: record[name] for name in names})
 
 
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", autograd="released",
                    adam="for-loop", loss_impl="reference", noise_impl="reference", genblock_impl="reference",
-                   attention_impl="reference", spectral_norm_impl="reference", precision="fp32", channels_last=False)
+                   attention_impl="reference", spectral_norm_impl="reference", precision="fp32", channels_last=False,
+                   cudnn_benchmark=False)
 FAST = Engine("fast", loader="auto", views="batched", readback="window", autograd="pruned", adam="auto",
-              loss_impl="auto", noise_impl="auto", genblock_impl="auto",
-              attention_impl="auto", spectral_norm_impl="auto", precision=None, channels_last=True)
+              loss_impl="auto", noise_impl="auto", genblock_impl="auto", attention_impl="auto",
+              spectral_norm_impl="auto", precision=None, channels_last=True, cudnn_benchmark=True)
 
 
 def differing_ingredients() -> list[str]:

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from mgm_fast import _native, train
+from mgm_fast.config import preset
 from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.engine import engines
 
@@ -35,7 +36,10 @@ def test_engine_defaults_depend_on_the_device():
     assert engines.FAST.channels_last and not engines.REFERENCE.channels_last  # on every device
     assert engines.REFERENCE.autograd == "released"
     assert engines.REFERENCE.resolved_precision(cuda) == "fp32"
-    fields = dict(o.split("=") for o in engines.REFERENCE.config_overrides())
+    cfg = engines.REFERENCE.configure(preset("tiny"))
+    fields = {"optim.implementation": cfg.optim.implementation, "schedule.loss_impl": cfg.schedule.loss_impl,
+              "schedule.noise_impl": cfg.schedule.noise_impl, "model.genblock_impl": cfg.model.genblock_impl,
+              "model.attention_impl": cfg.model.attention_impl, "model.spectral_norm_impl": cfg.model.spectral_norm_impl}
     assert fields == {"optim.implementation": "for-loop", "schedule.loss_impl": "reference",
                       "schedule.noise_impl": "reference", "model.genblock_impl": "reference",
                       "model.attention_impl": "reference", "model.spectral_norm_impl": "reference"}
@@ -146,3 +150,39 @@ def test_released_autograd_computes_the_same_updates(tmp_path):
     for a, b in zip(pruned, released, strict=True):
         losses = [k for k in a if "/" in k]
         assert losses and all(a[k] == b[k] for k in losses), (a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_each_engine_resolves_to_its_own_ingredients(device):
+    """resolve_run: with no explicit option the run's config and record hold exactly the engine's
+    ingredients (the precision resolved for the device), whatever the config defaults are."""
+    for name, engine in engines.ENGINES.items():
+        args = train.build_parser().parse_args(["--engine", name])
+        cfg, execution = train.resolve_run(args, torch.device(device))
+        assert engine.configure(preset("tiny")) == cfg
+        for field in engines.INGREDIENTS:
+            expected = engine.resolved_precision(torch.device(device)) if field == "precision" else getattr(engine, field)
+            assert getattr(execution, field) == expected, (name, field)
+        assert execution.engine == name and execution.compile is False
+        assert execution.cudnn_benchmark == (device == "cuda" and name != "reference")
+
+
+def test_explicit_options_and_set_win_in_the_record():
+    argv = ["--engine", "reference", "--loader", "memory", "--precision", "bf16", "--channels-last",
+            "--views", "batched", "--compile", "--set", "schedule.loss_impl=auto", "--set", "schedule.batch_size=3",
+            "--batch-size", "5"]
+    cfg, execution = train.resolve_run(train.build_parser().parse_args(argv), torch.device("cpu"))
+    assert (execution.loader, execution.precision, execution.channels_last, execution.views) == (
+        "memory", "bf16", True, "batched")
+    assert execution.compile and execution.loss_impl == cfg.schedule.loss_impl == "auto"
+    assert execution.adam == cfg.optim.implementation == "for-loop"  # the engine's, not overridden
+    assert cfg.schedule.batch_size == 5  # --batch-size after --set, as before
+
+
+def test_config_yaml_holds_the_whole_record(tmp_path):
+    out, _ = _run(tmp_path, "fast-readback", "mt", 1)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    execution = engines.Execution.from_dict(saved)
+    assert execution is not None and execution.readback == "step" and execution.autograd == "pruned"
+    assert execution.loss_impl == saved["config"]["schedule"]["loss_impl"] == "auto"
+    assert engines.Execution.from_dict({k: v for k, v in saved.items() if k != "readback"}) is None
