@@ -604,7 +604,7 @@ def _native_genblock(backend: str, a: dict) -> Tensor:
     dt = _native_dtype(a["x"])
     if dt is not None:  # like custom_fwd(cast_inputs=...): activations and conv params in dt
         a = {**a, "x": a["x"].to(dt), **{k: a[k].to(dt) for k in _CONV_TENSORS}}
-    return _NativeGenBlock.apply(backend, *a.values())
+    return _NativeGenBlock.apply(backend, *a.values())  # bound in the reference's order, forward's order
 
 
 def _native_piece(backend: str, a: dict) -> Tensor:
