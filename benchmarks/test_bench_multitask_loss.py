@@ -6,7 +6,7 @@ Each timed step builds fresh leaves for the three predictions, evaluates the thr
 computes d(seg + depth + normal) / d(predictions) with torch.autograd.grad, so every variant
 does the same work: losses and all three gradients. Variants:
 
-* ``reference`` -- eager :func:`mgm_fast.losses.multitask_loss` (the baseline of each group);
+* ``reference`` -- eager :func:`mgm_fast.ops.multitask_loss.multitask_loss_reference` (the baseline of each group);
 * ``compile`` -- ``torch.compile`` of that same function (inductor; the first call compiles and
   is not timed). Skipped under ``--benchmark-disable`` (CI), where compiling would dominate;
 * ``cpp`` -- the fused C++ kernel (CPU rows);
@@ -25,7 +25,6 @@ import pytest
 import torch
 
 from mgm_fast import _native
-from mgm_fast import losses as plain
 from mgm_fast.ops import multitask_loss as mtl
 from mgm_fast.ops._dispatch import triton_reason
 
@@ -66,7 +65,7 @@ def _inputs(shape, ignore_index, depth_mask, reduction, device="cpu"):
 
 @functools.cache
 def _compiled():
-    return torch.compile(plain.multitask_loss)
+    return torch.compile(mtl.multitask_loss_reference)
 
 
 def _loss_fn(impl):

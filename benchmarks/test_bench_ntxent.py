@@ -1,5 +1,5 @@
 """Forward + backward of the NT-Xent loss (mgm_fast.ops.ntxent.ntxent_loss): the fused
-backends vs the eager reference (:func:`mgm_fast.losses.ntxent`) and vs torch.compile of it.
+backends vs the eager reference (:func:`mgm_fast.ops.ntxent.ntxent_loss_reference`) and vs torch.compile of it.
 
 Shapes: 2B = 64 (the paper's SimCLR batch of 32 images, two views each) and 2B = 4096 (a large
 contrastive batch), D = 64 (``ModelConfig.clr_dim``, the projection head's output), tau = 0.5.
@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from mgm_fast import _native
-from mgm_fast import losses as plain
 from mgm_fast.config import ModelConfig
 from mgm_fast.ops import ntxent as nx
 from mgm_fast.ops._dispatch import triton_reason
@@ -41,7 +40,7 @@ def _views(two_b, device="cpu", dtype=torch.float32):
 
 @functools.cache
 def _compiled():
-    return torch.compile(plain.ntxent)
+    return torch.compile(nx.ntxent_loss_reference)
 
 
 def _loss_fn(impl):

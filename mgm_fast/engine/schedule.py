@@ -40,8 +40,10 @@ from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.engine import distributed
 from mgm_fast.engine.distributed import SINGLE, World
 from mgm_fast.models import MGMNets
+from mgm_fast.ops import gan_losses
 from mgm_fast.ops._dispatch import value_checks
 from mgm_fast.ops.gan_losses import hinge_d_loss, hinge_g_loss, noisy
+from mgm_fast.ops.multitask_loss import depth_l1, normal_l1, seg_ce
 from mgm_fast.ops.multitask_loss import multitask_loss as fused_multitask_loss
 from mgm_fast.ops.ntxent import ntxent_loss, ntxent_rows
 
@@ -238,11 +240,11 @@ def dense_losses(ctx: StepContext, pred: dict[str, Tensor], batch: dict) -> dict
         return {"seg": seg, "depth": dep, "normal": nrm}
     out = {}
     if "seg" in tasks:
-        out["seg"] = losses.seg_ce(pred["seg"], batch["seg"], s.seg_ignore_index)
+        out["seg"] = seg_ce(pred["seg"], batch["seg"], s.seg_ignore_index)
     if "depth" in tasks:
-        out["depth"] = losses.depth_l1(pred["depth"], batch["depth"], depth_mask, s.loss_reduction)
+        out["depth"] = depth_l1(pred["depth"], batch["depth"], depth_mask, s.loss_reduction)
     if "normal" in tasks:
-        out["normal"] = losses.normal_l1(
+        out["normal"] = normal_l1(
             pred["normal"], _normal_target(ctx, batch["normal"]), batch["normal_mask"], s.loss_reduction
         )
     return out
@@ -269,7 +271,7 @@ def simclr_loss(ctx: StepContext, images: Tensor) -> Tensor:
 def ntxent_across_ranks(z1: Tensor, z2: Tensor, tau: float, world: World, impl: str = "auto") -> Tensor:
     """NT-Xent of this rank's (b, D) view projections with the negatives of all ranks.
 
-    One process: :func:`mgm_fast.ops.ntxent.ntxent_loss` (= :func:`losses.ntxent`). Under torchrun: this rank's 2b rows against the 2N
+    One process: :func:`mgm_fast.ops.ntxent.ntxent_loss` (= :func:`~mgm_fast.ops.ntxent.ntxent_loss_reference`). Under torchrun: this rank's 2b rows against the 2N
     gathered columns (N = b * world_size), averaged over the local rows -- the local-mean
     convention of :mod:`mgm_fast.engine.distributed`, so the averaged gradients equal those of
     one process computing NT-Xent over the global batch."""
@@ -300,7 +302,7 @@ def instance_noise(ctx: StepContext, x: Tensor) -> Tensor:
     run's noise generator (``schedule.noise_impl``)."""
     s = ctx.cfg.schedule
     if s.noise_impl == "reference":
-        return losses.instance_noise(x, s.instance_noise_std)
+        return gan_losses.instance_noise(x, s.instance_noise_std)
     return noisy(x, s.instance_noise_std, ctx.noise_generator, impl=s.noise_impl)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from mgm_fast.config import ModelConfig
 from mgm_fast.models.bridge import Bridge
-from mgm_fast.models.gan import Discriminator, GenBlock, Generator, genblock_reference
+from mgm_fast.models.gan import Discriminator, GenBlock, Generator
 from mgm_fast.models.layers import (
     BasicBlock,
     ConditionalBatchNorm2d,
@@ -50,7 +50,6 @@ __all__ = [
     "SelfAttention",
     "build_models",
     "count_parameters",
-    "genblock_reference",
     "parameter_report",
 ]
 

@@ -31,8 +31,9 @@ from mgm_fast.ops import BackendUnavailable
 from mgm_fast.ops import genblock as genblock_ops
 
 GENBLOCK_IMPLS = ("reference", "auto", "cpp", "cuda", "triton")
-"""Backends a :class:`GenBlock` accepts (``model.genblock_impl``). "reference" runs the module
-path :func:`genblock_reference`; the others go through :func:`mgm_fast.ops.genblock.genblock`
+"""Backends a :class:`GenBlock` accepts (``model.genblock_impl``). "reference" runs the op's
+reference :func:`mgm_fast.ops.genblock.genblock_reference` on the block's own modules; the
+others go through :func:`mgm_fast.ops.genblock.genblock`
 ("auto" picks the fastest backend that supports the inputs; a forced one that cannot run them
 raises :class:`~mgm_fast.ops.BackendUnavailable` at the forward). The generator's output head
 (BN, ReLU, conv3x3) uses the same backend through :func:`mgm_fast.ops.genblock.cbn_relu_conv3x3`."""
@@ -50,10 +51,6 @@ def init_gan_(module: nn.Module) -> None:
             bias = getattr(m, "bias", None)
             if bias is not None:
                 nn.init.zeros_(bias)
-
-
-def _up2(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def _fusable(impl: str, *bns: nn.Module) -> bool:
@@ -74,26 +71,12 @@ def _fusable(impl: str, *bns: nn.Module) -> bool:
     )
 
 
-def genblock_reference(x: Tensor, y: Tensor, block: GenBlock) -> Tensor:
-    """Plain-PyTorch GenBlock forward, the twin every fused backend is tested against.
-
-    main = snconv2d2(relu(cond_bn2(snconv2d1(up2(relu(cond_bn1(x, y)))), y)))
-    shortcut = snconv2d0(up2(x)); returns main + shortcut.
-    x (B, C_in, H, W), y (B,) int64 -> (B, C_out, 2H, 2W).
-    """
-    h = _up2(F.relu(block.cond_bn1(x, y)))
-    h = F.relu(block.cond_bn2(block.snconv2d1(h), y))
-    h = block.snconv2d2(h)
-    # The released order (upsample, then 1x1 conv); a 1x1 conv commutes with nearest
-    # upsampling, which fused backends may exploit.
-    return h + block.snconv2d0(_up2(x))
-
-
 class GenBlock(nn.Module):
     """Generator residual block: conditional BN, ReLU, nearest x2, SN-conv3x3, conditional BN,
     ReLU, SN-conv3x3; shortcut nearest x2 then SN-conv1x1 (always present).
 
-    ``impl`` (:data:`GENBLOCK_IMPLS`): "reference" is the module path :func:`genblock_reference`;
+    ``impl`` (:data:`GENBLOCK_IMPLS`): "reference" is the module path, the op's reference
+    :func:`mgm_fast.ops.genblock.genblock_reference` run on this block's layers;
     anything else calls the fused op :func:`mgm_fast.ops.genblock.genblock` with the effective
     (spectrally normalised) weights -- ``sn_weight()``, the weights the generator's batched
     refresh prepared for this forward (one power iteration per conv and forward, exactly as on
@@ -124,7 +107,7 @@ class GenBlock(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if self.impl == "reference" or not _fusable(self.impl, self.cond_bn1.bn, self.cond_bn2.bn):
-            return genblock_reference(x, y, self)
+            return genblock_ops.genblock_reference(x, y, self)
         bn1, bn2 = self.cond_bn1.bn, self.cond_bn2.bn
         return genblock_ops.genblock(
             x,

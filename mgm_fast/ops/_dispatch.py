@@ -2,8 +2,13 @@
 
 Each public op (``mgm_fast.ops.<name>``) owns a :class:`FusedOp` with one :class:`Backend` per
 implementation: ``reference`` (plain PyTorch, always present), and where written ``triton``,
-``cpp`` and ``cuda``. A backend states what it supports and, when it cannot run an input, why
-(the xformers ``not_supported_reasons`` pattern):
+``cpp`` and ``cuda``. An op module declares them (:func:`define_op` with
+:func:`reference_backend`, :func:`cpp_backend`, :func:`cuda_backend`, :func:`triton_backend`,
+which fill in each kind's devices, dtypes and availability probe) and reaches the extension's
+kernels through :func:`native_function`. Each call is bound once to the op's argument list
+(that of its reference twin) into an :class:`Inputs` object, and every backend states from it
+what it supports and, when it cannot run the inputs, why (the xformers
+``not_supported_reasons`` pattern):
 
 * ``impl="auto"`` takes the first backend in priority order that supports the inputs;
 * a forced ``impl`` that cannot run raises :class:`BackendUnavailable` listing the reasons --
@@ -27,19 +32,106 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from mgm_fast import _native
 
 BACKEND_NAMES = ("reference", "triton", "cpp", "cuda")
 """Every backend kind the project knows, in the column order of the info table."""
 
+ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
+"""Tensor devices a plain-PyTorch reference runs on."""
+ANY_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+"""Floating dtypes a plain-PyTorch reference runs in."""
+FUSED_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+"""Floating dtypes the GPU kernels (cuda, triton) take."""
+
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run the given inputs (the message lists why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# argument binding: once per call, to the op's argument list
+
+
+class ArgumentList:
+    """An op's argument list -- names in order, how many may be passed by position, the
+    defaults -- read once (with ``inspect``) from a function that has it, usually the op's
+    reference twin. :meth:`bind` is plain Python, so ``torch.compile`` traces it where a fused
+    backend binds its own arguments (``inspect.Signature.bind`` it would not)."""
+
+    def __init__(self, fn: Callable, op_name: str | None = None) -> None:
+        kinds = inspect.Parameter
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]  # fmt: skip
+        self.op_name = op_name or getattr(fn, "__name__", "op")
+        self.names = tuple(p.name for p in params)
+        self.positional = sum(p.kind != kinds.KEYWORD_ONLY for p in params)
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """name -> value for every argument, defaults filled in, in the list's order; TypeError
+        naming the op for a call the list does not accept."""
+        if len(args) > self.positional:
+            raise TypeError(f"{self.op_name}: takes {self.positional} positional arguments, got {len(args)}")
+        given = dict(zip(self.names, args))
+        for name, value in kwargs.items():
+            if name not in self.names:
+                raise TypeError(f"{self.op_name}: unexpected argument {name!r}")
+            if name in given:
+                raise TypeError(f"{self.op_name}: argument {name!r} given twice")
+            given[name] = value
+        bound = {}
+        for name in self.names:
+            if name in given:
+                bound[name] = given[name]
+            elif name in self.defaults:
+                bound[name] = self.defaults[name]
+            else:
+                raise TypeError(f"{self.op_name}: missing argument {name!r}")
+        return bound
+
+
+@functools.cache
+def argument_list(fn: Callable, op_name: str | None = None) -> ArgumentList:
+    """The :class:`ArgumentList` of ``fn``, read once per function."""
+    return ArgumentList(fn, op_name)
+
+
+class Inputs(Mapping[str, Any]):
+    """The arguments of one op call bound to the op's argument list (the xformers ``Inputs``
+    pattern): argument name -> value, defaults included. Every backend's
+    :meth:`Backend.not_supported_reasons` receives the same object, so a call is bound once
+    however many backends look at it."""
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        self.arguments = arguments
+
+    def __getitem__(self, name: str) -> Any:
+        return self.arguments[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.arguments)
+
+    def __len__(self) -> int:
+        return len(self.arguments)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensor arguments, in argument order (tensors inside containers not included)."""
+        return [v for v in self.arguments.values() if isinstance(v, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------
+# backends and ops
 
 
 @dataclass
@@ -53,46 +145,89 @@ class Backend:
         dtypes: floating dtypes it accepts for the op's floating inputs.
         availability: returns why the backend cannot run at all in this process (extension not
             built, no GPU, Triton missing), or None when it can.
-        extra_check: optional per-input check returning further reasons.
+        extra_check: optional per-input check ``extra_check(inputs: Inputs) -> list[str]``
+            returning further reasons.
         auto_exclusion: why ``impl="auto"`` must not pick this backend although it can run
             (e.g. Triton kernels on the CPU interpreter, a correctness tool), or None.
+
+    The constructors :func:`reference_backend`, :func:`cpp_backend`, :func:`cuda_backend` and
+    :func:`triton_backend` fill in what every backend of a kind shares.
     """
 
     name: str
     fn: Callable
     devices: tuple[str, ...]
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    dtypes: tuple[torch.dtype, ...] = FUSED_FLOATS
     availability: Callable[[], str | None] = lambda: None
-    extra_check: Callable[..., list[str]] | None = None
+    extra_check: Callable[[Inputs], list[str]] | None = None
     auto_exclusion: Callable[[], str | None] = lambda: None
 
     def unavailable_reason(self) -> str | None:
         return self.availability()
 
-    def not_supported_reasons(self, *args, **kwargs) -> list[str]:
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
         """Human-readable reasons why this backend cannot run these inputs ([] if it can)."""
         reasons: list[str] = []
         reason = self.availability()
         if reason:
             reasons.append(reason)
-        for tensor in _tensors(args, kwargs):
+        for tensor in inputs.tensors:
             if tensor.device.type not in self.devices:
                 reasons.append(
                     f"device {tensor.device.type} not supported (supports {list(self.devices)})"
                 )
                 break
-        for tensor in _tensors(args, kwargs):
+        for tensor in inputs.tensors:
             if tensor.is_floating_point() and tensor.dtype not in self.dtypes:
                 reasons.append(f"dtype {tensor.dtype} not supported")
                 break
         if self.extra_check is not None and not reasons:
-            reasons.extend(self.extra_check(*args, **kwargs))
+            reasons.extend(self.extra_check(inputs))
         return reasons
+
+
+def reference_backend(fn: Callable, devices: tuple[str, ...] = ANY_DEVICE,
+                      dtypes: tuple[torch.dtype, ...] = ANY_FLOAT) -> Backend:  # fmt: skip
+    """The plain-PyTorch twin: any device and float dtype, always available. Its signature is
+    the op's argument list (:meth:`FusedOp.bind`)."""
+    return Backend(name="reference", fn=fn, devices=devices, dtypes=dtypes)
+
+
+def cpp_backend(fn: Callable, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+                extra_check: Callable[[Inputs], list[str]] | None = None,
+                availability: Callable[[], str | None] = _native.cpp_reason) -> Backend:  # fmt: skip
+    """The CPU kernels of the extension (``csrc/kernels/cpu``): CPU tensors, available when the
+    extension is built."""
+    return Backend(name="cpp", fn=fn, devices=("cpu",), dtypes=dtypes, availability=availability,
+                   extra_check=extra_check)  # fmt: skip
+
+
+def cuda_backend(fn: Callable, dtypes: tuple[torch.dtype, ...] = FUSED_FLOATS,
+                 extra_check: Callable[[Inputs], list[str]] | None = None,
+                 availability: Callable[[], str | None] = _native.cuda_reason) -> Backend:  # fmt: skip
+    """The CUDA kernels of the extension (``csrc/kernels/cuda``): CUDA tensors, available when
+    the extension was built with them and a GPU runs them."""
+    return Backend(name="cuda", fn=fn, devices=("cuda",), dtypes=dtypes, availability=availability,
+                   extra_check=extra_check)  # fmt: skip
+
+
+def triton_backend(fn: Callable, dtypes: tuple[torch.dtype, ...] = FUSED_FLOATS,
+                   extra_check: Callable[[Inputs], list[str]] | None = None,
+                   availability: Callable[[], str | None] | None = None) -> Backend:  # fmt: skip
+    """The Triton kernels (``mgm_fast/ops/_triton``): CUDA tensors, or CPU tensors under the
+    interpreter (then only when forced); available where a probe kernel compiles and runs."""
+    return Backend(name="triton", fn=fn, devices=triton_devices(), dtypes=dtypes,
+                   availability=availability or triton_reason, extra_check=extra_check,
+                   auto_exclusion=triton_auto_exclusion)  # fmt: skip
 
 
 @dataclass
 class FusedOp:
     """An op with several backends; call it like a function with ``impl=``.
+
+    Its argument list is that of its ``reference`` backend (the plain-PyTorch twin): every call
+    is bound to it once (:meth:`bind`) and the resulting :class:`Inputs` go to every backend's
+    ``not_supported_reasons``.
 
     ``selftest_cases`` returns the op's self-test inputs (:class:`mgm_fast.ops._selftest.Case`:
     small odd shapes and the paper preset's), which ``python -m mgm_fast.selftest`` and the
@@ -119,21 +254,29 @@ class FusedOp:
         """Never run ``backend`` again in this process (auto skips it, forcing it raises)."""
         self.exclusions[backend] = reason
 
+    def bind(self, *args, **kwargs) -> Inputs:
+        """The call's arguments bound to the op's argument list (its reference's signature)."""
+        reference = self.backends.get("reference")
+        if reference is None:
+            raise TypeError(f"{self.name}: no reference backend, so no argument list to bind to")
+        return Inputs(argument_list(reference.fn, self.name).bind(args, kwargs))
+
     def select(self, impl: str, *args, **kwargs) -> Backend:
         """The backend that will run these inputs for ``impl`` (see module docstring)."""
         impl = forced_impl(self.name) or impl
+        inputs = self.bind(*args, **kwargs)
         if impl == "auto":
             reasons = {}
             for name in self.priority:
                 backend = self.backends.get(name)
                 if backend is None:
                     continue
-                why = backend.not_supported_reasons(*args, **kwargs)
+                why = backend.not_supported_reasons(inputs)
                 excluded = self.exclusions.get(name) or backend.auto_exclusion()
                 if excluded:
                     why = [*why, excluded]
                 if not why:
-                    self._remember(backend.name, reasons, args, kwargs)
+                    self._remember(backend.name, reasons, inputs)
                     return backend
                 reasons[name] = why
             raise BackendUnavailable(f"{self.name}: no backend supports these inputs: {reasons}")
@@ -143,16 +286,16 @@ class FusedOp:
                 f"{self.name}: backend {impl!r} is not implemented; "
                 f"implemented: {sorted(self.backends)} (or 'auto')"
             )
-        why = backend.not_supported_reasons(*args, **kwargs)
+        why = backend.not_supported_reasons(inputs)
         if impl in self.exclusions:
             why = [*why, self.exclusions[impl]]
         if why:
             raise BackendUnavailable(f"{self.name}: backend {impl!r} cannot run: " + "; ".join(why))
-        self._remember(backend.name, {}, args, kwargs)
+        self._remember(backend.name, {}, inputs)
         return backend
 
-    def _remember(self, chosen: str, skipped: dict, args, kwargs) -> None:
-        tensors = [t for t in _tensors(args, kwargs) if t.is_floating_point()] or _tensors(args, kwargs)
+    def _remember(self, chosen: str, skipped: dict, inputs: Inputs) -> None:
+        tensors = [t for t in inputs.tensors if t.is_floating_point()] or inputs.tensors
         kind = f"{tensors[0].device.type} {str(tensors[0].dtype).replace('torch.', '')}" if tensors else "-"
         if kind not in self.resolutions:
             self.resolutions[kind] = {"backend": chosen, "skipped": {k: "; ".join(v) for k, v in skipped.items()}}
@@ -182,14 +325,15 @@ REGISTRY: dict[str, FusedOp] = {}
 # backend choice under torch.compile
 #
 # ``FusedOp.select`` is host-side Python (environment variables, availability probes that load the
-# extension or launch a Triton kernel, self-test exclusions, ``inspect`` argument binding): dynamo
-# cannot trace it. Under ``torch.compile`` the traced code instead describes the call by static
-# properties only -- per tensor its device, dtype, shape, strides and requires_grad, plus grad mode
-# and the autocast state -- and ``_traced_choice`` (a constant for dynamo: it runs once, eagerly,
-# while the graph is traced) rebuilds stand-in tensors of that description and runs ``select`` on
-# them. The graph is specialised on every one of these properties (dynamo guards them), so the
-# choice holds for every call the graph serves; like ``select`` it records the resolution. The
-# environment (``MGM_FAST_IMPL*``) and self-test exclusions are read when the graph is traced.
+# extension or launch a Triton kernel, self-test exclusions, the binding of the arguments to
+# :class:`Inputs`): dynamo cannot trace it. Under ``torch.compile`` the traced code instead
+# describes the call by static properties only -- per tensor its device, dtype, shape, strides and
+# requires_grad, plus grad mode and the autocast state -- and ``_traced_choice`` (a constant for
+# dynamo: it runs once, eagerly, while the graph is traced) rebuilds stand-in tensors of that
+# description and runs ``select`` on them. The graph is specialised on every one of these
+# properties (dynamo guards them), so the choice holds for every call the graph serves; like
+# ``select`` it records the resolution. The environment (``MGM_FAST_IMPL*``) and self-test
+# exclusions are read when the graph is traced.
 
 _TENSOR, _GENERATOR, _MAPPING, _SEQUENCE, _VALUE = "tensor", "generator", "mapping", "sequence", "value"
 
@@ -319,10 +463,28 @@ def register_op(op: FusedOp) -> FusedOp:
     return op
 
 
-def _tensors(args: Sequence, kwargs: dict) -> list[torch.Tensor]:
-    found = [a for a in args if isinstance(a, torch.Tensor)]
-    found += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-    return found
+def define_op(name: str, summary: str, backends: list[Backend],
+              priority: tuple[str, ...] | None = None) -> FusedOp:  # fmt: skip
+    """A :class:`FusedOp` with these backends (one :func:`reference_backend` among them),
+    registered in :data:`REGISTRY`; ``priority`` reorders ``auto``'s default choice."""
+    op = FusedOp(name=name, summary=summary) if priority is None else FusedOp(name, summary, priority)
+    for backend in backends:
+        op.register(backend)
+    if "reference" not in op.backends:
+        raise ValueError(f"op {name!r} needs a reference backend (its argument list and plain twin)")
+    return register_op(op)
+
+
+NATIVE_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
+"""The device name the extension's functions carry for each native backend."""
+
+
+def native_function(pattern: str, device: str):
+    """The extension's function for one device: ``pattern`` with ``{device}`` replaced by
+    ``device`` ("cpu" or "cuda"), e.g. ``native_function("genblock_forward_{device}", "cuda")``
+    is ``mgm_fast._C.genblock_forward_cuda``. Looked up at each call: the extension loads on
+    first use."""
+    return getattr(_native.extension(), pattern.format(device=device))
 
 
 def triton_reason() -> str | None:
@@ -356,8 +518,6 @@ def _triton_launch_reason(index: int) -> str | None:
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -207,7 +207,7 @@ def run_case(op, backend: str, case: Case, device: torch.device | str, dtype: to
         result.detail = "no 4-d input"
         return result
     args, kwargs, _ = _materialize(inputs, dtype, layout, device)
-    reasons = impl.not_supported_reasons(*args, **kwargs)
+    reasons = impl.not_supported_reasons(op.bind(*args, **kwargs))
     del args, kwargs
     if reasons:
         result.detail = "; ".join(reasons)

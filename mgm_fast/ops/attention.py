@@ -59,13 +59,17 @@ theta / phi / g agreeing in B, theta / phi in dq, phi / g in M, M >= 1, one devi
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 
-from mgm_fast import _native
-from mgm_fast.ops._dispatch import Backend, FusedOp, register_op
+from mgm_fast.ops._dispatch import (
+    ANY_DEVICE,
+    Inputs,
+    cpp_backend,
+    define_op,
+    native_function,
+    reference_backend,
+)
 from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
 
 __all__ = ["OP", "sagan_attention", "sagan_attention_reference"]
@@ -128,7 +132,7 @@ def sagan_attention_reference(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
 def _cpp_forward_op(theta: Tensor, phi: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """(out (B, dv, N), per-query logsumexp (B, N)), float32 and contiguous."""
     with autocast_off(theta):
-        out, lse = _native.extension().sagan_attention_cpu_forward(theta, phi, g)
+        out, lse = native_function("sagan_attention_{device}_forward", "cpu")(theta, phi, g)
     return out, lse
 
 
@@ -144,7 +148,8 @@ def _cpp_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad theta, grad phi, grad g), contiguous; a placeholder where ``need`` is false."""
     with autocast_off(theta):
-        grads = _native.extension().sagan_attention_cpu_backward(theta, phi, g, out, lse, grad_out, list(need))
+        kernel = native_function("sagan_attention_{device}_backward", "cpu")
+        grads = kernel(theta, phi, g, out, lse, grad_out, list(need))
     return tuple(or_placeholder(d, like) for d, like in zip(grads, (theta, phi, g)))
 
 
@@ -181,38 +186,24 @@ def _cpp(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
 # dispatch
 
 
-def _sig(theta, phi, g):
-    """The argument list of sagan_attention (every backend)."""
-
-
-_SIGNATURE = inspect.signature(_sig)
-
-
-def _cpp_reasons(*args, **kwargs) -> list[str]:
+def _cpp_reasons(inputs: Inputs) -> list[str]:
     """Input conditions of the cpp backend beyond device and the dtypes it may see: float32,
     or any of float32 / bfloat16 / float16 under CPU autocast (cast to float32 first)."""
-    try:
-        bound = _SIGNATURE.bind(*args, **kwargs)
-    except TypeError as err:
-        return [f"bad arguments: {err}"]
     if torch.is_autocast_enabled("cpu"):
         return []
-    other = [t.dtype for t in bound.arguments.values()
-             if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float32]  # fmt: skip
+    other = [t.dtype for t in inputs.tensors if t.is_floating_point() and t.dtype != torch.float32]
     return [f"dtype {other[0]} not supported outside CPU autocast (float32 only)"] if other else []
 
 
-OP = register_op(
-    FusedOp(
-        name=_NAME,
-        summary="SAGAN self-attention core g softmax(theta^T phi)^T, fused forward and backward",
-        priority=("cpp", "reference"),
-    )
+OP = define_op(
+    _NAME,
+    "SAGAN self-attention core g softmax(theta^T phi)^T, fused forward and backward",
+    [
+        reference_backend(sagan_attention_reference, devices=(*ANY_DEVICE, "meta")),
+        cpp_backend(_cpp, dtypes=(torch.float32, torch.bfloat16, torch.float16), extra_check=_cpp_reasons),
+    ],
+    priority=("cpp", "reference"),
 )
-OP.register(Backend(name="reference", fn=sagan_attention_reference, devices=("cpu", "cuda", "mps", "xpu", "meta"),
-                    dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16)))  # fmt: skip
-OP.register(Backend(name="cpp", fn=_cpp, devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float16),
-                    availability=_native.cpp_reason, extra_check=_cpp_reasons))  # fmt: skip
 
 
 def sagan_attention(theta: Tensor, phi: Tensor, g: Tensor, *, impl: str = "auto") -> Tensor:

@@ -1,12 +1,12 @@
 """GAN losses of MGM as fused ops: hinge losses and instance noise.
 
 * ``hinge_d_loss(d_real, d_fake, *, impl="auto")`` -- mean ReLU(1 - D(real)) + mean
-  ReLU(1 + D(fake)), 0-dim float32 (reference: :func:`mgm_fast.losses.hinge_d`).
+  ReLU(1 + D(fake)), 0-dim float32 (reference: :func:`hinge_d_reference`).
 * ``hinge_g_loss(d_fake, *, impl="auto")`` -- -mean D(fake), 0-dim float32 (reference:
-  :func:`mgm_fast.losses.hinge_g`).
+  :func:`hinge_g_reference`).
 * ``noisy(x, std, seed_or_generator, *, return_noise=False, impl="auto")`` -- instance noise
-  x + std * N(0, 1) of x's shape, dtype and device (reference:
-  :func:`mgm_fast.losses.instance_noise`); differentiable w.r.t. x (the identity).
+  x + std * N(0, 1) of x's shape, dtype and device (reference: :func:`instance_noise` with a
+  generator seeded or given); differentiable w.r.t. x (the identity).
   ``return_noise=True`` returns ``(out, noise)`` with the float32 draw, so tests can check
   ``out == x + std * noise`` exactly.
 
@@ -50,27 +50,24 @@ first.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from mgm_fast import _native
-from mgm_fast.ops._dispatch import (
-    Backend,
-    FusedOp,
-    register_op,
-    triton_auto_exclusion,
-    triton_devices,
-    triton_reason,
-)
+from mgm_fast.ops._dispatch import cpp_backend, define_op, native_function, reference_backend, triton_backend
 from mgm_fast.ops._library import once_differentiable, or_placeholder, placeholder, qualname
 
-__all__ = ["HINGE_D_OP", "HINGE_G_OP", "NOISY_OP", "hinge_d_loss", "hinge_g_loss", "noisy"]
+__all__ = [
+    "HINGE_D_OP",
+    "HINGE_G_OP",
+    "NOISY_OP",
+    "hinge_d_loss",
+    "hinge_d_reference",
+    "hinge_g_loss",
+    "hinge_g_reference",
+    "instance_noise",
+    "noisy",
+]
 
 _SEED_LIMIT = 2**63
-
-
-def _losses():
-    from mgm_fast import losses  # late: losses may build on ops
-
-    return losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,15 +100,30 @@ def _check_noise_args(x, std, seed_or_generator) -> None:
 # references
 
 
-def _hinge_d_reference(d_real, d_fake):
+def hinge_d_reference(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss in plain PyTorch: mean ReLU(1 - D(real)) + mean ReLU(1 + D(fake)),
+    0-dim float32 (scores of any shapes and float dtypes)."""
     _check_scores("hinge_d_loss: d_real", d_real)
     _check_scores("hinge_d_loss: d_fake", d_fake)
-    return _losses().hinge_d(d_real, d_fake)
+    return F.relu(1.0 - d_real.float()).mean() + F.relu(1.0 + d_fake.float()).mean()
 
 
-def _hinge_g_reference(d_fake):
+def hinge_g_reference(d_fake: torch.Tensor) -> torch.Tensor:
+    """Generator hinge loss in plain PyTorch: -mean D(fake), 0-dim float32."""
     _check_scores("hinge_g_loss: d_fake", d_fake)
-    return _losses().hinge_g(d_fake)
+    return -d_fake.float().mean()
+
+
+def _draw(x: torch.Tensor, std: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + std * noise, noise), the noise ``torch.randn`` of x's shape, dtype and device."""
+    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return x + std * noise, noise
+
+
+def instance_noise(x: torch.Tensor, std: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + N(0, std^2) noise of x's shape, drawn on x's device with ``torch.randn`` (released std
+    0.01; ``generator`` None draws from the global generator, as the released code did)."""
+    return _draw(x, std, generator)[0]
 
 
 def _noisy_reference(x, std, seed_or_generator, *, return_noise=False):
@@ -120,10 +132,8 @@ def _noisy_reference(x, std, seed_or_generator, *, return_noise=False):
         gen = seed_or_generator
     else:
         gen = torch.Generator(device=x.device).manual_seed(seed_or_generator)
-    if not return_noise:
-        return _losses().instance_noise(x, std, gen)
-    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=gen)
-    return x + std * noise, noise
+    out, noise = _draw(x, std, gen)
+    return (out, noise) if return_noise else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +177,8 @@ def _noise_backward(ctx, grad_out, _grad_noise):
 def _cpp_noise_op(x: torch.Tensor, std: float, seed: int, seed_tensor: torch.Tensor | None,
                   return_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """x + std * n (CPU kernel; key ``seed_tensor`` when given, else ``seed``)."""
-    out, noise = _native.extension().instance_noise_cpu(x, std, seed if seed_tensor is None else seed_tensor,
-                                                        return_noise)  # fmt: skip
+    kernel = native_function("instance_noise_{device}", "cpu")
+    out, noise = kernel(x, std, seed if seed_tensor is None else seed_tensor, return_noise)
     return out, or_placeholder(noise, x)
 
 
@@ -214,9 +224,10 @@ def _noisy_cpp(x, std, seed_or_generator, *, return_noise=False):
     return _apply(_cpp_noise_op, x, std, seed_or_generator, return_noise, cpu_key=True)
 
 
-def _cpp_noise_reasons(x, std, seed_or_generator, *, return_noise=False) -> list[str]:
-    if isinstance(seed_or_generator, torch.Generator) and seed_or_generator.device.type != "cpu":
-        return [f"the generator is on {seed_or_generator.device} (the cpp backend draws its key on the CPU)"]
+def _cpp_noise_reasons(inputs) -> list[str]:
+    generator = inputs["seed_or_generator"]
+    if isinstance(generator, torch.Generator) and generator.device.type != "cpu":
+        return [f"the generator is on {generator.device} (the cpp backend draws its key on the CPU)"]
     return []
 
 
@@ -323,25 +334,19 @@ def _hinge_g_triton(d_fake):
 # ---------------------------------------------------------------------------------------------
 # dispatch
 
-_ANY = ("cpu", "cuda", "mps", "xpu")
-_ALL_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_FUSED = (torch.float32, torch.float16, torch.bfloat16)
-
-HINGE_D_OP = register_op(FusedOp(name="hinge_d_loss", summary="discriminator hinge loss, fused fwd/bwd"))
-HINGE_G_OP = register_op(FusedOp(name="hinge_g_loss", summary="generator hinge loss, fused fwd/bwd"))
-NOISY_OP = register_op(FusedOp(name="noisy", summary="instance noise x + std * N(0, 1), drawn in-kernel"))
-
-for _op, _ref, _tri in ((HINGE_D_OP, _hinge_d_reference, _hinge_d_triton),
-                        (HINGE_G_OP, _hinge_g_reference, _hinge_g_triton)):  # fmt: skip
-    _op.register(Backend(name="reference", fn=_ref, devices=_ANY, dtypes=_ALL_FLOATS))
-    _op.register(Backend(name="triton", fn=_tri, devices=triton_devices(), dtypes=_FUSED,
-                         availability=triton_reason, auto_exclusion=triton_auto_exclusion))  # fmt: skip
-
-NOISY_OP.register(Backend(name="reference", fn=_noisy_reference, devices=_ANY, dtypes=_ALL_FLOATS))
-NOISY_OP.register(Backend(name="triton", fn=_noisy_triton, devices=triton_devices(), dtypes=_FUSED,
-                          availability=triton_reason, auto_exclusion=triton_auto_exclusion))  # fmt: skip
-NOISY_OP.register(Backend(name="cpp", fn=_noisy_cpp, devices=("cpu",), dtypes=(torch.float32,),
-                          availability=_native.cpp_reason, extra_check=_cpp_noise_reasons))  # fmt: skip
+HINGE_D_OP = define_op("hinge_d_loss", "discriminator hinge loss, fused fwd/bwd",
+                       [reference_backend(hinge_d_reference), triton_backend(_hinge_d_triton)])  # fmt: skip
+HINGE_G_OP = define_op("hinge_g_loss", "generator hinge loss, fused fwd/bwd",
+                       [reference_backend(hinge_g_reference), triton_backend(_hinge_g_triton)])  # fmt: skip
+NOISY_OP = define_op(
+    "noisy",
+    "instance noise x + std * N(0, 1), drawn in-kernel",
+    [
+        reference_backend(_noisy_reference),
+        triton_backend(_noisy_triton),
+        cpp_backend(_noisy_cpp, extra_check=_cpp_noise_reasons),
+    ],
+)
 
 
 def hinge_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:

@@ -60,7 +60,8 @@ Backends (``impl=``; ``"auto"`` takes cuda, triton, cpp, reference in that order
 supports the inputs; ``auto`` never takes the Triton interpreter):
 
 * ``reference`` -- plain PyTorch, exactly the released computation (upsample, then convs), any
-  device and float dtype. :func:`mgm_fast.models.gan.genblock_reference` is its module twin.
+  device and float dtype: :func:`genblock_reference`, which the model's ``GenBlock`` also runs on
+  its own modules (``model.genblock_impl="reference"``).
 * ``cpp`` -- CPU, float32/float64: oneDNN convs on channels_last buffers with rewrites 1 and 2
   (the shortcut is one GEMM over the low-resolution pixels), and the C++ kernels of
   csrc/kernels/cpu/genblock.* for statistics, prologue, epilogues (bias, interleave, residual,
@@ -99,11 +100,16 @@ from torch import Tensor
 
 from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
-    Backend,
+    ANY_FLOAT,
+    NATIVE_DEVICE,
     FusedOp,
-    register_op,
-    triton_auto_exclusion,
-    triton_devices,
+    argument_list,
+    cpp_backend,
+    cuda_backend,
+    define_op,
+    native_function,
+    reference_backend,
+    triton_backend,
     triton_reason,
     value_checks_enabled,
 )
@@ -118,9 +124,11 @@ from mgm_fast.ops._library import (
 
 __all__ = [
     "OP",
+    "PHASE_TAPS",
     "PIECE_OP",
     "cbn_relu_conv3x3",
     "genblock",
+    "genblock_reference",
     "phase_weights",
     "up2_conv1x1",
     "up2_conv3x3",
@@ -130,8 +138,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # exact rewrites in plain torch
 
-# _TAPS[p, r, k] = 1 if 3x3 tap k lands on low-resolution offset r for output phase p.
-_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+"""PHASE_TAPS[p][r][k] = 1 if 3x3 tap k lands on low-resolution offset r for output phase p
+(rewrite 1; the Triton kernels' phase weights use the same map)."""
 
 
 def phase_weights(weight: Tensor) -> Tensor:
@@ -140,7 +149,7 @@ def phase_weights(weight: Tensor) -> Tensor:
     weight (Cout, Cin, 3, 3) -> (4 * Cout, Cin, 2, 2), phase (p, q) in rows
     ``(2p + q) * Cout : (2p + q + 1) * Cout``. Differentiable (a fixed linear map).
     """
-    g = torch.tensor(_TAPS, dtype=weight.dtype, device=weight.device)  # (p, r, ky)
+    g = torch.tensor(PHASE_TAPS, dtype=weight.dtype, device=weight.device)  # (p, r, ky)
     # wp[p, q, o, c, r, s] = sum_{ky, kx} g[p, r, ky] g[q, s, kx] w[o, c, ky, kx]
     wp = torch.einsum("prk,qsl,ockl->pqocrs", g, g, weight)
     cout, cin = weight.shape[:2]
@@ -190,6 +199,12 @@ def _batch_norm(x, running_mean, running_var, num_batches_tracked, training, mom
     return F.batch_norm(x, running_mean, running_var, None, None, training, factor, eps)
 
 
+def _cbn(x, gamma, beta, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+    """Conditional BN: gamma * BN(x) + beta with per-sample rows gamma, beta (B, C)."""
+    a = _batch_norm(x, running_mean, running_var, num_batches_tracked, training, momentum, eps)
+    return gamma[:, :, None, None] * a + beta[:, :, None, None]
+
+
 def _reference_piece(
     x,
     gamma,
@@ -206,14 +221,63 @@ def _reference_piece(
     eps=1e-5,
     upsample=True,
 ):
-    a = _batch_norm(x, running_mean, running_var, num_batches_tracked, training, momentum, eps)
-    a = F.relu(gamma[:, :, None, None] * a + beta[:, :, None, None])
+    a = F.relu(_cbn(x, gamma, beta, running_mean, running_var, num_batches_tracked, training, momentum, eps))
     if upsample:
         a = _up2(a)
     out = F.conv2d(a, weight, bias, padding=1)
     if residual is not None:
         out = out + (residual if residual.shape[-2:] == out.shape[-2:] else _up2(residual))
     return out
+
+
+def genblock_reference(x: Tensor, y: Tensor, block) -> Tensor:
+    """The GenBlock in the released order, layer for layer: the reference every fused backend is
+    tested against.
+
+    main = snconv2d2(relu(cond_bn2(snconv2d1(up2(relu(cond_bn1(x, y)))), y)))
+    shortcut = snconv2d0(up2(x)); returns main + shortcut.
+
+    ``block`` supplies the layers as callables: ``cond_bn1(t, y)``, ``cond_bn2(t, y)`` (conditional
+    BN) and ``snconv2d1``, ``snconv2d2`` (3x3, padding 1), ``snconv2d0`` (1x1) -- a
+    :class:`mgm_fast.models.gan.GenBlock` (its modules, so SyncBatchNorm and spectral norm act as
+    in the model), or the explicit tensors of the op (:func:`genblock` with ``impl="reference"``).
+    x (B, C_in, H, W), y (B,) int64 -> (B, C_out, 2H, 2W).
+    """
+    h = _up2(F.relu(block.cond_bn1(x, y)))
+    h = F.relu(block.cond_bn2(block.snconv2d1(h), y))
+    h = block.snconv2d2(h)
+    # The released order (upsample, then 1x1 conv); a 1x1 conv commutes with nearest
+    # upsampling, which the fused backends exploit (rewrite 2).
+    return h + block.snconv2d0(_up2(x))
+
+
+class _TensorBlock:
+    """The layers of :func:`genblock_reference` made of the op's explicit tensors (the effective
+    weights, the embeddings and the BN buffers, updated in place like ``BatchNorm2d``)."""
+
+    def __init__(self, a: dict) -> None:
+        self.a = a
+
+    def _cbn(self, t: Tensor, y: Tensor, k: str) -> Tensor:
+        a = self.a
+        gamma, beta = F.embedding(y, a[f"embed{k}"]).chunk(2, dim=1)
+        return _cbn(t, gamma, beta, a[f"running_mean{k}"], a[f"running_var{k}"], a[f"num_batches_tracked{k}"],
+                    a["training"], a["momentum"], a["eps"])  # fmt: skip
+
+    def cond_bn1(self, t: Tensor, y: Tensor) -> Tensor:
+        return self._cbn(t, y, "1")
+
+    def cond_bn2(self, t: Tensor, y: Tensor) -> Tensor:
+        return self._cbn(t, y, "2")
+
+    def snconv2d1(self, t: Tensor) -> Tensor:
+        return F.conv2d(t, self.a["weight1"], self.a["bias1"], padding=1)
+
+    def snconv2d2(self, t: Tensor) -> Tensor:
+        return F.conv2d(t, self.a["weight2"], self.a["bias2"], padding=1)
+
+    def snconv2d0(self, t: Tensor) -> Tensor:
+        return F.conv2d(t, self.a["weight0"], self.a["bias0"])
 
 
 def _reference_genblock(
@@ -238,16 +302,13 @@ def _reference_genblock(
     momentum=0.001,
     eps=1e-5,
 ):
-    # The released order, op for op as mgm_fast.models.gan.genblock_reference (same result bits).
-    gamma1, beta1 = F.embedding(y, embed1).chunk(2, dim=1)
-    h = _batch_norm(x, running_mean1, running_var1, num_batches_tracked1, training, momentum, eps)
-    h = _up2(F.relu(gamma1[:, :, None, None] * h + beta1[:, :, None, None]))
-    h = F.conv2d(h, weight1, bias1, padding=1)
-    gamma2, beta2 = F.embedding(y, embed2).chunk(2, dim=1)
-    h = _batch_norm(h, running_mean2, running_var2, num_batches_tracked2, training, momentum, eps)
-    h = F.relu(gamma2[:, :, None, None] * h + beta2[:, :, None, None])
-    h = F.conv2d(h, weight2, bias2, padding=1)
-    return h + F.conv2d(_up2(x), weight0, bias0)
+    block = _TensorBlock(dict(
+        embed1=embed1, weight1=weight1, bias1=bias1, embed2=embed2, weight2=weight2, bias2=bias2,
+        weight0=weight0, bias0=bias0, running_mean1=running_mean1, running_var1=running_var1,
+        running_mean2=running_mean2, running_var2=running_var2, num_batches_tracked1=num_batches_tracked1,
+        num_batches_tracked2=num_batches_tracked2, training=training, momentum=momentum, eps=eps,
+    ))  # fmt: skip
+    return genblock_reference(x, y, block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +322,6 @@ def _reference_genblock(
 # for backward is x itself when x is channels_last (the kernels' layout) and the channels_last
 # copy the forward wrote otherwise; the forward returns a placeholder in the first case.
 
-_BACKEND_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
 _BlockForward = tuple[(Tensor,) * 14]  # out, xs, 11 saved tensors, the algorithm record
 _ALGO_RECORD_SHAPE = (2,)
 """Shape of the int64 CPU tensor genblock_forward_cpu returns last: the algorithms it chose for the
@@ -271,10 +331,6 @@ _PieceForward = tuple[(Tensor,) * 6]  # out, xs, act, mean, rstd, scale
 """Mutating custom ops return tuples (auto-functionalization does not take a list return)."""
 _STATS_MUTATED = ("running_mean1", "running_var1", "num_batches_tracked1", "running_mean2", "running_var2",
                   "num_batches_tracked2")  # fmt: skip
-
-
-def _ext_fn(name: str, device: str):
-    return getattr(_native.extension(), f"{name}_{device}")
 
 
 def _is_channels_last(t: Tensor) -> bool:
@@ -364,7 +420,7 @@ def _piece_backward_meta(grad, x, act, weight, gamma, scale, mean, rstd, trainin
 
 def _register_native(backend: str) -> dict:
     """The four custom ops of one native backend (cpp or cuda)."""
-    device = _BACKEND_DEVICE[backend]
+    device = NATIVE_DEVICE[backend]
 
     @torch.library.custom_op(qualname(f"genblock_{backend}_forward"), mutates_args=_STATS_MUTATED)
     def block_forward(
@@ -376,7 +432,7 @@ def _register_native(backend: str) -> dict:
         inputs = (x, y, embed1, weight1, bias1, embed2, weight2, bias2, weight0, bias0, running_mean1,
                   running_var1, num_batches_tracked1, running_mean2, running_var2, num_batches_tracked2)  # fmt: skip
         with autocast_off(x):
-            out, xs, *saved = _ext_fn("genblock_forward", device)(*inputs, training, momentum, eps)
+            out, xs, *saved = native_function("genblock_forward_{device}", device)(*inputs, training, momentum, eps)
         if _is_channels_last(x):  # xs is x itself
             xs = placeholder(x)
         if backend == "cuda":  # no algorithm choice
@@ -395,7 +451,7 @@ def _register_native(backend: str) -> dict:
         if backend == "cuda":
             saved = saved[:-1]
         with autocast_off(x):
-            grads = _ext_fn("genblock_backward", device)(
+            grads = native_function("genblock_backward_{device}", device)(
                 grad, x, y, *saved, embed1, weight1, embed2, weight2, weight0, training, need_x, x_channels_last
             )
         grads[0] = or_placeholder(grads[0], x)
@@ -415,7 +471,7 @@ def _register_native(backend: str) -> dict:
     ) -> _PieceForward:  # fmt: skip
         inputs = (x, gamma, beta, weight, bias, residual, running_mean, running_var, num_batches_tracked)
         with autocast_off(x):
-            out, xs, *saved = _ext_fn("cbn_relu_conv_forward", device)(*inputs, training, momentum, eps, upsample)
+            out, xs, *saved = native_function("cbn_relu_conv_forward_{device}", device)(*inputs, training, momentum, eps, upsample)
         if _is_channels_last(x):
             xs = placeholder(x)
         return tuple(fresh([out, xs, *saved], inputs))
@@ -432,7 +488,7 @@ def _register_native(backend: str) -> dict:
     ) -> list[Tensor]:  # fmt: skip
         inputs = (grad, x, act, weight, gamma, scale, mean, rstd)
         with autocast_off(x):
-            dx, dgamma, dbeta, dweight, dbias, dres = _ext_fn("cbn_relu_conv_backward", device)(
+            dx, dgamma, dbeta, dweight, dbias, dres = native_function("cbn_relu_conv_backward_{device}", device)(
                 *inputs, training, upsample, has_bias, residual_mode, need_x, need_gamma_beta, x_channels_last
             )
         if residual_mode == 1:  # grad itself
@@ -453,7 +509,7 @@ def _register_native(backend: str) -> dict:
             "piece_forward": piece_forward, "piece_backward": piece_backward}  # fmt: skip
 
 
-_NATIVE_OPS = {backend: _register_native(backend) for backend in _BACKEND_DEVICE}
+_NATIVE_OPS = {backend: _register_native(backend) for backend in NATIVE_DEVICE}
 """backend -> {"genblock_forward", "genblock_backward", "piece_forward", "piece_backward"} custom ops."""
 
 
@@ -548,8 +604,7 @@ def _native_genblock(backend: str, a: dict) -> Tensor:
     dt = _native_dtype(a["x"])
     if dt is not None:  # like custom_fwd(cast_inputs=...): activations and conv params in dt
         a = {**a, "x": a["x"].to(dt), **{k: a[k].to(dt) for k in _CONV_TENSORS}}
-    return _NativeGenBlock.apply(backend, *(a[k] for k in _GENBLOCK_ARGS[:16]), a["training"], a["momentum"],
-                                 a["eps"])  # fmt: skip
+    return _NativeGenBlock.apply(backend, *a.values())  # bound in the reference's order, forward's order
 
 
 def _native_piece(backend: str, a: dict) -> Tensor:
@@ -652,43 +707,6 @@ def _triton_genblock(x, y, embed1, weight1, bias1, embed2, weight2, bias2, weigh
 
 # ---------------------------------------------------------------------------------------------
 # argument handling and validation
-
-_GENBLOCK_ARGS = (
-    "x", "y", "embed1", "weight1", "bias1", "embed2", "weight2", "bias2", "weight0", "bias0",
-    "running_mean1", "running_var1", "running_mean2", "running_var2", "num_batches_tracked1",
-    "num_batches_tracked2", "training", "momentum", "eps",
-)
-_GENBLOCK_DEFAULTS = {
-    "num_batches_tracked1": None, "num_batches_tracked2": None, "training": True,
-    "momentum": 0.001, "eps": 1e-5,
-}
-_PIECE_ARGS = (
-    "x", "gamma", "beta", "weight", "bias", "running_mean", "running_var", "num_batches_tracked",
-    "residual", "training", "momentum", "eps", "upsample",
-)
-_PIECE_DEFAULTS = {
-    "num_batches_tracked": None, "residual": None, "training": True, "momentum": 0.001,
-    "eps": 1e-5, "upsample": True,
-}
-
-
-def _bind(names, defaults, op, args, kwargs) -> dict:
-    if len(args) > len(names):
-        raise TypeError(f"{op}: too many positional arguments")
-    a = dict(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in names:
-            raise TypeError(f"{op}: unexpected argument {k!r}")
-        if k in a:
-            raise TypeError(f"{op}: argument {k!r} given twice")
-        a[k] = v
-    for k in names:
-        if k not in a:
-            if k not in defaults:
-                raise TypeError(f"{op}: missing argument {k!r}")
-            a[k] = defaults[k]
-    return a
-
 
 def _shape_error(op, name, t, want) -> ValueError:
     got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -830,61 +848,32 @@ def _triton_reasons(op: str, a: dict) -> list[str]:
     return reasons + [f"weight2: {r}" for r in tg.triton_supported_reasons(hh, a["weight2"])]
 
 
-def _make_op(name: str, summary: str, names, defaults, reference, native, triton) -> FusedOp:
-    def bound(fn):
+def _make_op(name: str, summary: str, reference, native, triton) -> FusedOp:
+    """The op ``name`` with its four backends; the native ones take the arguments bound to the
+    reference's list (a dict), and every backend's extra check takes the op's name too."""
+    arguments = argument_list(reference, name)
+
+    def bound(backend):
         def call(*args, **kwargs):
-            return fn(_bind(names, defaults, name, args, kwargs))
+            return native(backend, arguments.bind(args, kwargs))
+
+        call.__name__ = call.__qualname__ = f"_{backend}_{name}"
         return call
 
     def check(extra):
-        def reasons(*args, **kwargs):
-            try:
-                a = _bind(names, defaults, name, args, kwargs)
-            except TypeError as err:
-                return [f"bad arguments: {err}"]
-            return extra(name, a)
-        return reasons
+        return lambda inputs: extra(name, inputs)
 
-    op = register_op(FusedOp(name=name, summary=summary))
-    op.register(Backend(
-        name="reference",
-        fn=reference,
-        devices=("cpu", "cuda", "mps", "xpu"),
-        dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16),
-    ))
-    op.register(Backend(
-        name="cpp",
-        fn=bound(lambda a: native("cpp", a)),
-        devices=("cpu",),
-        dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),  # half: autocast only
-        availability=_native.cpp_reason,
-        extra_check=check(_cpp_reasons),
-    ))
-    op.register(Backend(
-        name="cuda",
-        fn=bound(lambda a: native("cuda", a)),
-        devices=("cuda",),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        availability=_cuda_availability,
-        extra_check=check(_dtype_reasons),
-    ))
-    op.register(Backend(
-        name="triton",
-        fn=triton,
-        devices=triton_devices(),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        availability=_triton_reason,
-        extra_check=check(_triton_reasons),
-        auto_exclusion=triton_auto_exclusion,
-    ))
-    return op
+    return define_op(name, summary, [
+        reference_backend(reference),
+        cpp_backend(bound("cpp"), dtypes=ANY_FLOAT, extra_check=check(_cpp_reasons)),  # half: autocast only
+        cuda_backend(bound("cuda"), extra_check=check(_dtype_reasons), availability=_cuda_availability),
+        triton_backend(triton, extra_check=check(_triton_reasons), availability=_triton_reason),
+    ])  # fmt: skip
 
 
 OP = _make_op(
     "genblock",
     "SAGAN GenBlock: CBN-ReLU-up2-conv3x3, CBN-ReLU-conv3x3, + conv1x1 shortcut (phase convs)",
-    _GENBLOCK_ARGS,
-    _GENBLOCK_DEFAULTS,
     _reference_genblock,
     _native_genblock,
     _triton_genblock,
@@ -892,8 +881,6 @@ OP = _make_op(
 PIECE_OP = _make_op(
     "cbn_relu_conv3x3",
     "conditional BN + ReLU (+ nearest x2) + conv3x3 (+ residual), prologue/epilogue fused",
-    _PIECE_ARGS,
-    _PIECE_DEFAULTS,
     _reference_piece,
     _native_piece,
     _triton_piece,

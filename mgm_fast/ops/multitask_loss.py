@@ -1,8 +1,19 @@
 """Fused MGM dense losses: segmentation CE + depth L1 + normal L1 in one call.
 
-``multitask_loss(...)`` has the signature and semantics of :func:`mgm_fast.losses.multitask_loss`
-(the plain-PyTorch reference) plus ``impl="auto" | "reference" | "triton" | "cpp" | "cuda"``, and
-returns the tuple ``(seg, depth, normal)`` of 0-dim float32 losses (L_mt = seg + depth + normal).
+``multitask_loss(...)`` has the signature and semantics of :func:`multitask_loss_reference`
+(the plain-PyTorch reference, built from :func:`seg_ce`, :func:`depth_l1` and :func:`normal_l1`)
+plus ``impl="auto" | "reference" | "triton" | "cpp" | "cuda"``, and returns the tuple
+``(seg, depth, normal)`` of 0-dim float32 losses (L_mt = seg + depth + normal).
+
+The formulas follow docs/method.md section 2 (the released code); every deviation from the
+released behaviour is an argument whose default keeps the released behaviour:
+
+* segmentation CE: released -- no ignore index, mean over all B*H*W pixels; option
+  ``ignore_index`` -- those pixels are excluded from the loss and from the mean's count;
+* depth L1: released -- the mask is all ones (``depth_mask=None``) and the mean runs over all
+  B*H*W elements; ``reduction="valid"`` -- masked sum divided by the number of valid pixels;
+* normal L1: released -- ``mask * |pred - target|`` averaged over all B*3*H*W elements (no unit
+  normalisation); ``reduction="valid"`` -- divided by the number of valid elements instead.
 
 Shapes: B batch, C classes, H x W pixels.
 
@@ -48,7 +59,8 @@ gradients by grad_output:
   errors are reported like ``cuda`` on the GPU (immediately on CPU tensors). It runs on CUDA
   tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (then only when forced: ``auto``
   never picks the interpreter).
-* ``reference`` -- :func:`mgm_fast.losses.multitask_loss`, any device and float dtype.
+* ``reference`` -- :func:`multitask_loss_reference`, any device and float dtype (the
+  reductions accumulate in float32).
 
 ``torch.compile``: each fused backend is a custom op ``mgm_fast::multitask_loss_<backend>`` with
 its autograd formula (cuda and triton scale their buffers in backward with
@@ -63,67 +75,154 @@ masks of other dtypes (e.g. int64) are converted to a float32 copy first.
 from __future__ import annotations
 
 import collections
-import inspect
 import os
+from collections.abc import Callable, Mapping
 
 import torch
 
-from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
-    Backend,
-    FusedOp,
-    register_op,
-    triton_auto_exclusion,
-    triton_devices,
-    triton_reason,
+    argument_list,
+    cpp_backend,
+    cuda_backend,
+    define_op,
+    native_function,
+    reference_backend,
+    triton_backend,
 )
 from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
 
-__all__ = ["OP", "check_cuda_label_errors", "multitask_loss"]
-
-
-def _signature(
-    seg_logits,
-    depth_pred,
-    normal_pred,
-    seg_target,
-    depth_target,
-    normal_target,
-    depth_mask=None,
-    normal_mask=None,
-    ignore_index=None,
-    reduction="all",
-):
-    """The argument list shared by every backend (that of mgm_fast.losses.multitask_loss), as a
-    dict: plain Python, so torch.compile traces the binding (``inspect`` it would not)."""
-    return dict(
-        seg_logits=seg_logits, depth_pred=depth_pred, normal_pred=normal_pred, seg_target=seg_target,
-        depth_target=depth_target, normal_target=normal_target, depth_mask=depth_mask,
-        normal_mask=normal_mask, ignore_index=ignore_index, reduction=reduction,
-    )  # fmt: skip
-
-
-_NAMES = tuple(inspect.signature(_signature).parameters)
-_PREDICTIONS = ("seg_logits", "depth_pred", "normal_pred")
-_CONSTANT_TENSORS = ("seg_target", "depth_target", "normal_target", "depth_mask", "normal_mask")
-
-
-def _bind(args: tuple, kwargs: dict) -> dict:
-    return _signature(*args, **kwargs)
-
-
-def _ordered(a: dict) -> tuple:
-    return tuple(a[name] for name in _NAMES)
+__all__ = [
+    "OP",
+    "REDUCTIONS",
+    "check_cuda_label_errors",
+    "depth_l1",
+    "multitask_loss",
+    "multitask_loss_reference",
+    "normal_l1",
+    "seg_ce",
+]
 
 
 # ---------------------------------------------------------------------------------------------
-# reference
+# reference (plain PyTorch); shapes as in the module docstring, each loss a 0-dim float32 tensor
+
+REDUCTIONS = ("all", "valid")
 
 
-def _reference(*args, **kwargs):
-    from mgm_fast.losses import multitask_loss as reference  # late: losses may build on ops
+def _check(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected {what} of shape {tuple(shape)}, got {tuple(tensor.shape)}")
 
-    return reference(*args, **kwargs)
+
+def seg_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """Per-pixel softmax cross-entropy, mean over (non-ignored) pixels.
+
+    Args:
+        logits: (B, C, H, W) raw scores (any float dtype; computed in float32).
+        target: (B, H, W) int64 class indices in [0, C), or ``ignore_index``.
+        ignore_index: None reproduces the released loss (every pixel counts); otherwise pixels
+            with this label are excluded. All pixels ignored gives 0 (not NaN).
+    """
+    b, _, h, w = logits.shape
+    _check("seg_ce target", target, (b, h, w), "labels")
+    logp = torch.log_softmax(logits.float(), dim=1)
+    if ignore_index is None:
+        return -logp.gather(1, target.unsqueeze(1)).mean()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    nll = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return (nll * valid).sum() / valid.sum().clamp_min(1)
+
+
+def depth_l1(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "all",
+) -> torch.Tensor:
+    """L1 depth loss.
+
+    Args:
+        pred, target: (B, 1, H, W) depth (metres).
+        mask: (B, 1, H, W) validity (bool or {0, 1} float), or None for all ones (released).
+        reduction: "all" -- mean over all B*H*W elements (released); "valid" -- masked sum over
+            the number of valid pixels (0 when none is valid).
+    """
+    _check("depth_l1 target", target, pred.shape, "depth")
+    err = (pred.float() - target.float()).abs()
+    if mask is None:
+        mask_f = None
+    else:
+        _check("depth_l1 mask", mask, pred.shape, "mask")
+        mask_f = mask.float()
+        err = err * mask_f
+    if reduction == "all":
+        return err.mean()
+    if reduction == "valid":
+        count = err.new_tensor(err.numel()) if mask_f is None else mask_f.sum()
+        return err.sum() / count.clamp_min(1)
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def normal_l1(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "all",
+) -> torch.Tensor:
+    """Masked L1 on the normal vectors (no unit normalisation, as released).
+
+    Args:
+        pred, target: (B, 3, H, W).
+        mask: (B, 3, H, W) or (B, 1, H, W) weights (the released mask is a 3-channel PNG / 255);
+            None means all ones.
+        reduction: "all" -- sum of mask*|pred-target| over B*3*H*W (released); "valid" -- over
+            the sum of the mask broadcast to (B, 3, H, W).
+    """
+    _check("normal_l1 target", target, pred.shape, "normals")
+    err = (pred.float() - target.float()).abs()
+    if mask is not None:
+        if mask.shape[1] not in (1, pred.shape[1]) or mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]:
+            raise ValueError(
+                f"normal_l1 mask: expected shape (B, 1 or 3, H, W) matching {tuple(pred.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        weight = mask.float().expand_as(err)
+        err = err * weight
+    if reduction == "all":
+        return err.mean()
+    if reduction == "valid":
+        count = err.new_tensor(err.numel()) if mask is None else weight.sum()
+        return err.sum() / count.clamp_min(1)
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def multitask_loss_reference(
+    seg_logits: torch.Tensor,
+    depth_pred: torch.Tensor,
+    normal_pred: torch.Tensor,
+    seg_target: torch.Tensor,
+    depth_target: torch.Tensor,
+    normal_target: torch.Tensor,
+    depth_mask: torch.Tensor | None = None,
+    normal_mask: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "all",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three dense losses of L_mt = L_seg + L_dep + L_nrm (equal weights), returned apart:
+    the plain-PyTorch twin of :func:`multitask_loss` and its argument list. ``reduction``
+    applies to depth and normals (segmentation always averages over non-ignored pixels)."""
+    return (
+        seg_ce(seg_logits, seg_target, ignore_index),
+        depth_l1(depth_pred, depth_target, depth_mask, reduction),
+        normal_l1(normal_pred, normal_target, normal_mask, reduction),
+    )
+
+
+_ARGUMENTS = argument_list(multitask_loss_reference, "multitask_loss")
+"""The argument list every backend shares; its ``bind`` is plain Python, traced by torch.compile."""
+_PREDICTIONS = ("seg_logits", "depth_pred", "normal_pred")
+_CONSTANT_TENSORS = ("seg_target", "depth_target", "normal_target", "depth_mask", "normal_mask")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +235,7 @@ _Cpp = tuple[(torch.Tensor,) * 6]  # seg, depth, normal, their gradients (alread
 _Device = tuple[(torch.Tensor,) * 7]  # seg, depth, normal, float32 undivided buffers, 1/D (3,)
 
 
-def _need(a: dict) -> list[bool]:
+def _need(a: Mapping) -> list[bool]:
     grad = torch.is_grad_enabled()
     return [grad and a[name].requires_grad for name in _PREDICTIONS]
 
@@ -180,7 +279,7 @@ def _cpp_op(
     in each prediction's memory format; placeholders where ``need`` is false)."""
     preds = (seg_logits, depth_pred, normal_pred)
     with autocast_off(seg_logits):
-        seg, depth, normal, *grads = _native.extension().multitask_loss_cpu(
+        seg, depth, normal, *grads = native_function("multitask_loss_{device}", "cpu")(
             *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction,
             list(need),
         )  # fmt: skip
@@ -218,8 +317,8 @@ once_differentiable(_cpp_scale_op, "multitask_loss (cpp backend)")
 
 
 def _cpp(*args, **kwargs):
-    a = _bind(args, kwargs)
-    return tuple(_cpp_op(*_ordered(a), _need(a))[:3])
+    a = _ARGUMENTS.bind(args, kwargs)
+    return tuple(_cpp_op(*a.values(), _need(a))[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,56 +394,78 @@ def _device_meta(seg_logits, depth_pred, normal_pred, need) -> tuple:
     return (*_losses_meta(seg_logits), *buffers, torch.empty(3, dtype=torch.float32, device=seg_logits.device))
 
 
-@torch.library.custom_op(qualname("multitask_loss_cuda"), mutates_args=())
-def _cuda_op(
-    seg_logits: torch.Tensor, depth_pred: torch.Tensor, normal_pred: torch.Tensor, seg_target: torch.Tensor,
-    depth_target: torch.Tensor, normal_target: torch.Tensor, depth_mask: torch.Tensor | None,
-    normal_mask: torch.Tensor | None, ignore_index: int | None, reduction: str, need: list[bool],
-) -> _Device:  # fmt: skip
-    """(seg, depth, normal, float32 undivided gradient buffers, 1/D (3,)). Out-of-range labels are
-    reported by the label watch (host-side, inside the op: invisible to torch.compile)."""
+def _register_device(backend: str, forward_kernels: Callable, scale_kernel: Callable) -> Callable:
+    """The custom ops of one device backend (cuda, triton) -- ``mgm_fast::multitask_loss_<backend>``
+    with its autograd formula and ``..._scale_grad`` -- and the backend function calling them.
+
+    ``forward_kernels(*arguments, need)`` runs the kernels and reports label errors: (seg, depth,
+    normal, float32 undivided gradient buffers or None, 1/D (3,)); ``scale_kernel(buffer,
+    grad_output, inv, k, dtype)`` is ``(dtype)(buffer * grad_output * inv[k])`` on the device, in the
+    buffer's memory format."""
+
+    @torch.library.custom_op(qualname(f"multitask_loss_{backend}"), mutates_args=())
+    def forward(
+        seg_logits: torch.Tensor, depth_pred: torch.Tensor, normal_pred: torch.Tensor, seg_target: torch.Tensor,
+        depth_target: torch.Tensor, normal_target: torch.Tensor, depth_mask: torch.Tensor | None,
+        normal_mask: torch.Tensor | None, ignore_index: int | None, reduction: str, need: list[bool],
+    ) -> _Device:  # fmt: skip
+        """(seg, depth, normal, float32 undivided gradient buffers, 1/D (3,)). Out-of-range labels
+        are reported host-side, inside the op: invisible to torch.compile."""
+        preds = (seg_logits, depth_pred, normal_pred)
+        seg, depth, normal, *buffers, inv = forward_kernels(
+            *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction, need
+        )
+        return seg, depth, normal, *(or_placeholder(b, p) for b, p in zip(buffers, preds)), inv
+
+    @forward.register_fake
+    def _(seg_logits, depth_pred, normal_pred, *rest):
+        return _device_meta(seg_logits, depth_pred, normal_pred, rest[-1])
+
+    @torch.library.custom_op(qualname(f"multitask_loss_{backend}_scale_grad"), mutates_args=())
+    def scale_grad(buffer: torch.Tensor, grad_output: torch.Tensor, inv: torch.Tensor, k: int,
+                   dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        """``(dtype)(buffer * grad_output * inv[k])`` on the device, in the buffer's memory format."""
+        return scale_kernel(buffer, grad_output, inv, k, dtype)
+
+    @scale_grad.register_fake
+    def _(buffer, grad_output, inv, k, dtype):
+        return torch.empty_like(buffer, dtype=dtype)
+
+    def backward(ctx, *grad_outputs):
+        def scale(k, buffer, grad_output, inv):
+            return scale_grad(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
+
+        return _scaled_grads(ctx, grad_outputs[:3], scale)
+
+    forward.register_autograd(backward, setup_context=_setup_context)
+    once_differentiable(scale_grad, f"multitask_loss ({backend} backend)")
+
+    def run(*args, **kwargs):
+        a = _ARGUMENTS.bind(args, kwargs)
+        return tuple(forward(*a.values(), _need(a))[:3])
+
+    run.__name__ = run.__qualname__ = f"_{backend}"
+    return run
+
+
+def _cuda_kernels(seg_logits, depth_pred, normal_pred, seg_target, depth_target, normal_target, depth_mask,
+                  normal_mask, ignore_index, reduction, need):  # fmt: skip
+    """The CUDA kernels; an out-of-range label is reported by the label watch without blocking."""
     _LABEL_WATCH.check(block=False)
-    preds = (seg_logits, depth_pred, normal_pred)
     with autocast_off(seg_logits):
-        seg, depth, normal, *buffers, inv, record = _native.extension().multitask_loss_cuda(
-            *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction,
-            list(need),
+        *out, record = native_function("multitask_loss_{device}", "cuda")(
+            seg_logits, depth_pred, normal_pred, seg_target, depth_target, normal_target, depth_mask, normal_mask,
+            ignore_index, reduction, list(need),
         )  # fmt: skip
     _LABEL_WATCH.submit(record, tuple(seg_logits.shape), ignore_index)
-    return seg, depth, normal, *(or_placeholder(b, p) for b, p in zip(buffers, preds)), inv
+    return out
 
 
-@_cuda_op.register_fake
-def _(seg_logits, depth_pred, normal_pred, *rest):
-    return _device_meta(seg_logits, depth_pred, normal_pred, rest[-1])
+def _cuda_scale(buffer, grad_output, inv, k, dtype):
+    return native_function("multitask_loss_scale_grad_{device}", "cuda")(buffer, grad_output, inv, k, dtype)
 
 
-@torch.library.custom_op(qualname("multitask_loss_cuda_scale_grad"), mutates_args=())
-def _cuda_scale_op(buffer: torch.Tensor, grad_output: torch.Tensor, inv: torch.Tensor, k: int,
-                   dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """``(dtype)(buffer * grad_output * inv[k])`` on the device, in the buffer's memory format."""
-    return _native.extension().multitask_loss_scale_grad_cuda(buffer, grad_output, inv, k, dtype)
-
-
-@_cuda_scale_op.register_fake
-def _(buffer, grad_output, inv, k, dtype):
-    return torch.empty_like(buffer, dtype=dtype)
-
-
-def _cuda_backward(ctx, *grad_outputs):
-    def scale(k, buffer, grad_output, inv):
-        return _cuda_scale_op(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
-
-    return _scaled_grads(ctx, grad_outputs[:3], scale)
-
-
-_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
-once_differentiable(_cuda_scale_op, "multitask_loss (cuda backend)")
-
-
-def _cuda(*args, **kwargs):
-    a = _bind(args, kwargs)
-    return tuple(_cuda_op(*_ordered(a), _need(a))[:3])
+_cuda = _register_device("cuda", _cuda_kernels, _cuda_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,68 +489,32 @@ def _triton_record(record: torch.Tensor, shape: tuple, ignore_index: int | None)
         )
 
 
-@torch.library.custom_op(qualname("multitask_loss_triton"), mutates_args=())
-def _triton_op(
-    seg_logits: torch.Tensor, depth_pred: torch.Tensor, normal_pred: torch.Tensor, seg_target: torch.Tensor,
-    depth_target: torch.Tensor, normal_target: torch.Tensor, depth_mask: torch.Tensor | None,
-    normal_mask: torch.Tensor | None, ignore_index: int | None, reduction: str, need: list[bool],
-) -> _Device:  # fmt: skip
-    """The Triton kernels (mgm_fast.ops._triton.multitask_loss); outputs as multitask_loss_cuda."""
+def _triton_kernels(seg_logits, depth_pred, normal_pred, seg_target, depth_target, normal_target, depth_mask,
+                    normal_mask, ignore_index, reduction, need):  # fmt: skip
+    """The Triton kernels (mgm_fast.ops._triton.multitask_loss), label errors as _triton_record."""
     from mgm_fast.ops._triton import multitask_loss as tm
 
-    preds = (seg_logits, depth_pred, normal_pred)
-    seg, depth, normal, *buffers, inv, record = tm.forward(
-        *preds, seg_target, depth_target, normal_target, depth_mask, normal_mask, ignore_index, reduction, list(need)
-    )
+    *out, record = tm.forward(seg_logits, depth_pred, normal_pred, seg_target, depth_target, normal_target,
+                              depth_mask, normal_mask, ignore_index, reduction, list(need))  # fmt: skip
     _triton_record(record, tuple(seg_logits.shape), ignore_index)
-    return seg, depth, normal, *(or_placeholder(b, p) for b, p in zip(buffers, preds)), inv
+    return out
 
 
-@_triton_op.register_fake
-def _(seg_logits, depth_pred, normal_pred, *rest):
-    return _device_meta(seg_logits, depth_pred, normal_pred, rest[-1])
-
-
-@torch.library.custom_op(qualname("multitask_loss_triton_scale_grad"), mutates_args=())
-def _triton_scale_op(buffer: torch.Tensor, grad_output: torch.Tensor, inv: torch.Tensor, k: int,
-                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """``(dtype)(buffer * grad_output * inv[k])`` by a Triton kernel, in the buffer's memory format."""
+def _triton_scale(buffer, grad_output, inv, k, dtype):
     from mgm_fast.ops._triton import multitask_loss as tm
 
     return tm.scale_grad(buffer, grad_output, inv, k, dtype)
 
 
-@_triton_scale_op.register_fake
-def _(buffer, grad_output, inv, k, dtype):
-    return torch.empty_like(buffer, dtype=dtype)
-
-
-def _triton_backward(ctx, *grad_outputs):
-    def scale(k, buffer, grad_output, inv):
-        return _triton_scale_op(buffer, grad_output, inv, k, ctx.pred_dtypes[k])
-
-    return _scaled_grads(ctx, grad_outputs[:3], scale)
-
-
-_triton_op.register_autograd(_triton_backward, setup_context=_setup_context)
-once_differentiable(_triton_scale_op, "multitask_loss (triton backend)")
-
-
-def _triton(*args, **kwargs):
-    a = _bind(args, kwargs)
-    return tuple(_triton_op(*_ordered(a), _need(a))[:3])
+_triton = _register_device("triton", _triton_kernels, _triton_scale)
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatch
 
 
-def _fused_reasons(*args, **kwargs) -> list[str]:
+def _fused_reasons(a: Mapping) -> list[str]:
     """Input conditions the fused backends need beyond device and dtype."""
-    try:
-        a = _bind(args, kwargs)
-    except TypeError as err:
-        return [f"bad arguments: {err}"]
     reasons = []
     for name in (*_PREDICTIONS, "depth_target", "normal_target"):
         t = a[name]
@@ -445,52 +530,15 @@ def _fused_reasons(*args, **kwargs) -> list[str]:
     return reasons
 
 
-OP = register_op(
-    FusedOp(
-        name="multitask_loss",
-        summary="seg CE + depth L1 + normal L1, loss and gradients in one pass",
-    )
-)
-OP.register(
-    Backend(
-        name="reference",
-        fn=_reference,
-        devices=("cpu", "cuda", "mps", "xpu"),
-        dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16),
-    )
-)
-OP.register(
-    Backend(
-        name="cpp",
-        fn=_cpp,
-        devices=("cpu",),
-        dtypes=(torch.float32,),
-        availability=_native.cpp_reason,
-        extra_check=_fused_reasons,
-    )
-)
-OP.register(
-    Backend(
-        name="cuda",
-        fn=_cuda,
-        devices=("cuda",),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        availability=_native.cuda_reason,
-        extra_check=_fused_reasons,
-    )
-)
-
-
-OP.register(
-    Backend(
-        name="triton",
-        fn=_triton,
-        devices=triton_devices(),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        availability=triton_reason,
-        extra_check=_fused_reasons,
-        auto_exclusion=triton_auto_exclusion,
-    )
+OP = define_op(
+    "multitask_loss",
+    "seg CE + depth L1 + normal L1, loss and gradients in one pass",
+    [
+        reference_backend(multitask_loss_reference),
+        cpp_backend(_cpp, extra_check=_fused_reasons),
+        cuda_backend(_cuda, extra_check=_fused_reasons),
+        triton_backend(_triton, extra_check=_fused_reasons),
+    ],
 )
 
 

@@ -5,7 +5,7 @@ matrix.
 Two public functions, both differentiable, each a :class:`~mgm_fast.ops.FusedOp`:
 
 * ``ntxent_loss(z1, z2, temperature=0.5, *, impl="auto")`` -- z1, z2 (B, D) projections of the
-  two views of B images; returns the 0-dim float32 loss of :func:`mgm_fast.losses.ntxent`
+  two views of B images; returns the 0-dim float32 loss of :func:`ntxent_loss_reference`
   (its ``reference`` backend), the mean over the 2B rows.
 * ``ntxent_rows(rows, cols, row_index, temperature=0.5, *, impl="auto")`` -- the form that knows
   about all-gathers: ``cols`` (2N, D) are the projections of all 2N views in the order
@@ -37,7 +37,7 @@ multiply ``loss`` by W to get the global loss's gradient.
 
 Normalisation is torch's ``F.normalize`` (x / max(||x||, 1e-12)). Backends:
 
-* ``reference`` -- plain PyTorch (:func:`mgm_fast.losses.ntxent`; :func:`ntxent_rows_reference`),
+* ``reference`` -- plain PyTorch (:func:`ntxent_loss_reference`, :func:`ntxent_rows_reference`),
   any device and float dtype; it materialises the (R, 2N) matrix and its softmax.
 * ``triton`` -- mgm_fast/ops/_triton/ntxent.py: flash-attention style blocks (one ``tl.dot`` per
   tile, online logsumexp over column tiles; forward saves the per-row LSE, backward recomputes
@@ -61,28 +61,28 @@ Every fused backend saves the inputs, the inverse norms where it needs them and 
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 
-from mgm_fast import _native
 from mgm_fast.ops._dispatch import (
-    Backend,
-    FusedOp,
-    register_op,
-    triton_auto_exclusion,
-    triton_devices,
-    triton_reason,
+    NATIVE_DEVICE,
+    Inputs,
+    cpp_backend,
+    cuda_backend,
+    define_op,
+    native_function,
+    reference_backend,
+    triton_backend,
     value_checks_enabled,
 )
 from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
 
-__all__ = ["LOSS_OP", "ROWS_OP", "ntxent_loss", "ntxent_rows", "ntxent_rows_reference"]
+__all__ = ["LOSS_OP", "ROWS_OP", "ntxent_loss", "ntxent_loss_reference", "ntxent_rows", "ntxent_rows_reference"]
 
 TRITON_MAX_DIM = 512
 CUDA_MAX_DIM = 256
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,19 +137,47 @@ def _check_rows(rows, cols, row_index, check_values: bool = True) -> None:
 # references
 
 
-def ntxent_rows_reference(rows, cols, row_index, temperature=0.5):
-    """Plain-PyTorch twin of :func:`ntxent_rows` (float32 arithmetic, the (R, 2N) matrix kept)."""
-    from mgm_fast.losses import ntxent_rows  # late: losses may build on ops
+def ntxent_rows_reference(
+    rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor, temperature: float = 0.5
+) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`ntxent_rows` (float32 arithmetic, the (R, 2N) matrix kept).
 
+    rows (R, D), cols (2N, D) = [view 1 of N images; view 2 of the same N images], row_index
+    (R,) int64 each row's own column. Returns the 0-dim float32 SUM over rows of
+    -s(i, pos(i)) + log sum_{k != self(i)} exp(s(i, k)), with s the cosine similarity over tau
+    and pos(i) = (row_index[i] + N) mod 2N; so ``ntxent_loss_reference(z1, z2) ==
+    ntxent_rows_reference(u, u, arange(2B)) / 2B`` with u = cat(z1, z2).
+    """
     _check_rows(rows, cols, row_index)
-    return ntxent_rows(rows, cols, row_index, _check_temperature(temperature))
+    tau = _check_temperature(temperature)
+    n2 = cols.shape[0]
+    q = F.normalize(rows.float(), dim=1)
+    k = F.normalize(cols.float(), dim=1)
+    sim = q @ k.t() / tau
+    ar = torch.arange(rows.shape[0], device=rows.device)
+    sim = sim.index_put((ar, row_index), torch.tensor(float("-inf"), device=sim.device))
+    pos = (row_index + n2 // 2) % n2
+    return (torch.logsumexp(sim, dim=1) - sim[ar, pos]).sum()
 
 
-def _loss_reference(z1, z2, temperature=0.5):
-    from mgm_fast.losses import ntxent  # late: losses may build on ops
+def ntxent_loss_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent (SimCLR) of two views in plain PyTorch, any batch size (the released loss was
+    fixed to 32): the twin of :func:`ntxent_loss`.
 
+    z1, z2 (B, D) projections of view 1 and view 2 of the same B images; temperature tau
+    (released 0.5). With u = cat(z1, z2) (2B rows) and s_ij = cos(u_i, u_j) / tau,
+    loss_i = -s_{i,pos(i)} + log sum_{k != i} exp(s_ik), pos(i) = i +- B; returns the 0-dim
+    float32 mean over the 2B rows (the released CE with sum reduction divided by 2B).
+    """
     _check_pair(z1, z2)
-    return ntxent(z1, z2, _check_temperature(temperature))
+    tau = _check_temperature(temperature)
+    b = z1.shape[0]
+    u = F.normalize(torch.cat([z1, z2], 0).float(), dim=1)
+    sim = u @ u.t() / tau
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=u.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    pos = torch.arange(2 * b, device=u.device).roll(b)
+    return (torch.logsumexp(sim, dim=1) - sim[torch.arange(2 * b, device=u.device), pos]).mean()
 
 
 def _via_rows(rows_fn):
@@ -170,16 +198,16 @@ def _via_rows(rows_fn):
 
 
 def _register_native(backend: str):
-    """The forward and backward custom ops of one native backend (cpp: CPU, cuda: CUDA)."""
-    device = {"cpp": "cpu", "cuda": "cuda"}[backend]
+    """The forward and backward custom ops of one native backend (cpp: CPU, cuda: CUDA), and
+    the ntxent_rows function that calls them."""
+    device = NATIVE_DEVICE[backend]
 
     @torch.library.custom_op(qualname(f"ntxent_rows_{backend}"), mutates_args=())
     def forward(rows: torch.Tensor, cols: torch.Tensor, row_index: torch.Tensor,
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(0-dim float32 sum of the row losses, per-row logsumexp (R,) float32)."""
         with autocast_off(rows):
-            kernel = getattr(_native.extension(), f"ntxent_rows_{device}_forward")
-            loss, lse = kernel(rows, cols, row_index, temperature)
+            loss, lse = native_function("ntxent_rows_{device}_forward", device)(rows, cols, row_index, temperature)
         return loss, lse
 
     @forward.register_fake
@@ -194,7 +222,7 @@ def _register_native(backend: str):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(grad rows, grad cols), contiguous, in the inputs' dtypes; placeholders where not needed."""
         with autocast_off(rows):
-            grads = getattr(_native.extension(), f"ntxent_rows_{device}_backward")(
+            grads = native_function("ntxent_rows_{device}_backward", device)(
                 rows, cols, row_index, temperature, lse, grad_output, list(need)
             )
         return tuple(or_placeholder(g, like) for g, like in zip(grads, (rows, cols)))
@@ -219,21 +247,17 @@ def _register_native(backend: str):
 
     forward.register_autograd(grad, setup_context=setup_context)
     once_differentiable(backward, f"ntxent_rows ({backend} backend)")
-    return forward
+
+    def rows_loss(rows, cols, row_index, temperature=0.5, check_values=True):
+        _check_rows(rows, cols, row_index, check_values)
+        return forward(rows, cols, row_index, _check_temperature(temperature))[0]
+
+    rows_loss.__name__ = rows_loss.__qualname__ = f"_{backend}_rows"
+    return rows_loss
 
 
-_CPP_OP = _register_native("cpp")
-_CUDA_OP = _register_native("cuda")
-
-
-def _cpp_rows(rows, cols, row_index, temperature=0.5, check_values=True):
-    _check_rows(rows, cols, row_index, check_values)
-    return _CPP_OP(rows, cols, row_index, _check_temperature(temperature))[0]
-
-
-def _cuda_rows(rows, cols, row_index, temperature=0.5, check_values=True):
-    _check_rows(rows, cols, row_index, check_values)
-    return _CUDA_OP(rows, cols, row_index, _check_temperature(temperature))[0]
+_cpp_rows = _register_native("cpp")
+_cuda_rows = _register_native("cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,24 +330,11 @@ def _triton_rows(rows, cols, row_index, temperature=0.5, check_values=True):
 # dispatch
 
 
-def _rows_sig(rows, cols, row_index, temperature=0.5):
-    """The argument list of ntxent_rows (every backend)."""
-
-
-def _loss_sig(z1, z2, temperature=0.5):
-    """The argument list of ntxent_loss (every backend)."""
-
-
-def _fused_reasons(max_dim: int | None, sig):
+def _fused_reasons(max_dim: int | None):
     """Input conditions of a fused backend beyond device and dtype."""
-    signature = inspect.signature(sig)
 
-    def reasons(*args, **kwargs) -> list[str]:
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as err:
-            return [f"bad arguments: {err}"]
-        a = [v for v in bound.arguments.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    def reasons(inputs: Inputs) -> list[str]:
+        a = [t for t in inputs.tensors if t.is_floating_point()]
         why = []
         if len({t.dtype for t in a}) > 1:
             why.append("the projections differ in dtype (" + ", ".join(str(t.dtype) for t in a) + ")")
@@ -334,43 +345,28 @@ def _fused_reasons(max_dim: int | None, sig):
     return reasons
 
 
+def _backends(reference, wrap) -> list:
+    """The backends of one of the two ops: ``wrap`` turns an ntxent_rows backend into it."""
+    return [
+        reference_backend(reference),
+        cpp_backend(wrap(_cpp_rows), extra_check=_fused_reasons(None)),
+        cuda_backend(wrap(_cuda_rows), extra_check=_fused_reasons(CUDA_MAX_DIM)),
+        triton_backend(wrap(_triton_rows), extra_check=_fused_reasons(TRITON_MAX_DIM)),
+    ]
+
+
 # Triton before CUDA under auto: its tiles go through tl.dot (tensor cores for 16-bit inputs),
 # while the CUDA kernel is the plain warp-per-row design.
 _PRIORITY = ("triton", "cuda", "cpp", "reference")
-ROWS_OP = register_op(
-    FusedOp(
-        name="ntxent_rows",
-        summary="NT-Xent of rows against all-gathered columns, sum over rows",
-        priority=_PRIORITY,
-    )
-)
-LOSS_OP = register_op(
-    FusedOp(
-        name="ntxent_loss",
-        summary="NT-Xent (SimCLR) loss of two views, fused forward and backward",
-        priority=_PRIORITY,
-    )
-)
-_ANY = ("cpu", "cuda", "mps", "xpu")
-_ALL_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-for _op, _sig, _ref, _wrap in (
-    (ROWS_OP, _rows_sig, ntxent_rows_reference, lambda fn: fn),
-    (LOSS_OP, _loss_sig, _loss_reference, _via_rows),
-):
-    _op.register(Backend(name="reference", fn=_ref, devices=_ANY, dtypes=_ALL_FLOATS))
-    _op.register(Backend(name="cpp", fn=_wrap(_cpp_rows), devices=("cpu",), dtypes=(torch.float32,),
-                         availability=_native.cpp_reason, extra_check=_fused_reasons(None, _sig)))  # fmt: skip
-    _op.register(Backend(name="cuda", fn=_wrap(_cuda_rows), devices=("cuda",), dtypes=FUSED_DTYPES,
-                         availability=_native.cuda_reason,
-                         extra_check=_fused_reasons(CUDA_MAX_DIM, _sig)))  # fmt: skip
-    _op.register(Backend(name="triton", fn=_wrap(_triton_rows), devices=triton_devices(), dtypes=FUSED_DTYPES,
-                         availability=triton_reason, extra_check=_fused_reasons(TRITON_MAX_DIM, _sig),
-                         auto_exclusion=triton_auto_exclusion))  # fmt: skip
+ROWS_OP = define_op("ntxent_rows", "NT-Xent of rows against all-gathered columns, sum over rows",
+                    _backends(ntxent_rows_reference, lambda fn: fn), priority=_PRIORITY)  # fmt: skip
+LOSS_OP = define_op("ntxent_loss", "NT-Xent (SimCLR) loss of two views, fused forward and backward",
+                    _backends(ntxent_loss_reference, _via_rows), priority=_PRIORITY)  # fmt: skip
 
 
 def ntxent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, impl: str = "auto") -> torch.Tensor:
     """NT-Xent of two views: z1, z2 (B, D) -> 0-dim float32, equal to
-    :func:`mgm_fast.losses.ntxent` (mean over the 2B rows); see the module docstring."""
+    :func:`ntxent_loss_reference` (mean over the 2B rows); see the module docstring."""
     return LOSS_OP(z1, z2, temperature, impl=impl)
 
 

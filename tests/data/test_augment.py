@@ -8,21 +8,20 @@ import pytest
 import torch
 
 from mgm_fast import _native
-from mgm_fast.data.augment import (
+from mgm_fast.data.augment import SimCLRAugment, identity_params
+from mgm_fast.ops.simclr_views import (
     BRIGHTNESS,
     CONTRAST,
     HUE,
     PARAM_KEYS,
     SATURATION,
-    SimCLRAugment,
-    augment_reference,
     clear_workspace,
     gaussian_kernel1d,
     hsv_to_rgb,
-    identity_params,
     params_for_sample,
     rgb_to_hsv,
 )
+from mgm_fast.ops.simclr_views import view_reference as augment_reference
 
 MODES = ("index", "where", "cpp")
 """Paths of SimCLRAugment.apply: the torch path (impl="reference") with either select mode, and

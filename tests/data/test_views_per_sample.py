@@ -18,15 +18,8 @@ import pytest
 import torch
 
 from mgm_fast import _native
-from mgm_fast.data.augment import (
-    BRIGHTNESS,
-    CONTRAST,
-    HUE,
-    SATURATION,
-    SimCLRAugment,
-    identity_params,
-    pil_views,
-)
+from mgm_fast.data.augment import SimCLRAugment, identity_params, pil_views
+from mgm_fast.ops.simclr_views import BRIGHTNESS, CONTRAST, HUE, SATURATION
 
 LEVEL = 2.0 / 255.0  # one 8-bit level in the views' [-1, 1] range
 EPS = 0.02  # float arithmetic on top of the 8-bit bounds, in levels

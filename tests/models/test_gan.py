@@ -14,9 +14,9 @@ from mgm_fast.models.gan import (
     GenBlock,
     Generator,
     OptBlock,
-    genblock_reference,
 )
 from mgm_fast.models.layers import SNConv2d, SNEmbedding, SNLinear
+from mgm_fast.ops.genblock import genblock_reference
 
 
 def _randomize_cbn(module):

@@ -109,7 +109,7 @@ def _ntxent_loss(b, d, tau):
 
 
 def _ntxent_rows_fp64(rows, cols, index, tau):
-    """mgm_fast.losses.ntxent_rows (which casts to float32) in the inputs' dtype."""
+    """mgm_fast.ops.ntxent.ntxent_rows_reference (which casts to float32) in the inputs' dtype."""
     sim = F.normalize(rows, dim=1) @ F.normalize(cols, dim=1).t() / tau
     ar = torch.arange(rows.shape[0])
     sim = sim.index_put((ar, index), torch.tensor(float("-inf"), dtype=sim.dtype))

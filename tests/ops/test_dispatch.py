@@ -3,7 +3,21 @@
 import pytest
 import torch
 
-from mgm_fast.ops._dispatch import Backend, BackendUnavailable, FusedOp
+from mgm_fast import _native
+from mgm_fast.ops._dispatch import (
+    REGISTRY,
+    Backend,
+    BackendUnavailable,
+    FusedOp,
+    argument_list,
+    cpp_backend,
+    cuda_backend,
+    define_op,
+    native_function,
+    reference_backend,
+    triton_auto_exclusion,
+    triton_backend,
+)
 
 
 def _op():
@@ -39,3 +53,63 @@ def test_status_lists_every_backend_kind():
 def test_unknown_backend_kind_rejected():
     with pytest.raises(ValueError):
         FusedOp("x", "").register(Backend("opencl", lambda x: x, devices=("cpu",)))
+
+
+def test_a_call_is_bound_once_and_every_backend_sees_the_same_inputs():
+    seen = []
+
+    def check(inputs):
+        seen.append(inputs)
+        return ["not this one"]
+
+    op = FusedOp("toy", "scales its input")
+    op.register(Backend("reference", lambda x, scale=2.0, *, bias=0.0: scale * x + bias, devices=("cpu",)))
+    op.register(Backend("cpp", lambda x, scale=2.0, *, bias=0.0: x, devices=("cpu",), extra_check=check))
+    op.register(Backend("triton", lambda x, scale=2.0, *, bias=0.0: x, devices=("cpu",), extra_check=check))
+    x = torch.ones(2)
+    assert op.select("auto", x, bias=1.0).name == "reference"
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert dict(seen[0]) == {"x": x, "scale": 2.0, "bias": 1.0} and seen[0].tensors == [x]
+
+
+def test_binding_errors_name_the_op():
+    op = _op()
+    with pytest.raises(TypeError, match=r"toy: takes 1 positional arguments, got 2"):
+        op.select("auto", torch.ones(2), torch.ones(2))
+    with pytest.raises(TypeError, match="toy: unexpected argument 'y'"):
+        op.select("auto", torch.ones(2), y=1)
+    with pytest.raises(TypeError, match="toy: missing argument 'x'"):
+        op.select("auto")
+    with pytest.raises(TypeError, match="toy: argument 'x' given twice"):
+        op.select("auto", torch.ones(2), x=torch.ones(2))
+
+
+def test_argument_list_binds_in_plain_python():
+    def reference(a, b=1, *, c=2):
+        return a + b + c
+
+    arguments = argument_list(reference, "sum3")
+    assert arguments.bind((5,), {"c": 3}) == {"a": 5, "b": 1, "c": 3}
+    assert list(arguments.bind((), {"c": 0, "a": 1})) == ["a", "b", "c"]  # the list's order
+    with pytest.raises(TypeError, match="sum3: takes 2 positional arguments, got 3"):
+        arguments.bind((1, 2, 3), {})
+
+
+def test_backend_declarations_fill_in_their_kind():
+    ref = reference_backend(lambda x: x)
+    assert ref.name == "reference" and "cpu" in ref.devices and torch.float64 in ref.dtypes
+    cpp = cpp_backend(lambda x: x)
+    assert (cpp.name, cpp.devices, cpp.dtypes, cpp.availability) == ("cpp", ("cpu",), (torch.float32,), _native.cpp_reason)
+    cuda = cuda_backend(lambda x: x)
+    assert (cuda.name, cuda.devices, cuda.availability) == ("cuda", ("cuda",), _native.cuda_reason)
+    triton = triton_backend(lambda x: x)
+    assert triton.name == "triton" and triton.auto_exclusion is triton_auto_exclusion
+    with pytest.raises(ValueError, match="needs a reference backend"):
+        define_op("toy_without_reference", "", [cpp])
+    assert "toy_without_reference" not in REGISTRY
+
+
+def test_native_function_is_picked_by_device():
+    if _native.extension() is None:
+        pytest.skip("C++ extension not built")
+    assert native_function("multitask_loss_{device}", "cpu") is _native.extension().multitask_loss_cpu

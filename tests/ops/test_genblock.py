@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from mgm_fast import _native
-from mgm_fast.models.gan import GenBlock, genblock_reference
+from mgm_fast.models.gan import GenBlock
 from mgm_fast.ops import REGISTRY, BackendUnavailable
 from mgm_fast.ops import genblock as gb
+from mgm_fast.ops.genblock import genblock_reference
 
 OP = REGISTRY["genblock"]
 PIECE = REGISTRY["cbn_relu_conv3x3"]

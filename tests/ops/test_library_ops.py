@@ -344,7 +344,8 @@ CASES += [
 
 
 def _views_args():
-    from mgm_fast.data.augment import PARAM_KEYS, SimCLRAugment
+    from mgm_fast.data.augment import SimCLRAugment
+    from mgm_fast.ops.simclr_views import PARAM_KEYS
 
     g = _gen("views")
     x = torch.rand(2, 3, 13, 11, generator=g) * 2 - 1

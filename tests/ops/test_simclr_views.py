@@ -13,19 +13,18 @@ import pytest
 import torch
 
 from mgm_fast import _native
-from mgm_fast.data.augment import (
+from mgm_fast.data.augment import SimCLRAugment, identity_params
+from mgm_fast.ops import REGISTRY, BackendUnavailable
+from mgm_fast.ops.simclr_views import (
     BRIGHTNESS,
     CONTRAST,
     HUE,
     PARAM_KEYS,
     SATURATION,
-    SimCLRAugment,
-    augment_reference,
-    identity_params,
     params_for_sample,
+    simclr_views,
 )
-from mgm_fast.ops import REGISTRY, BackendUnavailable
-from mgm_fast.ops.simclr_views import simclr_views
+from mgm_fast.ops.simclr_views import view_reference as augment_reference
 
 OP = REGISTRY["simclr_views"]
 HAS_CPP = _native.cpp_reason() is None

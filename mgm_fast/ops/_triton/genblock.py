@@ -67,6 +67,7 @@ from collections.abc import Callable
 import torch
 
 from mgm_fast.ops._dispatch import BackendUnavailable
+from mgm_fast.ops.genblock import PHASE_TAPS
 
 try:
     import triton
@@ -96,10 +97,6 @@ _MAX_ELEMENTS = 2**31 - 1  # the kernels use 32-bit element offsets
 _DX_BLOCK_M = 64  # fixed (not tuned): it sets the dscale/dshift partials' size
 _DW_PIXELS_PER_SPLIT = 4096  # dW split-K: about this many phase-grid pixels per program
 _DW_MAX_SPLITS = 64
-
-# Tap-summing map of the phase decomposition: _TAP_MAP[a, d, k] = 1 when 3x3 tap k of an output
-# row (or column) of parity a reads the same low-res row as the 2x2 phase tap d.
-_TAP_MAP = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
 
 GPU_TILES: dict[str, list[dict]] = {}
 """Each kernel's candidate GPU tiles (the autotuner's list, first = the untuned choice)."""
@@ -496,7 +493,9 @@ def _phase_weights(weight: torch.Tensor, upsample: bool) -> torch.Tensor:
     w = weight.float()
     if not upsample:
         return w.permute(2, 3, 1, 0).reshape(1, 9, cin, cout)
-    m = torch.tensor(_TAP_MAP, dtype=torch.float32, device=weight.device)
+    # PHASE_TAPS[a][d][k] = 1 when 3x3 tap k of an output row (or column) of parity a reads the
+    # same low-res row as the 2x2 phase tap d
+    m = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=weight.device)
     return torch.einsum("ark,bsl,oikl->abrsio", m, m, w).reshape(4, 4, cin, cout)
 
 
@@ -505,7 +504,7 @@ def _fold_phase_grad(dwp: torch.Tensor, upsample: bool) -> torch.Tensor:
     cin, cout = dwp.shape[2:]
     if not upsample:
         return dwp.reshape(3, 3, cin, cout).permute(3, 2, 0, 1)
-    m = torch.tensor(_TAP_MAP, dtype=torch.float32, device=dwp.device)
+    m = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=dwp.device)
     return torch.einsum("ark,bsl,abrsio->oikl", m, m, dwp.reshape(2, 2, 2, 2, cin, cout))
 
 
