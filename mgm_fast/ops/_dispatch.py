@@ -126,8 +126,15 @@ class Inputs(Mapping[str, Any]):
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        """The tensor arguments, in argument order (tensors inside containers not included)."""
-        return [v for v in self.arguments.values() if isinstance(v, torch.Tensor)]
+        """The tensor arguments, in argument order, with the tensors of list and tuple arguments
+        (an op over a group of layers); tensors inside other containers are not included."""
+        out: list[torch.Tensor] = []
+        for value in self.arguments.values():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif isinstance(value, (list, tuple)):
+                out.extend(v for v in value if isinstance(v, torch.Tensor))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,14 +110,16 @@ def _select(inputs: Inputs, keys: Sequence[int | str]) -> list[tuple[str, int | 
 
 
 def _materialize(inputs: Inputs, dtype: torch.dtype, layout: str, device: torch.device):
-    """(args, kwargs, leaves): the inputs on ``device`` (tensors inside dict arguments too),
-    floating ones cast to ``dtype`` (but the ``keep_float32`` ones), channels_last where asked,
-    gradients required where asked."""
+    """(args, kwargs, leaves): the inputs on ``device`` (tensors inside dict, list and tuple
+    arguments too), floating ones cast to ``dtype`` (but the ``keep_float32`` ones),
+    channels_last where asked, gradients required where asked."""
     args, kwargs = list(inputs.args), dict(inputs.kwargs)
 
     def convert(key, value):
         if isinstance(value, dict):  # e.g. a parameter dict: its tensors are converted too
             return {k: convert(key, v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+            return type(value)(convert(key, v) for v in value)  # a group of tensors (one per layer)
         if not isinstance(value, torch.Tensor):
             return value
         value = value.to(device)
@@ -132,9 +134,13 @@ def _materialize(inputs: Inputs, dtype: torch.dtype, layout: str, device: torch.
     kwargs = {k: convert(k, v) for k, v in kwargs.items()}
     leaves = []
     for where, key in _select(inputs, inputs.grad):
-        tensor = args[key] if where == "args" else kwargs[key]
-        tensor.requires_grad_(True)
-        leaves.append((f"d{key}" if isinstance(key, str) else f"d(arg {key})", tensor))
+        value = args[key] if where == "args" else kwargs[key]
+        name = f"d{key}" if isinstance(key, str) else f"d(arg {key})"
+        if isinstance(value, (list, tuple)):  # every tensor of a group gets its gradient
+            for j, tensor in enumerate(value):
+                leaves.append((f"{name}[{j}]", tensor.requires_grad_(True)))
+        else:
+            leaves.append((name, value.requires_grad_(True)))
     return args, kwargs, leaves
 
 

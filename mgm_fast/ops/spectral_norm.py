@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from mgm_fast import _native
-from mgm_fast.ops._dispatch import Backend, FusedOp, register_op
+from mgm_fast.ops._dispatch import ANY_DEVICE, ANY_FLOAT, cpp_backend, define_op, reference_backend
 from mgm_fast.ops._library import once_differentiable, qualname
 from mgm_fast.ops._selftest import Case, Inputs
 
-__all__ = ["OP", "normalize_weights"]
+__all__ = ["OP", "normalize_weights", "spectral_norm_reference"]
 
 _NAME = "spectral_norm"
 
@@ -184,41 +184,39 @@ class _DivideBySigma(torch.autograd.Function):
         return (None, None, *grad_w, *[None] * (3 * n))
 
 
-def _split(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    n = len(tensors) // 3
-    return list(tensors[:n]), list(tensors[n : 2 * n]), list(tensors[2 * n :])
-
-
-def _run(backend: str, tensors: Sequence[Tensor], steps: Sequence[int], eps: Sequence[float]):
-    weights, us, vs = _split(tensors)
+def _run(backend: str, weights: list[Tensor], us: list[Tensor], vs: list[Tensor], steps: Sequence[int],
+         eps: Sequence[float]) -> tuple[list[Tensor], ...]:  # fmt: skip
     steps, eps = [int(s) for s in steps], [float(e) for e in eps]
     with torch.no_grad(), _autocast_off(weights[0].device):
         if backend == "cpp":
-            sigmas, new_us, new_vs = _cpp_iteration_op(weights, us, vs, steps, eps)
+            sigmas, new_us, new_vs = _cpp_iteration_op(list(weights), list(us), list(vs), steps, eps)
             # evaluation layers keep their own vectors (the kernel returns copies of them)
             new_us = [u if s else old for u, old, s in zip(new_us, us, steps)]
             new_vs = [v if s else old for v, old, s in zip(new_vs, vs, steps)]
         else:
-            sigmas, new_us, new_vs = _power_iteration_reference(weights, us, vs, steps, eps)
+            sigmas, new_us, new_vs = _power_iteration_reference(list(weights), list(us), list(vs), steps, eps)
     with _autocast_off(weights[0].device):
         normalised = _DivideBySigma.apply(backend, len(weights), *weights, *sigmas, *new_us, *new_vs)
-    return (*normalised, *sigmas, *new_us, *new_vs)
+    return list(normalised), list(sigmas), list(new_us), list(new_vs)
 
 
-def _reference(*tensors: Tensor, steps: Sequence[int], eps: Sequence[float]):
-    return _run("reference", tensors, steps, eps)
+def spectral_norm_reference(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor],
+                            steps: Sequence[int], eps: Sequence[float]) -> tuple[list[Tensor], ...]:  # fmt: skip
+    """The op's plain-PyTorch twin: (W_i / sigma_i, sigma_i, u_i', v_i') per layer, lists."""
+    return _run("reference", weights, us, vs, steps, eps)
 
 
-def _cpp(*tensors: Tensor, steps: Sequence[int], eps: Sequence[float]):
-    return _run("cpp", tensors, steps, eps)
+def _cpp(weights, us, vs, steps, eps):
+    return _run("cpp", weights, us, vs, steps, eps)
 
 
-def _check(tensors: Sequence[Tensor], steps: Sequence[int], eps: Sequence[float]) -> None:
+def _check(weights, us, vs, steps, eps) -> None:
     """Argument errors that name the layer (shapes only: nothing is read on the host)."""
-    if len(tensors) % 3 or len(steps) != len(tensors) // 3 or len(eps) != len(steps):
-        raise ValueError(f"spectral_norm: {len(tensors)} tensors, {len(steps)} step counts and {len(eps)} eps "
-                         "values (need weights, us and vs of n layers, n step counts and n eps values)")  # fmt: skip
-    for i, (w, u, v) in enumerate(zip(*_split(tensors))):
+    n = len(weights)
+    if not (len(us) == len(vs) == len(steps) == len(eps) == n):
+        raise ValueError(f"spectral_norm: {n} weights, {len(us)} u, {len(vs)} v, {len(steps)} step counts and "
+                         f"{len(eps)} eps values (need one of each per layer)")  # fmt: skip
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
         if w.dim() < 1 or u.shape != (w.shape[0],) or v.shape != (w.numel() // max(w.shape[0], 1),):
             raise ValueError(f"spectral_norm: layer {i}: weight {tuple(w.shape)} needs u ({w.shape[0]},) and v "
                              f"({w.numel() // max(w.shape[0], 1)},), got u {tuple(u.shape)}, v {tuple(v.shape)}")
@@ -230,11 +228,10 @@ def _check(tensors: Sequence[Tensor], steps: Sequence[int], eps: Sequence[float]
             raise ValueError(f"spectral_norm: layer {i}: steps must be >= 0 and eps > 0, got {s} and {e}")
 
 
-OP = register_op(FusedOp(name=_NAME, summary="spectral norm of a group of weights: power iteration + W/sigma",
-                         priority=("cpp", "reference")))  # fmt: skip
-OP.register(Backend(name="reference", fn=_reference, devices=("cpu", "cuda", "mps", "xpu", "meta"),
-                    dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16)))  # fmt: skip
-OP.register(Backend(name="cpp", fn=_cpp, devices=("cpu",), dtypes=(torch.float32,), availability=_native.cpp_reason))
+OP = define_op(_NAME, "spectral norm of a group of weights: power iteration + W/sigma", [
+    reference_backend(spectral_norm_reference, devices=(*ANY_DEVICE, "meta"), dtypes=ANY_FLOAT),
+    cpp_backend(_cpp),
+], priority=("cpp", "reference"))  # fmt: skip
 
 
 def normalize_weights(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], steps: Sequence[int],
@@ -248,13 +245,12 @@ def normalize_weights(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Seque
         eps: per layer the norms' clamp (> 0).
         impl: "auto" | "reference" | "cpp".
     """
-    n = len(weights)
-    if n == 0:
+    if len(weights) == 0:
         return [], [], []
-    tensors = (*weights, *us, *vs)
-    _check(tensors, steps, eps)
-    out = OP(*tensors, steps=tuple(int(s) for s in steps), eps=tuple(float(e) for e in eps), impl=impl)
-    return list(out[:n]), list(out[2 * n : 3 * n]), list(out[3 * n :])
+    _check(weights, us, vs, steps, eps)
+    normalised, _, new_us, new_vs = OP(list(weights), list(us), list(vs), tuple(int(s) for s in steps),
+                                       tuple(float(e) for e in eps), impl=impl)  # fmt: skip
+    return normalised, new_us, new_vs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,9 +266,7 @@ def _case(name: str, size: str, shapes: list[tuple[int, ...]], steps: tuple[int,
               for s in shapes]  # fmt: skip
         vs = [torch.nn.functional.normalize(torch.randn(w.numel() // s[0], generator=gen, dtype=torch.float64), dim=0)
               for w, s in zip(weights, shapes)]  # fmt: skip
-        four_d = tuple(i for i, s in enumerate(shapes) if len(s) == 4)
-        return Inputs(args=(*weights, *us, *vs), kwargs={"steps": steps, "eps": eps}, grad=tuple(range(len(shapes))),
-                      channels_last=four_d)  # fmt: skip
+        return Inputs(args=(weights, us, vs, steps, eps), grad=(0,), channels_last=(0,))
 
     return Case(_NAME, name, size, build)
 

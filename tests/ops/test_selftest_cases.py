@@ -66,6 +66,11 @@ def _values(inputs: st.Inputs) -> list[tuple[str, object]]:
     return out
 
 
+def _members(value) -> list:
+    """The tensors of a group argument (list/tuple), or the argument itself."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _argument(inputs: st.Inputs, key: int | str):
     return inputs.kwargs[key] if isinstance(key, str) else inputs.args[key]
 
@@ -110,15 +115,19 @@ def _build_checks(case: st.Case) -> None:
         else:
             assert x == y, f"{case.name}: {path} differs"
     # floating arguments are float64 (the self-test casts them; a dict argument passes untouched)
-    for key, x in [*enumerate(a.args), *a.kwargs.items()]:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            assert x.dtype == torch.float64, f"{case.name}: {key!r} is {x.dtype}"
-    for key in a.grad:
+    for key, value in [*enumerate(a.args), *a.kwargs.items()]:
+        for x in _members(value):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                assert x.dtype == torch.float64, f"{case.name}: {key!r} is {x.dtype}"
+    for key in a.grad:  # a tensor, or a group (list/tuple) of tensors that all get gradients
+        for t in _members(_argument(a, key)):
+            assert isinstance(t, torch.Tensor) and t.is_floating_point(), f"{case.name}: grad {key!r}"
+    for key in a.channels_last:  # a 4-d tensor, or a group with 4-d members (the others stay)
         t = _argument(a, key)
-        assert isinstance(t, torch.Tensor) and t.is_floating_point(), f"{case.name}: grad {key!r}"
-    for key in a.channels_last:
-        t = _argument(a, key)
-        assert t is None or (isinstance(t, torch.Tensor) and t.dim() == 4), f"{case.name}: channels_last {key!r}"
+        if isinstance(t, (list, tuple)):
+            assert any(isinstance(m, torch.Tensor) and m.dim() == 4 for m in t), f"{case.name}: channels_last {key!r}"
+        else:
+            assert t is None or (isinstance(t, torch.Tensor) and t.dim() == 4), f"{case.name}: channels_last {key!r}"
     for key in a.keep_float32:
         t = _argument(a, key)
         assert t is None or isinstance(t, torch.Tensor), f"{case.name}: keep_float32 {key!r}"

@@ -72,9 +72,9 @@ def test_cpp_refuses_float64_and_auto_takes_the_reference():
     weights, us, vs = _group(torch.float64)
     with pytest.raises(BackendUnavailable, match="float64"):
         normalize_weights(weights, us, vs, [1] * 4, [1e-12] * 4, impl="cpp")
-    assert OP.select("auto", *weights, *us, *vs, steps=(1,) * 4, eps=(1e-12,) * 4).name == "reference"
-    assert OP.select("auto", *[t.float() for t in (*weights, *us, *vs)], steps=(1,) * 4,
-                     eps=(1e-12,) * 4).name == "cpp"  # fmt: skip
+    assert OP.select("auto", weights, us, vs, (1,) * 4, (1e-12,) * 4).name == "reference"
+    floats = [[t.float() for t in group] for group in (weights, us, vs)]
+    assert OP.select("auto", *floats, (1,) * 4, (1e-12,) * 4).name == "cpp"
 
 
 @pytest.mark.parametrize("bad, match", [
