@@ -43,7 +43,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mgm_fast import train
-from mgm_fast.bench import collect_env
+from mgm_fast.benchenv import collect_env
 from mgm_fast.engine import schedule
 from mgm_fast.engine.distributed import SINGLE
 

@@ -121,6 +121,7 @@ from mgm_fast.ops._library import (
     placeholder,
     qualname,
 )
+from mgm_fast.ops._phase_taps import PHASE_TAPS
 
 __all__ = [
     "OP",
@@ -137,11 +138,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # exact rewrites in plain torch
-
-PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
-"""PHASE_TAPS[p][r][k] = 1 if 3x3 tap k lands on low-resolution offset r for output phase p
-(rewrite 1; the Triton kernels' phase weights use the same map)."""
-
 
 def phase_weights(weight: Tensor) -> Tensor:
     """The 2x2 phase kernels of a 3x3 kernel for nearest-2x input (rewrite 1 above).

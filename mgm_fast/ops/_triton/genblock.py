@@ -67,7 +67,7 @@ from collections.abc import Callable
 import torch
 
 from mgm_fast.ops._dispatch import BackendUnavailable
-from mgm_fast.ops.genblock import PHASE_TAPS
+from mgm_fast.ops._phase_taps import PHASE_TAPS
 
 try:
     import triton
