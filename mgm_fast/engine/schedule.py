@@ -202,10 +202,18 @@ def _backward(ctx: StepContext, loss: Tensor, opts: list[torch.optim.Optimizer])
     params = [p for opt in opts for group in opt.param_groups for p in group["params"] if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for param, grad in zip(params, grads):
-        if grad is not None and grad.stride() != param.stride():
-            # the layout autograd gives a .grad: the parameter's (Adam walks both in one order)
+        if grad is not None and not _same_layout(grad, param):
+            # torch's fused CPU Adam walks a parameter and its gradient in one memory order: a
+            # gradient in another layout (channels_last of an NCHW weight) updates the wrong
+            # elements. AccumulateGrad copies such a gradient into the parameter's layout; so do we.
             grad = torch.empty_like(param).copy_(grad)
         param.grad = grad
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape) lay their elements out in the same memory order:
+    equal strides wherever a dimension has more than one element."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 def _sync_grads(ctx: StepContext, opts: list[torch.optim.Optimizer]) -> None:

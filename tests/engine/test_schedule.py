@@ -110,3 +110,33 @@ def test_normal_target_encoding(target):
     mapped = schedule._normal_target(ctx, batch["normal"])
     expected = (batch["normal"] + 1) / 2 if target == "released01" else batch["normal"]
     assert torch.equal(mapped, expected)
+
+
+@pytest.mark.parametrize("autograd", ["pruned", "released"])
+def test_gradients_reach_adam_in_the_parameters_layout(autograd):
+    """A gradient laid out unlike its parameter (here channels_last for an NCHW weight: a
+    convolution of a channels_last input) must reach Adam in the parameter's layout: torch's fused CPU Adam walks both in one
+    memory order. Both autograd modes give the update of a plain contiguous gradient."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    start = torch.randn(6, 4, 3, 3)
+    x = torch.randn(2, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+
+    def loss_of(param):
+        return torch.nn.functional.conv2d(x, param).square().sum()  # its weight gradient is channels_last
+
+    def step(param):
+        opt = torch.optim.Adam([param], lr=0.1, **schedule.adam_kwargs("fused"))
+        ctx = SimpleNamespace(autograd=autograd)
+        schedule._backward(ctx, loss_of(param), [opt])
+        assert param.grad.stride() == param.stride()
+        opt.step()
+        return param.detach()
+
+    ours = step(torch.nn.Parameter(start.clone()))
+    expected = torch.nn.Parameter(start.clone())
+    opt = torch.optim.Adam([expected], lr=0.1, foreach=False)
+    loss_of(expected).backward()
+    opt.step()
+    torch.testing.assert_close(ours, expected.detach(), rtol=1e-6, atol=1e-6)
