@@ -114,6 +114,18 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, what: str) -> None:
         raise ValueError(f"{name}: expected {what} of shape {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
+def _reduce(err: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """The masked L1 losses' reduction of ``err`` (already multiplied by ``weight``): "all" -- the
+    mean over every element; "valid" -- the sum over the weights' sum (every element when
+    ``weight`` is None), 0 when nothing is valid."""
+    if reduction == "all":
+        return err.mean()
+    if reduction == "valid":
+        count = err.new_tensor(err.numel()) if weight is None else weight.sum()
+        return err.sum() / count.clamp_min(1)
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def seg_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
     """Per-pixel softmax cross-entropy, mean over (non-ignored) pixels.
 
@@ -150,18 +162,12 @@ def depth_l1(
     """
     _check("depth_l1 target", target, pred.shape, "depth")
     err = (pred.float() - target.float()).abs()
-    if mask is None:
-        mask_f = None
-    else:
+    weight = None
+    if mask is not None:
         _check("depth_l1 mask", mask, pred.shape, "mask")
-        mask_f = mask.float()
-        err = err * mask_f
-    if reduction == "all":
-        return err.mean()
-    if reduction == "valid":
-        count = err.new_tensor(err.numel()) if mask_f is None else mask_f.sum()
-        return err.sum() / count.clamp_min(1)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        weight = mask.float()
+        err = err * weight
+    return _reduce(err, weight, reduction)
 
 
 def normal_l1(
@@ -181,6 +187,7 @@ def normal_l1(
     """
     _check("normal_l1 target", target, pred.shape, "normals")
     err = (pred.float() - target.float()).abs()
+    weight = None
     if mask is not None:
         if mask.shape[1] not in (1, pred.shape[1]) or mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]:
             raise ValueError(
@@ -189,12 +196,7 @@ def normal_l1(
             )
         weight = mask.float().expand_as(err)
         err = err * weight
-    if reduction == "all":
-        return err.mean()
-    if reduction == "valid":
-        count = err.new_tensor(err.numel()) if mask is None else weight.sum()
-        return err.sum() / count.clamp_min(1)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return _reduce(err, weight, reduction)
 
 
 def multitask_loss_reference(
