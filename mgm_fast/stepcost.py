@@ -281,6 +281,9 @@ def _count_compiled_step(method, ctx, step_fn, batches, warmup: int, timed_steps
     """Graph breaks (warm-up and counted step) and graphs compiled in the counted step (after the
     warm-up every graph should exist: a new one is a recompile). Dynamo does not compile under a
     TorchDispatchMode, so a compiled step's ops and syncs are not counted (None)."""
+    # Fresh dynamo caches: the networks of earlier rows (other instances) are not this row's, and
+    # their entries would count against the recompile limit of the shared forward code.
+    torch._dynamo.reset()
     counters.clear()
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
@@ -302,6 +305,8 @@ def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: in
     FLOOR_BATCH), each step finished by a read-back so that device work is included."""
     extra = [a for s in FLOOR_SET for a in ("--set", s)] + (["--compile"] if compiled else [])
     ctx, step_fn, batches = prepare(method, engine, device, "tiny", FLOOR_BATCH, extra)
+    if compiled:
+        torch._dynamo.reset()  # this row's networks only (see _count_compiled_step)
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
     _finish(ctx)

@@ -61,6 +61,8 @@ class SpectralNormLayer(nn.Module):
             raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
         self.n_power_iterations = n_power_iterations
         self.eps = eps
+        # in the instance from the start: a compiled forward guards on where the attribute lives
+        self._prepared_weight = None
         with torch.no_grad():
             w = self.weight_orig
             height = w.shape[0]
@@ -278,6 +280,14 @@ def refreshes_spectral_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
             for layer in layers:
                 layer._prepared_weight = None
 
+    return _own_code(wrapped, forward)
+
+
+def _own_code(wrapped: Callable[..., Any], forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``wrapped`` with a code object of its own, named after ``forward``: torch.compile caches
+    compiled frames per code object, and the networks that share a decorator's wrapper would
+    otherwise share (and overflow) one cache."""
+    wrapped.__code__ = wrapped.__code__.replace(co_name=forward.__name__, co_qualname=forward.__qualname__)
     return wrapped
 
 
@@ -346,11 +356,7 @@ def counts_batches_once(forward: Callable[..., Any]) -> Callable[..., Any]:
                 torch._foreach_add_(tensors, steps)
         return out
 
-    # A code object of its own per decorated forward: torch.compile caches compiled frames per code
-    # object, and the networks that share this wrapper would otherwise share (and overflow) one
-    # cache.
-    wrapped.__code__ = wrapped.__code__.replace(co_name=forward.__name__, co_qualname=forward.__qualname__)
-    return wrapped
+    return _own_code(wrapped, forward)
 
 
 class ConditionalBatchNorm2d(nn.Module):
