@@ -53,7 +53,7 @@ from mgm_fast.engine.engines import Execution
 from mgm_fast.evaluate import evaluate_nets
 from mgm_fast.metrics import METRIC_DIRECTIONS, delta_m, format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
-from mgm_fast.ops import REGISTRY
+from mgm_fast.ops import REGISTRY, genblock
 from mgm_fast.ops._verify import BackendVerificationError, backends_record, verify_for_run
 
 METHODS = ("mgm", "mgm-light", "mt", "st")
@@ -380,7 +380,7 @@ def validation(run: Run, name: str, validate) -> dict | None:
 def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results, scores=None) -> None:
     """Checkpoint everything needed to continue bit-exactly: nets, the six optimisers, scaler,
     RNG states (global + augmentation generator, of every rank), loader positions, unlogged loss
-    sums. Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
+    sums, the cpp GenBlock's convolution algorithm per shape. Collective under torchrun (every rank's RNG state is gathered); rank 0 writes."""
     data_state = {"labelled": loader.state_dict()}
     if weak is not None:
         data_state["weak"] = weak.state_dict()
@@ -396,7 +396,7 @@ def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results,
                "totals": dict(ctx.totals), "counts": dict(ctx.counts), "skipped": dict(ctx.skipped),
                "results": results or {}, "world_size": run.world.world_size,
                "rng_per_rank": rng_per_rank if run.world.enabled else [],
-               "baseline": run.baseline},
+               "baseline": run.baseline, "genblock_algorithms": genblock.chosen_algorithms()},
     )
 
 
@@ -419,6 +419,8 @@ def resume_into(run: Run, ctx, loader, weak) -> int:
     if weak is not None:
         weak.load_state_dict(report.data_state["weak"])
     extra = report.extra
+    # the GenBlock convolution algorithms of the run this one continues, not a new timing's
+    genblock.restore_algorithms(extra.get("genblock_algorithms", []))
     ctx.totals, ctx.counts = dict(extra["totals"]), dict(extra["counts"])
     ctx.skipped = dict(extra.get("skipped", {}))
     run.baseline = run.baseline or extra.get("baseline")

@@ -92,6 +92,30 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, method, stop
     assert json.loads((straight / "eval.json").read_text()) == json.loads((interrupted / "eval.json").read_text())
 
 
+def test_resume_takes_the_genblock_algorithms_of_the_checkpoint(tmp_path):
+    """The checkpoint records the cpp GenBlock's convolution algorithm per shape, and a resumed
+    run computes with those instead of timing again (a new timing may pick another algorithm,
+    which rounds differently)."""
+    from mgm_fast import _native
+    from mgm_fast.engine.checkpoint import CheckpointManager
+    from mgm_fast.ops import genblock
+
+    if _native.cpp_reason() is not None:
+        pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
+    out = tmp_path / "run"
+    _native.extension().genblock_algos_clear_cpu()
+    assert train.main(["--data", "synthetic:40", "--steps", "4", "--quiet", "--out", str(out), "--ckpt-every", "0",
+                       "--set", "schedule.batch_size=4", "--stop-at", "2"]) == 0  # fmt: skip
+    recorded = CheckpointManager(out / "checkpoints").load_latest()["extra"]["genblock_algorithms"]
+    assert recorded and sorted(recorded) == sorted(genblock.chosen_algorithms())
+    _native.extension().genblock_algos_clear_cpu()
+    assert train.main(["--resume", str(out), "--quiet"]) == 0
+    for row in recorded:  # the resumed run kept the recorded choices (nothing timed for them)
+        assert row in genblock.chosen_algorithms()
+    timed = {tuple(r[:7]): r[9] for r in _native.extension().genblock_algos_cpu()}
+    assert all(timed[tuple(row[:7])] == {} for row in recorded)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()

@@ -667,6 +667,36 @@ void clear_block_algos() {
   algo_cache().clear();
 }
 
+/// Rows (conv, n, cin, cout, h, w, dtype, chosen) of an earlier block_algos(), e.g. from a
+/// checkpoint: the cache takes these choices as if auto had made them (a resumed run computes with
+/// the algorithms of the run it continues, whatever this process's timing would pick).
+using AlgoChoiceRow = std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t, std::string,
+                                 std::string>;
+
+void set_block_algos(const std::vector<AlgoChoiceRow>& rows) {
+  std::map<AlgoKey, AlgoChoice> parsed;
+  for (const auto& [conv, n, cin, cout, h, w, dtype_name, chosen] : rows) {
+    int piece = -1;
+    for (int p = 0; p < 2; ++p) {
+      if (conv == kPieces[p].name) piece = p;
+    }
+    TORCH_CHECK_VALUE(piece >= 0, "genblock (cpp backend): unknown conv '", conv, "' (conv1 or conv2)");
+    std::optional<at::ScalarType> dtype;
+    for (const at::ScalarType t : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+      if (dtype_name == c10::toString(t)) dtype = t;
+    }
+    TORCH_CHECK_VALUE(dtype.has_value(), "genblock (cpp backend): unknown dtype '", dtype_name, "'");
+    std::optional<int64_t> algo;
+    for (int64_t a = 0; a < algo_count(piece); ++a) {
+      if (chosen == algo_name(piece, a)) algo = a;
+    }
+    TORCH_CHECK_VALUE(algo.has_value(), "genblock (cpp backend): unknown ", conv, " algorithm '", chosen, "'");
+    parsed[AlgoKey{piece, n, cin, cout, h, w, *dtype}] = AlgoChoice{*algo, {}, 0};
+  }
+  std::lock_guard<std::mutex> lock(g_algo_mutex);
+  for (auto& [key, choice] : parsed) algo_cache()[key] = std::move(choice);
+}
+
 // Inputs of the CPU entry points must be CPU tensors (the Python side dispatches by device).
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "genblock (cpp backend): ", name,
@@ -775,6 +805,10 @@ void register_genblock(pybind11::module_& m) {
         "MGM_FAST_GENBLOCK_CONV2_ALGO unset or auto): rows (conv, n, cin, cout, h, w, dtype, threads, chosen, {algorithm: best "
         "forward+backward seconds of the timed candidates}); h, w: the conv's input size; threads: "
         "ATen's thread count when it was chosen (the choice holds for any count).");
+  m.def("genblock_algos_set_cpu", &set_block_algos, py::arg("rows"),
+        "Takes the choices of rows (conv, n, cin, cout, h, w, dtype, chosen) -- the first six and "
+        "the chosen algorithm's name as genblock_algos_cpu lists them -- as auto's for those "
+        "shapes (a resumed run uses the algorithms of the run it continues); threads 0, no times.");
   m.def("genblock_algos_clear_cpu", &clear_block_algos,
         "Forgets the algorithms auto chose (the next call of each shape chooses again).");
 }

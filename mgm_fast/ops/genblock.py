@@ -128,9 +128,11 @@ __all__ = [
     "PHASE_TAPS",
     "PIECE_OP",
     "cbn_relu_conv3x3",
+    "chosen_algorithms",
     "genblock",
     "genblock_reference",
     "phase_weights",
+    "restore_algorithms",
     "up2_conv1x1",
     "up2_conv3x3",
 ]
@@ -964,6 +966,27 @@ def cbn_relu_conv3x3(
     )
     _validate_piece(a)
     return PIECE_OP(**a, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cpp backend's convolution algorithms per shape, on record
+
+
+def chosen_algorithms() -> list[list]:
+    """The convolution algorithms the cpp backend's ``auto`` chose so far in this process, one row
+    ``[conv, n, cin, cout, h, w, dtype, chosen]`` per shape (what a checkpoint records, so that
+    a resumed run computes with the same algorithms); [] without the extension."""
+    if _native.cpp_reason() is not None:
+        return []
+    return [[*row[:7], row[8]] for row in _native.extension().genblock_algos_cpu()]
+
+
+def restore_algorithms(rows: list) -> None:
+    """Take the rows of :func:`chosen_algorithms` (e.g. from a checkpoint) as ``auto``'s choices
+    for their shapes, instead of timing them again. A forced ``MGM_FAST_GENBLOCK_ALGO`` still
+    wins. Nothing to do without rows or without the extension (no cpp GenBlock runs then)."""
+    if rows and _native.cpp_reason() is None:
+        _native.extension().genblock_algos_set_cpu([tuple(row) for row in rows])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,3 +206,34 @@ def test_bad_algorithm_name_is_an_error_naming_the_choices(algos):
     algos(None, "fft")
     with pytest.raises(ValueError, match=f"{ENV2}=fft is not one of auto, conv, gemm"):
         gb.genblock(**a, impl="cpp")
+
+
+@pytest.mark.parametrize(("conv1", "conv2"), [("upsample", "gemm"), ("gemm", "conv")])
+def test_restored_choices_are_used_instead_of_a_new_timing(algos, conv1, conv2):
+    """chosen_algorithms() rows put back with restore_algorithms() (a resumed run) are auto's
+    choices for their shapes: no timing, and the same numbers as forcing those algorithms."""
+    shape = (2, 6, 5, 4, 4)
+    a = block_inputs(*shape)
+    algos(conv1, conv2)
+    forced = run(gb.genblock, a, BLOCK_GRADS, "cpp")
+    algos(None, "auto")
+    _ext().genblock_algos_clear_cpu()
+    n, cin, cout, h, w = shape
+    gb.restore_algorithms([["conv1", n, cin, cout, h, w, "Float", conv1],
+                           ["conv2", n, cout, cout, 2 * h, 2 * w, "Float", conv2]])  # fmt: skip
+    assert _chosen(*shape) == {"conv1": conv1, "conv2": conv2}
+    restored = run(gb.genblock, a, BLOCK_GRADS, "cpp")
+    rows = {row[0]: row for row in _ext().genblock_algos_cpu()}
+    assert rows["conv1"][9] == {} and rows["conv2"][9] == {}  # nothing was timed
+    assert torch.equal(restored[0], forced[0])
+    for k in BLOCK_GRADS:
+        assert torch.equal(restored[1][k], forced[1][k]), k
+    assert sorted(gb.chosen_algorithms()) == sorted([["conv1", n, cin, cout, h, w, "Float", conv1],
+                                                     ["conv2", n, cout, cout, 2 * h, 2 * w, "Float", conv2]])  # fmt: skip
+
+
+def test_restore_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown conv1 algorithm 'fft'"):
+        gb.restore_algorithms([["conv1", 1, 2, 3, 4, 4, "Float", "fft"]])
+    with pytest.raises(ValueError, match="unknown conv 'conv3'"):
+        gb.restore_algorithms([["conv3", 1, 2, 3, 4, 4, "Float", "gemm"]])
