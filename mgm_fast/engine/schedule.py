@@ -121,6 +121,9 @@ class StepContext:
     totals: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    group_params: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+    """The parameters of each module group (:func:`trainable`), listed once: walking the modules
+    every sub-step is host time of the step."""
 
     def log(self, name: str, value: Tensor) -> None:
         value = value.detach().float()
@@ -156,11 +159,13 @@ def _groups(nets: MGMNets) -> dict[str, list[nn.Module]]:
 def trainable(ctx: StepContext, *names: str) -> None:
     """Weights of the named module groups get gradients; every other group's do not (with
     ``autograd="released"``: every group's do, as in the released code)."""
-    for group, modules in _groups(ctx.nets).items():
+    if not ctx.group_params:
+        ctx.group_params.update((group, [p for m in modules for p in m.parameters()])
+                                for group, modules in _groups(ctx.nets).items())  # fmt: skip
+    for group, params in ctx.group_params.items():
         flag = group in names or ctx.autograd == "released"
-        for module in modules:
-            for p in module.parameters():
-                p.requires_grad_(flag)
+        for p in params:
+            p.requires_grad_(flag)
 
 
 def update(ctx: StepContext, loss: Tensor, *optimizers: str, name: str = "") -> bool:

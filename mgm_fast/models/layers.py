@@ -259,7 +259,8 @@ def refresh_spectral_norm(module: nn.Module, impl: str = "reference") -> list[Sp
     Layers that still hold a prepared weight are left alone, so that a refreshing network inside
     another one does not iterate twice per forward. Returns the layers it prepared.
     """
-    layers = [layer for layer in spectral_norm_layers(module) if layer._prepared_weight is None]
+    layers = [layer for layer in _listed(module, "_spectral_norm_layers", spectral_norm_layers)
+              if layer._prepared_weight is None]  # fmt: skip
     for layer, weight in zip(layers, spectral_norm_weights(layers, impl)):
         layer._prepared_weight = weight
     return layers
@@ -281,6 +282,18 @@ def refreshes_spectral_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
                 layer._prepared_weight = None
 
     return _own_code(wrapped, forward)
+
+
+def _listed(module: nn.Module, name: str, find: Callable[[nn.Module], list]) -> list:
+    """``find(module)``, computed at the module's first call and kept in its ``__dict__`` under
+    ``name`` (not a submodule, parameter or buffer): walking every submodule on every forward is
+    host time of the step. The networks' layers do not change after they are built; a
+    SyncBatchNorm conversion happens before the first forward."""
+    found = module.__dict__.get(name)
+    if found is None:
+        found = find(module)
+        module.__dict__[name] = found
+    return found
 
 
 def _own_code(wrapped: Callable[..., Any], forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -333,17 +346,17 @@ def counts_batches_once(forward: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # each layer counts itself inside a compiled graph
             return forward(self, *args, **kwargs)
-        layers = [m for m in self.modules() if isinstance(m, BatchNorm2d)]
+        layers = _listed(self, "_batch_norm_layers", lambda m: [x for x in m.modules() if isinstance(x, BatchNorm2d)])
         if not layers or any(layer._counted_calls is not None for layer in layers):
             return forward(self, *args, **kwargs)
         calls: list[Tensor] = []
-        for layer in layers:
-            layer._counted_calls = calls
+        for layer in layers:  # plain attributes: skip nn.Module.__setattr__'s parameter checks
+            layer.__dict__["_counted_calls"] = calls
         try:
             out = forward(self, *args, **kwargs)
         finally:
             for layer in layers:
-                layer._counted_calls = None
+                layer.__dict__["_counted_calls"] = None
         if calls:
             counters: dict[int, list] = {}
             for counter in calls:  # one foreach entry per counter, its number of calls as the step
