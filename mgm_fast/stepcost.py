@@ -6,7 +6,13 @@ properties of the code, not of the card, so they are counted here on any device,
 included:
 
 * **ops** -- every ATen op dispatched (a ``TorchDispatchMode`` sees each op once, forward and
-  backward, optimiser included), per sub-step of the schedule;
+  backward, optimiser included), per sub-step of the schedule. Not counted as ops: the
+  ``detach`` calls the counting mode itself causes. While any dispatch mode is active, torch
+  routes each internal shallow copy of a tensor (autograd saving an op's output for backward,
+  e.g. ReLU's, and unpacking it) to the mode as an ``aten.detach``; without a mode it is a
+  plain C++ copy that dispatches nothing. Such a call reaches the mode without having passed
+  the autograd layer (:func:`is_mode_shallow_copy`); it is reported apart (``mode_copies``),
+  and the sum of both is the count a bare ``TorchDispatchMode`` gives;
 * **syncs** -- every op that reads a tensor's value on the host or copies it to the CPU
   (``aten._local_scalar_dense`` behind ``.item()``/``float(t)``/``bool(t)``, ``nonzero`` and
   other ops whose output size depends on values, copies of a non-CPU tensor to the CPU), plus
@@ -76,6 +82,21 @@ bone (8 channels where self-attention needs 8) and 32x32 images (``--set`` overr
 FLOOR_BATCH = 2
 
 
+_DETACH = torch.ops.aten.detach.default
+_AUTOGRAD = torch._C.DispatchKey.AutogradFunctionality
+
+
+def is_mode_shallow_copy(func) -> bool:
+    """Whether the op a dispatch mode just received is a shallow copy torch routed to the mode
+    (``TensorImpl::shallow_copy_and_detach`` with a mode active) rather than an op dispatched.
+
+    A dispatched ``aten.detach`` passes its autograd kernel first, which excludes the autograd
+    keys below it, so it arrives with them excluded; the routed copy is called from inside
+    autograd's own bookkeeping and arrives with them included. ``tests/test_stepcost.py``
+    checks the rule against torch's profiler, which records dispatched ops only."""
+    return func is _DETACH and not torch._C._dispatch_tls_is_dispatch_key_excluded(_AUTOGRAD)
+
+
 def _is_copy_to_host(func, args, kwargs) -> bool:
     name = str(func.overloadpacket)
     if name == "aten._to_copy":
@@ -92,7 +113,8 @@ class DispatchCounter(TorchDispatchMode):
     ``section`` is the label the counts go to (set by :meth:`labelled`). ``ops[section]`` and
     ``syncs[section]`` are Counters by op name (``aten.mv``); host reads that bypass the
     dispatcher (``Tensor.tolist``/``Tensor.numpy``) are counted as ``Tensor.tolist`` /
-    ``Tensor.numpy`` while the counter is active.
+    ``Tensor.numpy`` while the counter is active. ``mode_copies[section]`` counts the shallow
+    copies torch routes to the mode (:func:`is_mode_shallow_copy`), which are not ops.
     """
 
     def __init__(self) -> None:
@@ -100,10 +122,14 @@ class DispatchCounter(TorchDispatchMode):
         self.section = "other"
         self.ops: dict[str, Counter] = {}
         self.syncs: dict[str, Counter] = {}
+        self.mode_copies: Counter = Counter()
         self._patches: list[tuple[str, Callable]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if is_mode_shallow_copy(func):
+            self.mode_copies[self.section] += 1
+            return func(*args, **kwargs)
         name = str(func.overloadpacket)
         self.ops.setdefault(self.section, Counter())[name] += 1
         if name in SYNC_OPS or _is_copy_to_host(func, args, kwargs):
@@ -188,6 +214,9 @@ class StepCost:
     syncs_by_op: dict[str, int]
     syncs_by_section: dict[str, dict[str, int]]
     top_ops: list[tuple[str, int]]
+    mode_copies: int | None = None
+    """Shallow copies the counting mode itself received as ``aten.detach`` (not ops; see the
+    module docstring). ``ops + mode_copies`` is what a bare ``TorchDispatchMode`` counts."""
     graph_breaks: int | None = None
     recompiles: int | None = None
     host_floor_ms: float | None = None
@@ -273,7 +302,7 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
         step=method, ops=counter.total_ops(), syncs=counter.total_syncs(),
         ops_by_section={k: sum(v.values()) for k, v in counter.ops.items()},
         syncs_by_op=dict(syncs), syncs_by_section={k: dict(v) for k, v in counter.syncs.items()},
-        top_ops=flat.most_common(12), extra=extra,
+        top_ops=flat.most_common(12), mode_copies=sum(counter.mode_copies.values()), extra=extra,
     )
 
 
@@ -342,11 +371,13 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
     steady-state step time, then per row and step the sub-step breakdown."""
     na = "–"
     timed = any("step_ms" in c.extra for cs in costs.values() for c in cs)
-    lines = [f"### {title}", "", "| engine | step | ATen ops | host syncs | graph breaks | recompiles | host floor |"
-             + (" step time |" if timed else ""), "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
+    lines = [f"### {title}", "", "| engine | step | ATen ops | mode copies | host syncs | graph breaks | recompiles "
+             "| host floor |" + (" step time |" if timed else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
     for row, cs in costs.items():
         for c in cs:
-            cells = [row, c.step, na if c.ops is None else f"{c.ops:,}", na if c.syncs is None else str(c.syncs),
+            cells = [row, c.step, na if c.ops is None else f"{c.ops:,}",
+                     na if c.mode_copies is None else f"{c.mode_copies:,}", na if c.syncs is None else str(c.syncs),
                      na if c.graph_breaks is None else str(c.graph_breaks),
                      na if c.recompiles is None else str(c.recompiles),
                      na if c.host_floor_ms is None else f"{c.host_floor_ms:.1f} ms"]
@@ -362,6 +393,9 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
             if c.syncs:
                 lines.append("syncs: " + "; ".join(f"{k}: " + ", ".join(f"{op} {n}" for op, n in v.items())
                                                    for k, v in c.syncs_by_section.items()))
+    lines += ["", "ATen ops: ops dispatched. Mode copies: the shallow copies (autograd saving an output for "
+              "backward) that torch hands to any active dispatch mode as `aten.detach` and that dispatch nothing "
+              "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies."]
     return "\n".join(lines) + "\n"
 
 

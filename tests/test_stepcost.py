@@ -41,6 +41,39 @@ def test_counter_sections_nest_and_restore():
     assert counter.syncs == {"inner": {"aten._local_scalar_dense": 1}}
 
 
+def _profiled_detaches(fn) -> int:
+    """aten::detach calls torch's profiler records (dispatched ops only)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::detach")
+
+
+def test_mode_shallow_copies_are_told_apart_from_dispatched_detaches():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+
+    def relu_step():  # ReLU saves its output: a shallow copy at save and at unpack, no op
+        torch.autograd.grad(torch.relu(x * 2).sum(), [x])
+
+    def explicit_detaches():  # two real detach ops, one of a tensor without grad
+        x.detach()
+        (x * 2).detach().detach()
+
+    for fn in (relu_step, explicit_detaches):
+        counter = stepcost.DispatchCounter()
+        with counter:
+            fn()
+        dispatched = counter.ops.get("other", {}).get("aten.detach", 0)
+        assert dispatched == _profiled_detaches(fn), fn.__name__
+    counter = stepcost.DispatchCounter()
+    with counter:
+        relu_step()
+    assert counter.mode_copies["other"] == 2 and "aten.detach" not in counter.ops["other"]
+    counter = stepcost.DispatchCounter()
+    with counter:
+        explicit_detaches()
+    assert counter.ops["other"]["aten.detach"] == 3 and not counter.mode_copies
+
+
 @pytest.mark.parametrize("method", ["mgm", "phase-a", "mgm-light"])
 def test_fast_engine_step_reads_nothing_back(method):
     cost = stepcost.count_step(method, batch=4, warmup=1)
