@@ -169,13 +169,16 @@ def trainable(ctx: StepContext, *names: str) -> None:
 
 
 def update(ctx: StepContext, loss: Tensor, *optimizers: str, name: str = "") -> bool:
-    """zero_grad (set_to_none) of the named optimisers, backward, average the gradients over
+    """Clear the named optimisers' gradients (set to None), backward, average the gradients over
     the ranks (torchrun), step each optimiser in the given order. Returns False when the
     sub-step was skipped (``on_nonfinite="skip"`` and a non-finite loss on any rank)."""
     opts = [ctx.optimizers[name] for name in optimizers]
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
+    if ctx.autograd == "released":  # pruned autograd sets every .grad of the optimisers itself
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
     if ctx.on_nonfinite == "skip" and not distributed.all_finite(loss, ctx.world):
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         ctx.skipped[name] = ctx.skipped.get(name, 0) + 1
         return False
     if ctx.scaler is None:
@@ -198,13 +201,21 @@ def _backward(ctx: StepContext, loss: Tensor, opts: list[torch.optim.Optimizer])
     ``autograd="pruned"`` asks autograd for exactly those gradients (``torch.autograd.grad``) and
     hands each tensor to its parameter: the same values as ``loss.backward()``, without the
     per-parameter op that accumulating into an empty ``.grad`` dispatches (a ``detach`` per
-    parameter per sub-step, ~1,200 ops of an MGM step). Parameters without a gradient keep
-    ``grad=None`` (Adam skips them, as after ``backward``). ``autograd="released"`` runs
-    ``loss.backward()``, which also fills the gradients no optimiser of the sub-step reads."""
+    parameter per sub-step, ~1,200 ops of an MGM step). Every other parameter of the optimisers
+    gets ``grad=None`` (Adam skips it, as after ``zero_grad`` and ``backward``), so no
+    ``zero_grad`` is needed before. ``autograd="released"`` runs ``loss.backward()``, which also
+    fills the gradients no optimiser of the sub-step reads."""
     if ctx.autograd == "released":
         loss.backward()
         return
-    params = [p for opt in opts for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    params = []
+    for opt in opts:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    params.append(p)
+                else:
+                    p.grad = None
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for param, grad in zip(params, grads):
         if grad is not None and not _same_layout(grad, param):
