@@ -79,7 +79,7 @@ class SpectralNormLayer(nn.Module):
         Returns the weight prepared by the enclosing network's :func:`refresh_spectral_norm` when
         there is one (and forgets it: it serves one call), else computes it for this layer alone
         with :func:`spectral_norm_weights`. In training mode that runs ``n_power_iterations``
-        power-iteration steps and replaces ``weight_u`` / ``weight_v``, so call it exactly once per
+        power-iteration steps and updates ``weight_u`` / ``weight_v`` in place, so call it exactly once per
         forward pass. In eval mode the stored vectors are used unchanged. Gradients flow into
         ``weight_orig`` through both the numerator and ``sigma = u . (W v)``.
         """
@@ -211,8 +211,9 @@ def spectral_norm_weights(layers: Sequence[SpectralNormLayer], impl: str = "refe
     :func:`mgm_fast.ops.spectral_norm.normalize_weights` (backend ``impl``).
 
     Training-mode layers run their power iteration (``n_power_iterations`` steps, exactly as
-    ``torch.nn.utils.spectral_norm`` does per call) and store the new ``weight_u`` /
-    ``weight_v``; eval-mode layers use the stored vectors. The iteration and sigma are in the
+    ``torch.nn.utils.spectral_norm`` does per call) and write the new vectors into their
+    ``weight_u`` / ``weight_v`` buffers in place (the buffers keep their storage); eval-mode
+    layers use the stored vectors. The iteration and sigma are in the
     buffers' dtype (fp32) even under autocast, which would run the products in bf16 on CUDA.
     Gradients reach each ``weight_orig`` through the numerator and sigma. No value is read on
     the host.
@@ -225,13 +226,15 @@ def spectral_norm_weights(layers: Sequence[SpectralNormLayer], impl: str = "refe
         [layer.weight_orig for layer in layers], [layer.weight_u for layer in layers],
         [layer.weight_v for layer in layers], [layer.n_power_iterations if layer.training else 0 for layer in layers],
         [layer.eps for layer in layers], impl=impl)  # fmt: skip
-    # The new vectors replace the buffers instead of being written into them: a later forward
-    # runs the iteration again before one backward through both (the GAN pattern D(real) +
-    # D(fake)), and the tensors this forward saved for backward must stay unchanged -- also
-    # under torch.compile, whose graphs save them directly.
-    for layer, u, v in zip(layers, us, vs):
-        if layer.training:
-            layer.weight_u, layer.weight_v = u, v
+    # The new vectors are written into the buffers (one foreach copy), which keep their storage:
+    # CUDA graphs replay reads and writes at fixed addresses, and a buffer rebound to a graph's
+    # output would be overwritten by the next replay. The op returned fresh tensors and saved
+    # those for backward, so a later forward iterating again before one backward through both
+    # (the GAN pattern D(real) + D(fake)) leaves this forward's saved vectors unchanged.
+    trained = [i for i, layer in enumerate(layers) if layer.training]
+    if trained:
+        torch._foreach_copy_([b for i in trained for b in (layers[i].weight_u, layers[i].weight_v)],
+                             [t for i in trained for t in (us[i], vs[i])])  # fmt: skip
     return normalised
 
 
@@ -307,6 +310,9 @@ def _own_code(wrapped: Callable[..., Any], forward: Callable[..., Any]) -> Calla
 # -------------------------------------------------------------------------------------------
 
 
+_BATCH_NORM_WITH_UPDATE = torch.ops.aten._batch_norm_with_update.default
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, buffers, state dict and arithmetic) whose batch counter
     its network can advance for all its layers at once.
@@ -314,7 +320,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     In training mode ``nn.BatchNorm2d`` adds 1 to ``num_batches_tracked`` on every call, one tiny
     op per layer. Inside a forward decorated with :func:`counts_batches_once`, a layer instead
     records its counter and the network adds 1 to every recorded counter in one foreach op when
-    its forward returns (a layer called twice is counted twice). With ``momentum=None`` the
+    its forward returns (a layer called twice is counted twice); the layer itself then calls
+    ``aten._batch_norm_with_update``, the op ``F.batch_norm`` ends in, directly. With ``momentum=None`` the
     counter sets the running-average factor of the call itself, so such a layer counts as usual.
     Called on its own, it is ``nn.BatchNorm2d``.
     """
@@ -330,9 +337,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         if calls is None or not (self.training and self.track_running_stats) or self.momentum is None:
             return super().forward(input)
         self._check_input_dim(input)
+        F._verify_batch_size(input.size())
         calls.append(self.num_batches_tracked)
-        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                            self.momentum, self.eps)  # fmt: skip
+        # The op F.batch_norm reaches in training (same backend choice: cuDNN, MIOpen or native),
+        # without the empty "reserve" tensor its composite wrapper dispatches on every call.
+        return _BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                       self.momentum, self.eps)[0]  # fmt: skip
 
 
 def counts_batches_once(forward: Callable[..., Any]) -> Callable[..., Any]:

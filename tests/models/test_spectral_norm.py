@@ -422,9 +422,26 @@ def test_refresh_skips_idle_layers_and_a_failed_forward_leaves_nothing_prepared(
     assert not torch.equal(ours.conv1.weight_u, conv1_u)  # refreshed before the failure
     assert all(m._prepared_weight is None for m in spectral_norm_layers(ours))
     # A layer called on its own afterwards runs its own iteration.
-    moved = ours.conv1.weight_u
+    before, storage = ours.conv1.weight_u.clone(), ours.conv1.weight_u.data_ptr()
     ours.conv1(torch.randn(1, 7, 4, 4, dtype=torch.float64))
-    assert ours.conv1.weight_u is not moved
+    assert not torch.equal(ours.conv1.weight_u, before) and ours.conv1.weight_u.data_ptr() == storage
+
+
+def test_power_iteration_writes_the_buffers_in_place():
+    """u and v are updated in their own storage (CUDA graph replays need fixed addresses), and
+    the GAN pattern (two forwards, one backward) still differentiates through each forward's own
+    vectors: the result equals torch's spectral_norm twin."""
+    ours, twin = _stacks()
+    layers = spectral_norm_layers(ours)
+    storage = [(m.weight_u.data_ptr(), m.weight_v.data_ptr()) for m in layers]
+    for _ in range(2):
+        ours.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        (xa, ya), (xb, yb) = _inputs(), _inputs()
+        (ours(xa, ya).square().mean() + ours(xb, yb).mean()).backward()
+        (twin(xa, ya).square().mean() + twin(xb, yb).mean()).backward()
+        _compare_stacks(ours, twin, rtol=1e-10, atol=1e-12)
+    assert [(m.weight_u.data_ptr(), m.weight_v.data_ptr()) for m in layers] == storage
 
 
 def test_network_refresh_compiled_fullgraph():
