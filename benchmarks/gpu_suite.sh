@@ -11,7 +11,8 @@
 #   info.txt           python -m mgm_fast.info (ops x backends as this machine sees them)
 #   triton_check.json  a Triton kernel compiled for this card and checked
 #   matmul_rate.json   dense bf16 matmul TFLOP/s (the MFU denominator)
-#   tests-gpu.xml      junit XML of pytest -m gpu over tests/
+#   tests-gpu.xml      junit XML of pytest -m gpu over tests/ (the CUDA-graph steps apart)
+#   tests-cudagraphs.xml  junit XML of the CUDA-graph compiled steps (pytest -m cuda_graphs)
 #   bench-ITEM.json    pytest-benchmark JSON of each bench item, written when the item ends
 #                      (also when its time limit stops it); bench-ITEM.xml is its junit XML
 #   README.md, *.png   python -m mgm_fast.bench report OUT_DIR --plots, from whatever JSON exists
@@ -31,7 +32,7 @@
 #                    --stage preflight,build,bench,report   (a fresh machine)
 #   --skip NAMES   leave these stages out (e.g. --skip build when the extension is built)
 #
-# Stages, in order: preflight build selftest env triton matmul tests bench report. Each runs
+# Stages, in order: preflight build selftest env triton matmul tests cudagraphs bench report. Each runs
 # even when an earlier one failed, within its own time limit; the report stage always keeps
 # its reserve. Exit code: 0 every selected stage ran, 1 one failed or timed out, 2 usage
 # error, 3 nothing failed but a stage or a core bench item was left for lack of time.
@@ -120,9 +121,12 @@ case "$BUDGET" in ''|*[!0-9]*) usage_error "SUITE_BUDGET_S must be a number of s
 #
 # Estimates (H100, 16 cores; pytest + torch + CUDA start ~10 s per item; rounds: at least
 # BENCH_MIN_ROUNDS and ~BENCH_MAX_TIME s per benchmark after 3 warm-up calls):
-# * train-step 70: paper preset, batch 32. Per row: building the run (384 synthetic 128x128
-#   images, nets, loader) ~4 s, one warm-up step ~5 s, 3 rounds x 4 steps ~4-8 s; the FLOP count
-#   (one extra reference run, two steps) ~10 s once. ~50 s, +40 %.
+# * train-step 240: paper preset, batch 32. Per row: building the run (384 synthetic 128x128
+#   images, nets, loader) ~4 s, 3 rounds x 4 steps ~4-8 s; the FLOP count (one extra reference
+#   run, two steps) ~10 s once. Warm-up: reference one step ~5 s; fast, compiled with CUDA graph
+#   replay (the engine's default on CUDA), three steps in which inductor compiles every
+#   sub-step's graphs -- a guess of 2-3 minutes on 16 cores, not yet measured (its warmup_s is
+#   in the report).
 # * genblock-bf16 80: 18 rows (5 paper GenBlocks + the generator x reference/cuda/triton). Eager
 #   and cuda rows ~1 s each; the triton rows compile and autotune: ~36 compiles (3 kernels x 4
 #   tiles x ~3 specialisations) at ~1 s and ~30 keys x 4 tiles x ~0.13 s of timing.
@@ -131,7 +135,7 @@ case "$BUDGET" in ''|*[!0-9]*) usage_error "SUITE_BUDGET_S must be a number of s
 #   Triton compiles.
 # * genblock-fp32 80: as genblock-bf16 in fp32 (TF32 kernels).
 # * gpu-other 30: gpu rows of other suites (today the DALI GPU rows: skipped without DALI).
-# * train-step-ablations 180: the 10 fast-<ingredient> rows at ~15 s each.
+# * train-step-ablations 200: the fast-<ingredient> rows and fast-eager, all eager, ~15 s each.
 # * losses-compile 200: 12 torch.compile rows (inductor compiles fwd+bwd per dtype and shape).
 # * cpu 150: the CPU rows of every suite on this machine's cores (no compile rows).
 # * genblock-compile 450: 12 torch.compile rows of paper GenBlocks and of the paper generator.
@@ -139,12 +143,12 @@ case "$BUDGET" in ''|*[!0-9]*) usage_error "SUITE_BUDGET_S must be a number of s
 TS=benchmarks/test_bench_train_step.py
 LOSS_FILES="benchmarks/test_bench_multitask_loss.py benchmarks/test_bench_ntxent.py benchmarks/test_bench_gan_losses.py"
 BENCH_TABLE=(
-  "train-step|70|core|$TS::test_bench_mgm_step[reference] $TS::test_bench_mgm_step[fast]||"
+  "train-step|240|core|$TS::test_bench_mgm_step[reference] $TS::test_bench_mgm_step[fast]||"
   "genblock-bf16|80|core|benchmarks/test_bench_genblock.py|gpu|bfloat16 and not compile"
   "losses|60|core|$LOSS_FILES|gpu|not compile"
   "genblock-fp32|80|extra|benchmarks/test_bench_genblock.py|gpu|float32 and not compile"
   "gpu-other|30|extra|benchmarks|gpu|not (genblock or multitask_loss or ntxent or gan_losses)"
-  "train-step-ablations|180|extra|$TS --deselect=$TS::test_bench_mgm_step[reference] --deselect=$TS::test_bench_mgm_step[fast]||"
+  "train-step-ablations|200|extra|$TS --deselect=$TS::test_bench_mgm_step[reference] --deselect=$TS::test_bench_mgm_step[fast]||"
   "losses-compile|200|extra|$LOSS_FILES|gpu|compile"
   "cpu|150|extra|benchmarks --ignore=$TS|not gpu|not compile"
   "genblock-compile|450|extra|benchmarks/test_bench_genblock.py|gpu|compile"
@@ -377,8 +381,13 @@ add_stage triton 45 10 '"$PYTHON" -m mgm_fast.bench triton-check --require-compi
 add_stage matmul 45 10 '"$PYTHON" -m mgm_fast.bench matmul-rate --dtype bf16 --size "$MATMUL_SIZE" --out "$OUT/matmul_rate.json"'
 
 # TF32 is off in every test (tests/conftest.py); tests that want it turn it on themselves.
-add_stage tests 180 100 'MGM_FAST_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider \
-  -p mgm_fast.pytest_sigterm --benchmark-disable --junitxml="$OUT/tests-gpu.xml"'
+add_stage tests 180 100 'MGM_FAST_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests -m "gpu and not cuda_graphs" -q \
+  -p no:cacheprovider -p mgm_fast.pytest_sigterm --benchmark-disable --junitxml="$OUT/tests-gpu.xml"'
+
+# The fast engine's default on CUDA: networks compiled with CUDA graph replay, stepped against
+# eager (inductor compiles every sub-step's graphs first: minutes, hence a stage of its own).
+add_stage cudagraphs 240 150 'MGM_FAST_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests -m cuda_graphs -q \
+  -p no:cacheprovider -p mgm_fast.pytest_sigterm --benchmark-disable --junitxml="$OUT/tests-cudagraphs.xml"'
 
 # The bench priority list above, item by item (Triton autotuning on: the timed kernels are tuned).
 add_stage bench "$BUDGET" 200 'export MGM_FAST_TRITON_AUTOTUNE=1

@@ -6,9 +6,15 @@ Rows: ``reference`` (the released code's execution, the baseline), ``fast``, the
 each ingredient is worth, and on the CPU ``fast+bf16`` (``--precision bf16``: the fast engine
 keeps fp32 on the CPU by default; bf16 autocast is the opt-in, worth it on CPUs with native
 bf16 instructions), and ``fast+compile`` (``--compile``: every network torch.compiled with
-``fullgraph=True``; compilation happens in the warm-up step, not in the timed rounds). One timed round = ``STEPS`` consecutive steps pulled from the
-engine's own loader, ending with one read-back of the logged losses (the work is finished when
-the round ends; on CUDA run with ``--benchmark-timer mgm_fast.benchtools.synced_timer``).
+``fullgraph=True``). On CUDA ``fast`` itself is compiled with CUDA graph replay (the engine's
+default there), ``fast-eager`` is the same engine with ``--compile off``, and the ablation rows
+run eager (``--compile off``: each is ``fast-eager`` with one ingredient as in reference), so
+that they measure their ingredient and not minutes of compilation each. Compilation, CUDA graph
+recording and autotuning happen in the warm-up steps (``warmup_steps``), timed apart
+(``warmup_s`` in the report's extra info), not in the timed rounds. One timed round = ``STEPS``
+consecutive steps pulled from the engine's own loader, ending with one read-back of the logged
+losses (the work is finished when the round ends; on CUDA run with ``--benchmark-timer
+mgm_fast.benchtools.synced_timer``).
 
 CPU: tiny preset, batch 8, 64x64. CUDA: paper preset, batch 32, 128x128. ``flops`` in the
 report is the model FLOPs of one step counted on the reference engine (torch's FLOP counter:
@@ -24,6 +30,7 @@ preset, ``reference`` as released in fp32 against ``fast`` in bf16) is the two n
 from __future__ import annotations
 
 import argparse
+import time
 
 import pytest
 import torch
@@ -37,13 +44,22 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 PRESET, BATCH = ("paper", 32) if CUDA else ("tiny", 8)
 STEPS = 4
-ROWS = list(engines.ENGINES) + ["fast+compile"] + ([] if CUDA else ["fast+bf16"])
-VARIANTS = {"fast+compile": ("fast", ["--compile"]), "fast+bf16": ("fast", ["--precision", "bf16"])}
+ROWS = list(engines.ENGINES) + (["fast-eager"] if CUDA else ["fast+compile", "fast+bf16"])
+VARIANTS = {"fast+compile": ("fast", ["--compile"]), "fast+bf16": ("fast", ["--precision", "bf16"]),
+            "fast-eager": ("fast", ["--compile", "off"])}
 """Rows that are an engine plus command-line options: name -> (engine, extra arguments)."""
 
 
-def _prepare(row: str, out):
+def _row_args(row: str) -> tuple[str, list[str]]:
+    """(engine, extra arguments) of a row; on CUDA the ablation rows run eager."""
     engine, extra = VARIANTS.get(row, (row, []))
+    if CUDA and row.startswith("fast-") and row in engines.ENGINES:
+        extra = [*extra, "--compile", "off"]
+    return engine, extra
+
+
+def _prepare(row: str, out):
+    engine, extra = _row_args(row)
     args = train.build_parser().parse_args([
         "--engine", engine, "--preset", PRESET, "--data", f"synthetic:{BATCH * 12}", "--batch-size", str(BATCH),
         "--device", DEVICE, "--quiet", "--out", str(out), "--regime", "1.0", *extra,
@@ -94,14 +110,22 @@ def test_bench_mgm_step(benchmark, engine, tmp_path, tmp_path_factory):
         pytest.skip("ablation rows run only when benchmarking (CI runs reference and fast once)")
     run, ctx, batches = _prepare(engine, tmp_path / engine)
     steps = 1 if disabled else STEPS
-    if not disabled:
-        _steps(ctx, batches, 1)  # warm-up: optimiser state, Triton/cuDNN autotuning, allocator
+    # warm-up: optimiser state, Triton/cuDNN autotuning, allocator; compiled networks compile in
+    # the first step, and with CUDA graphs run unrecorded in it, are recorded in the second and
+    # replayed from the third on
+    compiled = run.execution.compile != "off"
+    warmup_steps = 0 if disabled else (1 if not compiled else 2 if run.execution.compile == "default" else 3)
+    start = time.perf_counter()
+    if warmup_steps:
+        _steps(ctx, batches, warmup_steps)
+    warmup_s = time.perf_counter() - start
     benchmark.group = f"MGM step end to end, {DEVICE}, {PRESET} preset, batch {BATCH}, {STEPS} steps/round"
     value = benchmark.pedantic(_steps, args=(ctx, batches, steps), rounds=1 if disabled else 3, iterations=1)
     assert value == value, "non-finite losses"  # NaN check: the engines must train
     extra = dict(engine=engine, baseline=engine == "reference", device=DEVICE, preset=PRESET, batch=BATCH,
+                 warmup_steps=warmup_steps, warmup_s=round(warmup_s, 3),
                  **{k: getattr(run.execution, k) for k in ("precision", "channels_last", "loader", "views", "readback",
-                                                           "autograd", "adam", "loss_impl", "genblock_impl")})
+                                                           "autograd", "adam", "loss_impl", "genblock_impl", "compile")})
     if not disabled:
         extra["flops"] = _model_flops(tmp_path_factory) * STEPS
     record_rate(benchmark, BATCH * steps, "images", **extra)

@@ -106,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debugging aid: ops check label and index values inside every step, on every "
                         "device (default: the loaders check labels once at the data boundary and a step "
                         "reads nothing back to the host)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile every network (first steps are slower while compiling)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=engines.COMPILE_MODES,
+                   help="torch.compile every network: 'default' (inductor; what a bare --compile means), "
+                        "'cudagraphs' (inductor + CUDA graph replay, mode reduce-overhead; CUDA only) or 'off' "
+                        "(eager). The first steps are slower while compiling. Default: the engine's (fast: "
+                        "cudagraphs on CUDA, off on the CPU; reference: off)")
     p.add_argument("--sync-bn", action="store_true",
                    help="torchrun: BatchNorm statistics over the global batch (default: per rank)")
     p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
@@ -150,8 +153,14 @@ def resolve_run(args: argparse.Namespace, device: torch.device) -> tuple[Config,
                         "max_steps": args.steps}
     cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(
         cfg.schedule, **{k: v for k, v in schedule_options.items() if v is not None}))
-    execution = engine.execution(cfg, device, loader=args.loader, precision=args.precision,
-                                 channels_last=args.channels_last, views=args.views, compile=args.compile)
+    compile = args.compile
+    if isinstance(compile, bool):  # the saved options of a run from when --compile was a flag
+        compile = "default" if compile else "off"
+    try:
+        execution = engine.execution(cfg, device, loader=args.loader, precision=args.precision,
+                                     channels_last=args.channels_last, views=args.views, compile=compile)
+    except ValueError as err:
+        raise SystemExit(f"error: --compile: {err}") from None
     return cfg, execution
 
 
@@ -282,6 +291,7 @@ def make_context(run: Run, nets: MGMNets) -> schedule.StepContext:
         readback=execution.readback,
         autograd=execution.autograd,
         check_values=run.args.check_values,
+        cuda_graphs=execution.compile == "cudagraphs",
     )
 
 
@@ -596,8 +606,8 @@ def build_nets(run: Run, tasks: tuple[str, ...] | None = None) -> MGMNets:
     distributed.broadcast_module(nets, world)
     if world.rank > 0:
         torch.manual_seed(world.seed_for(args.seed))
-    if run.execution.compile:
-        compile_nets(nets)
+    if run.execution.compile != "off":
+        compile_nets(nets, mode=run.execution.compile)
     return nets
 
 
@@ -608,7 +618,8 @@ def train(run: Run) -> dict[str, float]:
     ranks = f" | {world.world_size} processes x batch {s.batch_size // world.world_size}" if world.enabled else ""
     run.say(f"run folder {run.out} | data {args.data}: {run.split.counts()} | loader {labelled.kind} | "
             f"device {run.device} | method {args.method} | engine {execution.engine} ({execution.precision}"
-            f"{', channels_last' if execution.channels_last else ''}){ranks}")
+            f"{', channels_last' if execution.channels_last else ''}"
+            f"{'' if execution.compile == 'off' else ', compiled ' + execution.compile}){ranks}")
     verify_backends(run)
 
     def validate_fn(nets, with_scene):
@@ -665,7 +676,7 @@ def train(run: Run) -> dict[str, float]:
     return metrics
 
 
-def compile_nets(nets: MGMNets, backend: str = "inductor") -> None:
+def compile_nets(nets: MGMNets, backend: str = "inductor", mode: str = "default") -> None:
     """torch.compile each network in place (``Module.compile``: state-dict keys unchanged, so
     checkpoints are the same as without it). Every network is compiled on its own because the
     schedule calls them separately, with different parameters trainable per sub-step.
@@ -675,11 +686,24 @@ def compile_nets(nets: MGMNets, backend: str = "inductor") -> None:
     graph break is an error here rather than a silent slowdown. ``dynamic=False``: shapes are
     fixed per run (drop_last loaders); each sub-step's trainability, grad mode and train/eval
     mode is its own graph, compiled once in the first steps. ``backend``: torch.compile's (tests
-    use "aot_eager": graph capture and AOTAutograd without inductor's code generation)."""
+    use "aot_eager": graph capture and AOTAutograd without inductor's code generation).
+
+    ``mode="cudagraphs"`` (inductor only) compiles with ``mode="reduce-overhead"``: each graph,
+    forward and backward, is recorded once as a CUDA graph and replayed, one launch for all its
+    kernels. What makes the networks replayable: nothing in them reads a value back to the host;
+    their state changes in place at fixed addresses (BatchNorm statistics, the spectral-norm
+    vectors, Adam's updates of the weights); the first call of each graph runs without recording,
+    so cuDNN's and the fused ops' one-time algorithm timing is done before a graph is recorded;
+    and every step starts with ``torch.compiler.cudagraph_mark_step_begin()``
+    (:func:`mgm_fast.engine.schedule.execute`), after which the outputs of the previous step's
+    replays may be overwritten."""
+    if mode not in ("default", "cudagraphs"):
+        raise ValueError(f"compile_nets: mode {mode!r} is not 'default' or 'cudagraphs'")
+    options = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
     mt = nets.multitask
     for module in [mt.encoder, *mt.decoders.values(), mt.clr_head, nets.refine, nets.bridge,
                    nets.generator, nets.discriminator]:
-        module.compile(backend=backend, dynamic=False, fullgraph=True)
+        module.compile(backend=backend, dynamic=False, fullgraph=True, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-STAGES = ["preflight", "build", "selftest", "env", "triton", "matmul", "tests", "bench", "report"]
+STAGES = ["preflight", "build", "selftest", "env", "triton", "matmul", "tests", "cudagraphs", "bench", "report"]
 CORE_ITEMS = ["train-step", "genblock-bf16", "losses"]
 
 
@@ -85,12 +85,13 @@ def test_dry_run_lists_the_stages_in_order_with_their_commands(dry_run):
     assert re.findall(r"^== stage \d+ (\w+) \(limit \d+ s, estimate \d+ s\)", dry_run, flags=re.M) == STAGES
     for needle in ("TRITON_INTERPRET=0", "pip install -e . --no-build-isolation --no-deps", "TORCH_CUDA_ARCH_LIST",
                    "-m mgm_fast.selftest --device cuda --json \"$OUT/selftest.json\"", "nvcc --version",
-                   "triton-check --require-compiled", "matmul-rate", "-m pytest tests -m gpu", "--junitxml=",
+                   "triton-check --require-compiled", "matmul-rate", "-m pytest tests -m \"gpu and not cuda_graphs\"",
+                   "-m pytest tests -m cuda_graphs", "--junitxml=",
                    "--benchmark-json=", "mgm_fast.benchtools.synced_timer", "-p mgm_fast.pytest_sigterm",
                    "--benchmark-min-rounds=5", "--benchmark-max-time=0.2", "mgm_fast.bench report"):
         assert needle in dry_run, needle
     # Triton autotuning off for the correctness stages, on for the timed ones
-    for stage in ("selftest", "tests"):
+    for stage in ("selftest", "tests", "cudagraphs"):
         block = dry_run.split(f" {stage} (limit")[1].split("== stage")[0]
         assert "MGM_FAST_TRITON_AUTOTUNE=0" in block, stage
     assert "export MGM_FAST_TRITON_AUTOTUNE=1" in dry_run.split(" bench (limit")[1]
@@ -184,7 +185,7 @@ def test_option_errors_exit_2_and_write_nothing(tmp_path):
     run = _suite("--dry-run", "--stage", "tests,bench", "--skip", "bench", out)
     assert run.returncode == 0
     assert re.findall(r"^== stage \d+ (\w+) \(limit", run.stdout, flags=re.M) == ["tests"]
-    assert "== stage 8 bench: skipped" in run.stdout and "== stage 1 preflight: not selected" in run.stdout
+    assert "== stage 9 bench: skipped" in run.stdout and "== stage 1 preflight: not selected" in run.stdout
 
 
 def test_make_gpu_wheels_target():
@@ -260,7 +261,7 @@ def test_bench_items_that_do_not_fit_are_skipped_and_the_exit_code_says_so(tmp_p
     assert run.returncode == 3, run.stdout + run.stderr
     rows = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
     assert rows["bench"] == "incomplete"
-    assert rows["bench:train-step"].startswith("skipped: no time (estimate 70 s")
+    assert rows["bench:train-step"].startswith("skipped: no time (estimate 240 s")
     assert all(v.startswith("skipped: no time") for k, v in rows.items() if k.startswith("bench:"))
     assert "--stage bench,report" in run.stdout
     assert not (tmp_path / "calls.txt").exists()

@@ -211,7 +211,7 @@ def test_resume_reads_an_old_style_config_yaml(tmp_path):
     path = interrupted / "config.yaml"
     saved = yaml.safe_load(path.read_text())
     old = {k: saved[k] for k in ("method", "tasks", "data", "seed", "regime", *_OLD_RECORD)}
-    old["args"] = {**saved["args"], **{k: saved[k] for k in _OLD_RECORD[1:]}}
+    old["args"] = {**saved["args"], **{k: saved[k] for k in _OLD_RECORD[1:]}, "compile": False}  # then a flag
     old["config"] = saved["config"]
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     assert train.main(["--resume", str(interrupted), "--quiet"]) == 0

@@ -20,7 +20,9 @@ differ only in the ingredients below, so comparing them measures the implementat
 
 ``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
 (the ablation rows of the end-to-end benchmark). Explicit command-line options (``--loader``,
-``--precision``, ``--channels-last``, ``--views``) and ``--set`` overrides win over the engine's choice.
+``--precision``, ``--channels-last``, ``--views``, ``--compile``) and ``--set`` overrides win over the
+engine's choice. On CUDA the fast engine also compiles every network and replays its graphs as
+CUDA graphs (``compile``), so that a step costs the host a few launches per network.
 
 A run resolves its engine once (``mgm_fast.train.resolve_run``): :meth:`Engine.configure` writes
 the five ingredients that are config fields (the backends) into the run's :class:`Config`, and
@@ -38,6 +40,10 @@ from dataclasses import dataclass
 import torch
 
 from mgm_fast.config import Config
+
+COMPILE_MODES = ("off", "default", "cudagraphs")
+"""How a run's networks execute: eager, torch.compile (inductor), or torch.compile with CUDA
+graph replay (``mode="reduce-overhead"``, CUDA only)."""
 
 INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
                "attention_impl", "spectral_norm_impl", "precision", "channels_last")
@@ -68,6 +74,12 @@ class Engine:
         cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms once per shape and
             keep the fastest (shapes are fixed per run). Not an ablation ingredient: every
             ``fast-<ingredient>`` engine keeps fast's choice.
+        compile: how the networks run (:data:`COMPILE_MODES`): "off" (eager), "default"
+            (``torch.compile``, inductor) or "cudagraphs" (``torch.compile`` with
+            ``mode="reduce-overhead"``: inductor, and each compiled graph replayed as a CUDA
+            graph, one launch instead of one per kernel; CUDA only); None: "cudagraphs" on CUDA,
+            "off" elsewhere (on the CPU compiling gains little at the tiny preset and costs
+            minutes of compilation per run: docs/performance.md). Not an ablation ingredient.
     """
 
     name: str
@@ -84,11 +96,17 @@ class Engine:
     precision: str | None
     channels_last: bool
     cudnn_benchmark: bool
+    compile: str | None
 
     def resolved_precision(self, device: torch.device) -> str:
         if self.precision is not None:
             return self.precision
         return "bf16" if device.type == "cuda" else "fp32"
+
+    def resolved_compile(self, device: torch.device) -> str:
+        if self.compile is not None:
+            return self.compile
+        return "cudagraphs" if device.type == "cuda" else "off"
 
     def configure(self, cfg: Config) -> Config:
         """A copy of ``cfg`` with the backends this engine chooses (``cfg`` is left unchanged)."""
@@ -102,13 +120,19 @@ class Engine:
 
     def execution(self, cfg: Config, device: torch.device, loader: str | None = None,
                   precision: str | None = None, channels_last: bool | None = None, views: str | None = None,
-                  compile: bool = False) -> Execution:
+                  compile: str | None = None) -> Execution:
         """The record of a run of this engine on ``device`` whose config is ``cfg``.
 
-        ``loader``, ``precision``, ``channels_last`` and ``views`` are the explicit command-line
-        choices (None: the engine's); the backends are read from ``cfg``, which holds this
-        engine's (:meth:`configure`) unless ``--set`` changed them.
+        ``loader``, ``precision``, ``channels_last``, ``views`` and ``compile`` are the explicit
+        command-line choices (None: the engine's); the backends are read from ``cfg``, which
+        holds this engine's (:meth:`configure`) unless ``--set`` changed them. Raises
+        ValueError for a compile mode the device cannot run.
         """
+        compile = self.resolved_compile(device) if compile is None else compile
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
+        if compile == "cudagraphs" and device.type != "cuda":
+            raise ValueError(f"compile mode 'cudagraphs' replays CUDA graphs and needs a CUDA device, not {device}")
         return Execution(
             engine=self.name,
             loader=self.loader if loader is None else loader,
@@ -139,7 +163,7 @@ class Execution:
 
     Attributes beyond the engine's: ``engine`` (its name), ``precision`` resolved ("fp32",
     "bf16" or "fp16", never None), ``cudnn_benchmark`` (True only on CUDA), ``compile``
-    (``--compile``: every network torch.compiled). ``adam``, ``loss_impl``, ``noise_impl``,
+    resolved ("off", "default" or "cudagraphs", never None). ``adam``, ``loss_impl``, ``noise_impl``,
     ``genblock_impl``, ``attention_impl`` and ``spectral_norm_impl`` repeat the run config's fields of those names, for
     the record; the networks and the schedule read them from the config.
     """
@@ -158,7 +182,7 @@ class Execution:
     precision: str
     channels_last: bool
     cudnn_benchmark: bool
-    compile: bool
+    compile: str
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,20 +190,24 @@ class Execution:
     @classmethod
     def from_dict(cls, record: dict) -> Execution | None:
         """The record among the entries of ``record`` (extra entries are ignored); None when one
-        of its fields is missing (a ``config.yaml`` written before the record was complete)."""
+        of its fields is missing (a ``config.yaml`` written before the record was complete).
+        A record written when ``compile`` was a flag (true/false) reads as "default"/"off"."""
         names = [f.name for f in dataclasses.fields(cls)]
         if any(name not in record for name in names):
             return None
-        return cls(**{name: record[name] for name in names})
+        fields = {name: record[name] for name in names}
+        if isinstance(fields["compile"], bool):
+            fields["compile"] = "default" if fields["compile"] else "off"
+        return cls(**fields)
 
 
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", autograd="released",
                    adam="for-loop", loss_impl="reference", noise_impl="reference", genblock_impl="reference",
                    attention_impl="reference", spectral_norm_impl="reference", precision="fp32", channels_last=False,
-                   cudnn_benchmark=False)
+                   cudnn_benchmark=False, compile="off")
 FAST = Engine("fast", loader="auto", views="batched", readback="window", autograd="pruned", adam="auto",
               loss_impl="auto", noise_impl="auto", genblock_impl="auto", attention_impl="auto",
-              spectral_norm_impl="auto", precision=None, channels_last=True, cudnn_benchmark=True)
+              spectral_norm_impl="auto", precision=None, channels_last=True, cudnn_benchmark=True, compile=None)
 
 
 def differing_ingredients() -> list[str]:

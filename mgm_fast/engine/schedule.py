@@ -118,6 +118,9 @@ class StepContext:
     readback: str = "window"
     autograd: str = "pruned"
     check_values: bool | None = False
+    cuda_graphs: bool = False
+    """The networks replay CUDA graphs (``--compile cudagraphs``): each step begins a new
+    generation of replays (:func:`execute`)."""
     totals: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
@@ -453,7 +456,11 @@ def mgm_light_step(ctx: StepContext, batch: dict, weak: dict) -> None:
 
 def execute(step_fn, ctx: StepContext, *batches: dict) -> None:
     """One training step ``step_fn(ctx, *batches)`` as the engines run it: with the ops' value
-    checks as ``ctx.check_values`` says (off by default: no host read-backs inside a step)."""
+    checks as ``ctx.check_values`` says (off by default: no host read-backs inside a step).
+    With ``ctx.cuda_graphs`` the step first tells torch that a new step begins: the networks'
+    graph replays of the previous step are done with, and their memory may be reused."""
+    if ctx.cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     with value_checks(ctx.check_values):
         step_fn(ctx, *batches)
 

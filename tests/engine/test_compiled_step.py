@@ -56,9 +56,9 @@ ADAM_STEPS = {"phase-a": 1, "mgm": 7, "mgm-light": 5}
 encoder in MGM: 3 multi_opt + 4 encoder_opt steps; in MGM-light 3 + 2)."""
 
 
-def _prepare(method: str, compiled: bool, tmp_path):
-    extra = [*SMALL, *(["--compile"] if compiled else [])]
-    return stepcost.prepare(method, "fast", "cpu", "tiny", BATCH, extra, out=tmp_path / f"{method}-{compiled}")
+def _prepare(method: str, compiled: bool, tmp_path, device: str = "cpu", mode: str = "default"):
+    extra = [*SMALL, "--precision", "fp32", "--compile", mode if compiled else "off"]
+    return stepcost.prepare(method, "fast", device, "tiny", BATCH, extra, out=tmp_path / f"{method}-{compiled}")
 
 
 def _step(ctx, step_name: str, batches) -> dict[str, float]:
@@ -79,9 +79,10 @@ def _warm_genblock_algorithms(ctx) -> None:
     picks its up-conv algorithm by timing the first call of each shape, and that timing draws
     its stand-in input from the global RNG. Warmed here, neither run draws it mid-step, so both
     see the same random stream (and use the same algorithm)."""
+    device = next(ctx.nets.generator.parameters()).device
     with torch.no_grad():
-        z = torch.zeros(BATCH, ctx.cfg.model.z_dim)
-        copy.deepcopy(ctx.nets.generator)(z, torch.zeros(BATCH, dtype=torch.int64))
+        z = torch.zeros(BATCH, ctx.cfg.model.z_dim, device=device)
+        copy.deepcopy(ctx.nets.generator)(z, torch.zeros(BATCH, dtype=torch.int64, device=device))
 
 
 def _compare(method: str, ctx, losses_c, losses_e, state_c, state_e, exact: bool) -> None:
@@ -107,15 +108,16 @@ def _compare(method: str, ctx, losses_c, losses_e, state_c, state_e, exact: bool
     assert far <= (0 if exact else 0.01 * total), f"{method}: {far} of {total} weight and buffer elements differ"
 
 
-def _run(method_steps: list[tuple[str, str]], tmp_path, exact: bool) -> None:
+def _run(method_steps: list[tuple[str, str]], tmp_path, exact: bool, device: str = "cpu",
+         mode: str = "default") -> None:  # fmt: skip
     """For each (prepare() method, schedule step) in order on one compiled and one eager context:
     one step compared with eager, then a second compiled step that must neither break nor
     recompile."""
     method = method_steps[0][0]
     torch._dynamo.reset()
     counters.clear()
-    ctx_c, _, batches_c = _prepare(method, True, tmp_path)
-    ctx_e, _, batches_e = _prepare(method, False, tmp_path)
+    ctx_c, _, batches_c = _prepare(method, True, tmp_path, device, mode)
+    ctx_e, _, batches_e = _prepare(method, False, tmp_path, device)
     _warm_genblock_algorithms(ctx_e)
     for name, step_name in method_steps:
         losses_c, losses_e = _both(ctx_c, ctx_e, step_name, batches_c, batches_e)
@@ -155,6 +157,27 @@ def test_compile_nets_compiles_every_network_with_fullgraph(monkeypatch):
                 nets.discriminator]  # fmt: skip
     assert [module for module, _ in seen] == expected
     assert all(kw == {"backend": "inductor", "dynamic": False, "fullgraph": True} for _, kw in seen), seen
+    seen.clear()
+    train.compile_nets(nets, mode="cudagraphs")  # CUDA graph replay: inductor's reduce-overhead mode
+    assert [module for module, _ in seen] == expected
+    assert all(kw == {"backend": "inductor", "dynamic": False, "fullgraph": True, "mode": "reduce-overhead"}
+               for _, kw in seen), seen  # fmt: skip
+
+
+def test_each_step_of_a_cuda_graphs_run_begins_a_new_generation(monkeypatch, tmp_path):
+    """With CUDA graph replay every training step first marks a new step (the replays of the
+    last one may then reuse their memory); an eager run never does."""
+    from mgm_fast.engine import schedule
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(marks)))
+    ctx, _, batches = _prepare("mt", False, tmp_path)
+    schedule.execute(lambda c, b: None, ctx, next(batches)[0])
+    assert marks == []
+    ctx.cuda_graphs = True
+    for _ in range(2):
+        schedule.execute(lambda c, b: None, ctx, next(batches)[0])
+    assert marks == [0, 1]
 
 
 def test_phase_a_and_mgm_compiled_match_eager(aot_eager, tmp_path):
@@ -170,3 +193,29 @@ def test_mgm_light_compiled_matches_eager(aot_eager, tmp_path):
                                           [("mgm-light", "mgm_light_step")]], ids=["phase-a+mgm", "mgm-light"])
 def test_inductor_compiled_steps_match_eager(method_steps, tmp_path):
     _run(method_steps, tmp_path, exact=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_graphs
+@pytest.mark.parametrize("method_steps", [[("phase-a", "gan_pretrain_step"), ("mgm", "mgm_step")],
+                                          [("mgm-light", "mgm_light_step")]], ids=["phase-a+mgm", "mgm-light"])
+def test_cuda_graph_steps_match_eager(method_steps, tmp_path):
+    """The fast engine's default on CUDA (``--compile cudagraphs``): the inductor tolerances
+    against eager, no break or recompile, every graph replayed as a CUDA graph (inductor counts
+    each graph it leaves to plain launches as a skip), and the networks' state at the addresses
+    it started at."""
+    _run(method_steps, tmp_path, exact=False, device="cuda", mode="cudagraphs")
+    assert not counters["inductor"]["cudagraph_skips"], "a graph was not recorded as a CUDA graph"
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_graphs
+def test_cuda_graph_state_stays_at_its_addresses(tmp_path):
+    torch._dynamo.reset()
+    ctx, _, batches = _prepare("mgm", True, tmp_path, "cuda", "cudagraphs")
+    buffers = {k: b.data_ptr() for k, b in ctx.nets.named_buffers()}
+    params = {k: p.data_ptr() for k, p in ctx.nets.named_parameters()}
+    for _ in range(3):
+        _step(ctx, "mgm_step", batches)
+    assert {k: b.data_ptr() for k, b in ctx.nets.named_buffers()} == buffers
+    assert {k: p.data_ptr() for k, p in ctx.nets.named_parameters()} == params

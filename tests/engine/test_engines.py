@@ -163,7 +163,8 @@ def test_each_engine_resolves_to_its_own_ingredients(device):
         for field in engines.INGREDIENTS:
             expected = engine.resolved_precision(torch.device(device)) if field == "precision" else getattr(engine, field)
             assert getattr(execution, field) == expected, (name, field)
-        assert execution.engine == name and execution.compile is False
+        assert execution.engine == name
+        assert execution.compile == ("cudagraphs" if device == "cuda" and name != "reference" else "off")
         assert execution.cudnn_benchmark == (device == "cuda" and name != "reference")
 
 
@@ -174,9 +175,33 @@ def test_explicit_options_and_set_win_in_the_record():
     cfg, execution = train.resolve_run(train.build_parser().parse_args(argv), torch.device("cpu"))
     assert (execution.loader, execution.precision, execution.channels_last, execution.views) == (
         "memory", "bf16", True, "batched")
-    assert execution.compile and execution.loss_impl == cfg.schedule.loss_impl == "auto"
+    assert execution.compile == "default" and execution.loss_impl == cfg.schedule.loss_impl == "auto"
     assert execution.adam == cfg.optim.implementation == "for-loop"  # the engine's, not overridden
     assert cfg.schedule.batch_size == 5  # --batch-size after --set, as before
+
+
+@pytest.mark.parametrize(("argv", "device", "expected"), [
+    (["--compile", "off"], "cuda", "off"),  # eager on a GPU, explicitly
+    (["--compile"], "cuda", "default"),  # a bare --compile: inductor without CUDA graphs
+    (["--compile", "cudagraphs"], "cuda", "cudagraphs"),
+    (["--engine", "reference", "--compile", "cudagraphs"], "cuda", "cudagraphs"),
+    ([], "cpu", "off"),
+])
+def test_compile_mode_resolution(argv, device, expected):
+    _, execution = train.resolve_run(train.build_parser().parse_args(argv), torch.device(device))
+    assert execution.compile == expected
+
+
+def test_cuda_graphs_on_the_cpu_are_refused_by_name():
+    with pytest.raises(SystemExit, match=r"cudagraphs.*needs a CUDA device"):
+        train.resolve_run(train.build_parser().parse_args(["--compile", "cudagraphs"]), torch.device("cpu"))
+
+
+def test_a_record_of_the_compile_flag_reads_as_a_mode():
+    _, execution = train.resolve_run(train.build_parser().parse_args([]), torch.device("cpu"))
+    record = execution.to_dict()
+    for flag, mode in ((True, "default"), (False, "off")):
+        assert engines.Execution.from_dict({**record, "compile": flag}).compile == mode
 
 
 def test_config_yaml_holds_the_whole_record(tmp_path):
