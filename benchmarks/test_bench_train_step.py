@@ -16,7 +16,9 @@ consecutive steps pulled from the engine's own loader, ending with one read-back
 losses (the work is finished when the round ends; on CUDA run with ``--benchmark-timer
 mgm_fast.benchtools.synced_timer``).
 
-CPU: tiny preset, batch 8, 64x64. CUDA: paper preset, batch 32, 128x128. ``flops`` in the
+CPU: tiny preset, batch 8, 64x64, and (``test_bench_mgm_step_paper_cpu``, when benchmarking)
+``reference`` and ``fast`` at the paper preset, batch 4, 128x128 -- the paper's networks, whose
+wide GenBlocks the tiny preset does not have. CUDA: paper preset, batch 32, 128x128. ``flops`` in the
 report is the model FLOPs of one step counted on the reference engine (torch's FLOP counter:
 convolutions and matmuls, forward and backward), so MFU compares engines on the same work.
 
@@ -58,10 +60,14 @@ def _row_args(row: str) -> tuple[str, list[str]]:
     return engine, extra
 
 
-def _prepare(row: str, out):
+PAPER_CPU_BATCH, PAPER_CPU_STEPS = 4, 2
+"""The paper-preset rows on the CPU: a step of the paper's networks takes seconds there."""
+
+
+def _prepare(row: str, out, preset: str = PRESET, batch: int = BATCH):
     engine, extra = _row_args(row)
     args = train.build_parser().parse_args([
-        "--engine", engine, "--preset", PRESET, "--data", f"synthetic:{BATCH * 12}", "--batch-size", str(BATCH),
+        "--engine", engine, "--preset", preset, "--data", f"synthetic:{batch * 12}", "--batch-size", str(batch),
         "--device", DEVICE, "--quiet", "--out", str(out), "--regime", "1.0", *extra,
     ])
     run = train.setup(args, SINGLE, torch.device(DEVICE))
@@ -129,6 +135,24 @@ def test_bench_mgm_step(benchmark, engine, tmp_path, tmp_path_factory):
     if not disabled:
         extra["flops"] = _model_flops(tmp_path_factory) * STEPS
     record_rate(benchmark, BATCH * steps, "images", **extra)
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA every row is at the paper preset")
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_bench_mgm_step_paper_cpu(benchmark, engine, tmp_path):
+    if benchmark.disabled:
+        pytest.skip("paper-preset CPU rows run only when benchmarking (a step takes seconds)")
+    run, ctx, batches = _prepare(engine, tmp_path / engine, "paper", PAPER_CPU_BATCH)
+    start = time.perf_counter()
+    _steps(ctx, batches, 1)  # warm-up: optimiser state, the GenBlocks' one-time algorithm timing
+    warmup_s = time.perf_counter() - start
+    benchmark.group = (f"MGM step end to end, cpu, paper preset, batch {PAPER_CPU_BATCH}, "
+                       f"{PAPER_CPU_STEPS} steps/round")  # fmt: skip
+    value = benchmark.pedantic(_steps, args=(ctx, batches, PAPER_CPU_STEPS), rounds=3, iterations=1)
+    assert value == value, "non-finite losses"
+    record_rate(benchmark, PAPER_CPU_BATCH * PAPER_CPU_STEPS, "images", engine=engine, baseline=engine == "reference",
+                device="cpu", preset="paper", batch=PAPER_CPU_BATCH, warmup_steps=1, warmup_s=round(warmup_s, 3),
+                **{k: getattr(run.execution, k) for k in ("precision", "channels_last", "genblock_impl", "compile")})
 
 
 def test_engine_rows_cover_every_engine():
