@@ -706,6 +706,13 @@ def compile_nets(nets: MGMNets, backend: str = "inductor", mode: str = "default"
         module.compile(backend=backend, dynamic=False, fullgraph=True, **options)
 
 
+def _is_compile_error(err: BaseException) -> bool:
+    """Whether ``err`` is torch.compile's (dynamo or its backend failing), without importing the
+    compiler into runs that never compile."""
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(err, exc.TorchDynamoException)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     world, device = distributed.init_from_env(args.device)
@@ -717,6 +724,16 @@ def main(argv: list[str] | None = None) -> int:
             run.say(f"stopped after step {stop.args[0]}; continue with: python -m mgm_fast.train --resume {run.out}")
         except FloatingPointError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+        except Exception as err:
+            if not _is_compile_error(err):
+                raise
+            # compilation runs in the first steps; its failure names the way back to eager
+            cause = getattr(err, "inner_exception", None) or err.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}: {err}"
+            print(f"error: compiling the networks (--compile {run.execution.compile}) failed: "
+                  f"{reason.splitlines()[0] if reason else ''}\nstart again with --compile off to train eager",
+                  file=sys.stderr, flush=True)  # fmt: skip
             return 2
         finally:
             if run.metrics_file is not None:

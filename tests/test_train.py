@@ -153,6 +153,20 @@ def test_compile_trains_like_eager(tmp_path):
     assert _weights(eager).keys() == _weights(compiled).keys()  # no _orig_mod prefixes
 
 
+def test_a_failing_compiler_stops_the_run_naming_the_way_to_eager(tmp_path, monkeypatch, capsys):
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    original = train.compile_nets
+    monkeypatch.setattr(train, "compile_nets", lambda nets, mode="default": original(nets, backend=no_compiler))
+    argv = ["--method", "mt", "--data", "synthetic:40", "--steps", "1", "--quiet", "--compile",
+            "--out", str(tmp_path / "run"), "--set", "schedule.batch_size=4"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "compiling the networks (--compile default) failed" in err and "no compiler on this machine" in err
+    assert "--compile off" in err
+
+
 _EXPLODE = ["--method", "mt", "--steps", "3", "--set", "optim.multi_lr=1e30"]  # step 2's loss is inf/NaN
 
 
