@@ -60,7 +60,7 @@ def evaluate_nets(nets, loader, num_seg_classes: int, num_scenes: int, with_scen
 
 def _load_source(source: Path, use_checkpoint: bool, device: torch.device):
     """(model config dict or ModelConfig, tasks, nets, run config dict or None, run dir or None)."""
-    from mgm_fast.config import ModelConfig
+    from mgm_fast.config import from_dict as config_from_dict
     from mgm_fast.models import build_models
 
     run_dir = source if source.is_dir() else None
@@ -78,7 +78,7 @@ def _load_source(source: Path, use_checkpoint: bool, device: torch.device):
             if not path.exists():
                 raise SystemExit(f"{run_dir}: no final_weights.pt (unfinished run? use --checkpoint)")
             state = torch.load(path, map_location="cpu", weights_only=True)["nets"]
-        model = ModelConfig(**_tuples(run_cfg["config"]["model"]))
+        model = config_from_dict(run_cfg["config"]).model
         nets = build_models(model, tuple(run_cfg["tasks"]))
         nets.load_state_dict(state)
         nets = nets.to(device)
@@ -88,10 +88,10 @@ def _load_source(source: Path, use_checkpoint: bool, device: torch.device):
 
     obj = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and obj.get("format") == "mgm_fast.checkpoint":
-        model = ModelConfig(**_tuples(obj["config"]["model"]))
+        model = config_from_dict(obj["config"]).model
         state = obj["modules"]["nets"]
     elif isinstance(obj, dict) and "nets" in obj and "config" in obj:  # final_weights.pt
-        model = ModelConfig(**_tuples(obj["config"]["model"]))
+        model = config_from_dict(obj["config"]).model
         state = obj["nets"]
     else:
         from mgm_fast.compat import build_from_released
@@ -103,10 +103,6 @@ def _load_source(source: Path, use_checkpoint: bool, device: torch.device):
     nets = build_models(model, tasks)
     nets.load_state_dict(state)
     return nets.to(device), None, None
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,11 +33,10 @@ def test_checkpoint_and_weights_files(run_dir, capsys):
 
 def test_released_checkpoint_through_the_importer(run_dir, tmp_path, capsys):
     weights = torch.load(run_dir / "final_weights.pt", weights_only=True)
-    from mgm_fast.config import ModelConfig
-    from mgm_fast.evaluate import _tuples
+    from mgm_fast.config import from_dict
     from mgm_fast.models import build_models
 
-    nets = build_models(ModelConfig(**_tuples(weights["config"]["model"])))
+    nets = build_models(from_dict(weights["config"]).model)
     nets.load_state_dict(weights["nets"])
     path = save_released(nets, tmp_path / "released.pth")
     assert evaluate.main([str(path), "--data", "synthetic:40", "--json"]) == 0

@@ -47,11 +47,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+
+from mgm_fast.atomic_io import atomic_write_text
 
 MANIFEST_FORMAT = "mgm_fast.split"
 MANIFEST_VERSION = 1
@@ -191,7 +192,7 @@ class Split:
         """The manifest as JSON text; with ``path`` also written there atomically."""
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         if path is not None:
-            _write_atomic(Path(path), text)
+            atomic_write_text(Path(path), text)
         return text
 
     @classmethod
@@ -250,22 +251,6 @@ class Split:
         except json.JSONDecodeError as err:
             raise SplitError(f"{source}: invalid JSON ({err})") from None
         return cls.from_dict(data, dataset_ids, source)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_ids(ids: Sequence[str]) -> list[str]:

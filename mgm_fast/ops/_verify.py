@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mgm_fast.atomic_io import atomic_write_text
 from mgm_fast.ops._dispatch import REGISTRY, FusedOp
 
 CACHE_ENV = "MGM_FAST_CACHE_DIR"
@@ -142,13 +143,6 @@ def _key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def verify(op: FusedOp, backend: str, device: torch.device | str, dtypes=VERIFY_DTYPES,
            use_cache: bool = True) -> Verdict:
     """Run (or read from the cache) the small self-test cases of one backend on ``device``."""
@@ -177,7 +171,7 @@ def verify(op: FusedOp, backend: str, device: torch.device | str, dtypes=VERIFY_
     else:
         detail = f"{len(ran)} cases passed" if ran else "no self-test case applies on this device"
     verdict = Verdict(op.name, backend, str(device), not bad, detail, False, key, time.perf_counter() - start)
-    _write_atomic(path, json.dumps({"verdict": asdict(verdict), "fields": fields,
+    atomic_write_text(path, json.dumps({"verdict": asdict(verdict), "fields": fields,
                                     "results": [r.to_dict() for r in results]}, indent=1, default=str))
     return verdict
 
