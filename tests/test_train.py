@@ -143,6 +143,7 @@ def test_precision_context_really_autocasts():
 def test_compile_trains_like_eager(tmp_path):
     """--compile (torch.compile of every network, inductor C++ on the CPU) gives the eager
     losses up to the float reassociation of the compiled kernels."""
+    torch._dynamo.reset()  # this test's networks only: other tests' entries count toward the recompile limit
     eager = _run(tmp_path / "eager", "--method", "mt", "--steps", "1")
     compiled = _run(tmp_path / "compiled", "--method", "mt", "--steps", "1", "--compile")
     a, b = _loss_rows(eager), _loss_rows(compiled)
@@ -157,6 +158,7 @@ def test_a_failing_compiler_stops_the_run_naming_the_way_to_eager(tmp_path, monk
     def no_compiler(graph_module, example_inputs):
         raise RuntimeError("no compiler on this machine")
 
+    torch._dynamo.reset()
     original = train.compile_nets
     monkeypatch.setattr(train, "compile_nets", lambda nets, mode="default": original(nets, backend=no_compiler))
     argv = ["--method", "mt", "--data", "synthetic:40", "--steps", "1", "--quiet", "--compile",

@@ -14,6 +14,7 @@ Labels y are int64 (B,) scene indices. Images and latents are float in the param
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,6 +52,16 @@ def init_gan_(module: nn.Module) -> None:
             bias = getattr(m, "bias", None)
             if bias is not None:
                 nn.init.zeros_(bias)
+
+
+def in_layout_of(x: Tensor, weight: Tensor) -> Tensor:
+    """``x`` (B, C, H, W) in the memory format of the network's 4-D ``weight``: channels_last when
+    the network was converted (``.to(memory_format=torch.channels_last)``), else as it is. A
+    network converts its NCHW input (images, the generator's 4x4 seed) once, at its entry, instead
+    of every convolution converting it again; shapes and values are unchanged."""
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _fusable(impl: str, *bns: nn.Module) -> bool:
@@ -181,7 +192,8 @@ class Generator(nn.Module):
 
     @refreshes_spectral_norm
     def forward(self, z: Tensor, y: Tensor) -> Tensor:
-        h = self.snlinear0(z).view(z.shape[0], self.base_channels, 4, 4)
+        seed = self.snlinear0(z).view(z.shape[0], self.base_channels, 4, 4)
+        h = in_layout_of(seed, self.snconv2d1.weight_orig)
         for k in range(1, self.num_blocks + 1):
             h = getattr(self, f"block{k}")(h, y)
             if k == self.attn_after:
@@ -326,7 +338,7 @@ class Discriminator(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Sum-pooled features h: (B, 3, H, W) -> (B, C_last)."""
-        h = self.opt_block1(x)
+        h = self.opt_block1(in_layout_of(x, self.opt_block1.snconv2d1.weight_orig))
         if self.attn_after == 0:
             h = self.self_attn(h)
         for k in range(1, self.num_blocks + 1):

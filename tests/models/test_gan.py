@@ -1,5 +1,6 @@
 """Generator, discriminator and their blocks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -211,3 +212,41 @@ def test_discriminator_projection_structure():
     torch.testing.assert_close(d(x, y1) - d(x, y2), expected, rtol=1e-4, atol=1e-4)
     linear = F.linear(h, d.snlinear1.sn_weight(), d.snlinear1.bias).squeeze(1)
     torch.testing.assert_close(d(x, y1), linear + (h * emb[y1]).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_channels_last_networks_convert_their_nchw_input_once(impl):
+    """Converted to channels_last, the generator turns its 4x4 seed and the discriminator its
+    images into channels_last at entry, so every GenBlock and SN convolution after sees
+    channels_last (no conversion per convolution) -- except the self-attention's output
+    projection, whose input the attention op produces as (B, C, N). Values are the same."""
+    cfg = dataclasses.replace(preset("tiny").model, genblock_impl=impl)
+    torch.manual_seed(0)
+    g, d = Generator(cfg).eval(), Discriminator(cfg).eval()
+    z, y = torch.randn(2, cfg.z_dim), torch.tensor([0, 1])
+    with torch.no_grad():
+        nchw_image = g(z, y)
+        nchw_score = d(nchw_image, y)
+    g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
+    inputs = {}
+
+    def record(name):
+        def hook(module, args):
+            inputs.setdefault(name, args[0])
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name))
+             for net, prefix in ((g, "g"), (d, "d")) for name, m in net.named_modules(prefix=prefix)
+             if isinstance(m, (GenBlock, SNConv2d)) and not name.endswith("snconv1x1_attn")]  # fmt: skip
+    with torch.no_grad():
+        image = g(z, y)
+        score = d(image, y)
+    for hook in hooks:
+        hook.remove()
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    spatial = {name: x for name, x in inputs.items() if x.dim() == 4 and x.shape[2] > 1}
+    assert "g.block1" in spatial and "d.opt_block1.snconv2d1" in spatial
+    assert [n for n, x in spatial.items() if not x.is_contiguous(memory_format=torch.channels_last)] == []
+    torch.testing.assert_close(image, nchw_image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(score, nchw_score, rtol=1e-4, atol=1e-4)
