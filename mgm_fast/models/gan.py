@@ -143,6 +143,21 @@ class GenBlock(nn.Module):
             impl=self.impl,
         )
 
+    def _apply(self, fn, recurse=True):
+        # The fused kernels read their convolution weights in NCHW (the cpp phase and GEMM
+        # algorithms, the CUDA kernel) and return NCHW weight gradients. A network converted to
+        # channels_last (Module.to(memory_format=...) goes through _apply) keeps these weights
+        # NCHW: no weight copy per call, and none per optimiser step for a layout torch's fused
+        # Adam does not walk directly. The values are unchanged; the reference path's plain
+        # convolutions follow the network's layout.
+        module = super()._apply(fn, recurse)
+        if self.impl != "reference":
+            with torch.no_grad():
+                for conv in (self.snconv2d1, self.snconv2d2, self.snconv2d0):
+                    if not conv.weight_orig.is_contiguous():
+                        conv.weight_orig.data = conv.weight_orig.data.contiguous()
+        return module
+
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"
 

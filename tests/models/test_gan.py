@@ -245,6 +245,9 @@ def test_channels_last_networks_convert_their_nchw_input_once(impl):
     for hook in hooks:
         hook.remove()
     assert image.is_contiguous(memory_format=torch.channels_last)
+    # the fused GenBlocks keep the NCHW weights their kernels read; the reference path converts
+    fused_weights = [m.snconv2d1.weight_orig for m in g.modules() if isinstance(m, GenBlock)]
+    assert all(w.is_contiguous() == (impl != "reference") for w in fused_weights)
     spatial = {name: x for name, x in inputs.items() if x.dim() == 4 and x.shape[2] > 1}
     assert "g.block1" in spatial and "d.opt_block1.snconv2d1" in spatial
     assert [n for n, x in spatial.items() if not x.is_contiguous(memory_format=torch.channels_last)] == []
