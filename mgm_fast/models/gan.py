@@ -148,8 +148,9 @@ class GenBlock(nn.Module):
         # algorithms, the CUDA kernel) and return NCHW weight gradients. A network converted to
         # channels_last (Module.to(memory_format=...) goes through _apply) keeps these weights
         # NCHW: no weight copy per call, and none per optimiser step for a layout torch's fused
-        # Adam does not walk directly. The values are unchanged; the reference path's plain
-        # convolutions follow the network's layout.
+        # Adam does not walk directly. The values are unchanged. With impl="reference" the plain
+        # convolutions follow the network's layout; an "auto" block that falls back to them (a
+        # SyncBatchNorm) converts these NCHW weights per call.
         module = super()._apply(fn, recurse)
         if self.impl != "reference":
             with torch.no_grad():
