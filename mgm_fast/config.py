@@ -12,13 +12,14 @@ parsed according to the field's declared type, and an unknown key is an error th
 valid ones. In code, change a config with ``dataclasses.replace``; :func:`from_dict` reads back
 what :func:`to_dict` wrote.
 
-Backends. Five fields say which implementation computes a part of the step, never what it
-computes: ``model.genblock_impl``, ``model.attention_impl``, ``schedule.loss_impl``,
-``schedule.noise_impl`` and ``optim.implementation`` (Adam). Each defaults to the released
+Backends. Seven fields say which implementation computes a part of the step, never what it
+computes: ``model.genblock_impl``, ``model.attention_impl``, ``model.spectral_norm_impl``,
+``model.batch_norm_impl``, ``schedule.loss_impl``, ``schedule.noise_impl`` and
+``optim.implementation`` (Adam). Each defaults to the released
 code's own computation -- "reference" (plain PyTorch, and the global RNG's stream for the
 instance noise), "for-loop" for Adam -- so a config built here, without an engine, computes what
 the released code computes. A training run never relies on these defaults: its engine
-(``mgm_fast/engine/engines.py``, ``--engine``) sets all five, and ``--set`` overrides win over
+(``mgm_fast/engine/engines.py``, ``--engine``) sets all seven, and ``--set`` overrides win over
 the engine's choice.
 """
 
@@ -87,6 +88,10 @@ class ModelConfig:
     spectral_norm_impl: str = "reference"
     """Backend of G's and D's spectral normalisation, one call per network forward
     (:mod:`mgm_fast.ops.spectral_norm`): "reference" (foreach ops, the default), "auto", "cpp"."""
+    batch_norm_impl: str = "reference"
+    """Backend of the training-mode BatchNorm layers of the multi-task and refinement networks
+    in eager steps (:mod:`mgm_fast.ops.batch_norm`): "reference" (torch's kernels, the default),
+    "auto", "cpp" (channels_last CPU backward)."""
 
     def __post_init__(self) -> None:
         size = self.image_size

@@ -25,6 +25,9 @@ void register_gan_noise(pybind11::module_& m);
 /// csrc/bindings/spectral_norm.cpp: spectral_norm_power_iteration_cpu, spectral_norm_weight_grad_cpu
 void register_spectral_norm(pybind11::module_& m);
 
+/// csrc/bindings/batch_norm.cpp: batch_norm_backward_channels_last_cpu
+void register_batch_norm(pybind11::module_& m);
+
 /// csrc/bindings/sagan_attention.cpp: sagan_attention_cpu_forward, sagan_attention_cpu_backward
 void register_sagan_attention(pybind11::module_& m);
 

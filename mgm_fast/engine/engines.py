@@ -9,12 +9,13 @@ differ only in the ingredients below, so comparing them measures the implementat
   autograd as released (every network's weight gradients computed in every sub-step, even
   those no optimiser of that sub-step applies, and graphs built for the detached synthesized
   batches: docs/method.md I2, I3), reference losses, instance noise from the global RNG
-  (torch.randn), reference GenBlocks and self-attention, for-loop Adam, fp32, NCHW.
+  (torch.randn), reference GenBlocks, self-attention, spectral norm and BatchNorm, for-loop Adam,
+  fp32, NCHW.
 * ``fast`` -- on-device memory loader (or DALI / DataLoader when the data does not fit),
   batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, pruned
   autograd (only the updated networks' weights get gradients; detached branches under
-  ``no_grad``), fused losses, in-kernel instance noise, fused GenBlocks and self-attention
-  (``impl="auto"``), fused Adam, channels_last, and bf16 autocast on CUDA. On the CPU the fast
+  ``no_grad``), fused losses, in-kernel instance noise, fused GenBlocks, self-attention, spectral
+  norm and (CPU, channels_last) BatchNorm backward (``impl="auto"``), fused Adam, channels_last, and bf16 autocast on CUDA. On the CPU the fast
   engine stays fp32 so that CPU runs give the same numbers on every machine; ``--precision
   bf16`` is the opt-in (a separate row of the end-to-end benchmark).
 
@@ -25,7 +26,7 @@ engine's choice. On CUDA the fast engine also compiles every network and replays
 CUDA graphs (``compile``), so that a step costs the host a few launches per network.
 
 A run resolves its engine once (``mgm_fast.train.resolve_run``): :meth:`Engine.configure` writes
-the five ingredients that are config fields (the backends) into the run's :class:`Config`, and
+the seven ingredients that are config fields (the backends) into the run's :class:`Config`, and
 :meth:`Engine.execution` gives the run's :class:`Execution` record -- every ingredient as the run
 uses it, after the explicit options, on its device. The record is kept on the run, read by
 everything that builds the run's loaders, networks and step context, and written in full to
@@ -46,7 +47,7 @@ COMPILE_MODES = ("off", "default", "cudagraphs")
 graph replay (``mode="reduce-overhead"``, CUDA only)."""
 
 INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
-               "attention_impl", "spectral_norm_impl", "precision", "channels_last")
+               "attention_impl", "spectral_norm_impl", "batch_norm_impl", "precision", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Engine:
         genblock_impl: ``ModelConfig.genblock_impl``.
         attention_impl: ``ModelConfig.attention_impl``.
         spectral_norm_impl: ``ModelConfig.spectral_norm_impl``.
+        batch_norm_impl: ``ModelConfig.batch_norm_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
         channels_last: channels_last memory format on every device.
         cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms once per shape and
@@ -93,6 +95,7 @@ class Engine:
     genblock_impl: str
     attention_impl: str
     spectral_norm_impl: str
+    batch_norm_impl: str
     precision: str | None
     channels_last: bool
     cudnn_benchmark: bool
@@ -113,7 +116,8 @@ class Engine:
         return dataclasses.replace(
             cfg,
             model=dataclasses.replace(cfg.model, genblock_impl=self.genblock_impl,
-                                      attention_impl=self.attention_impl, spectral_norm_impl=self.spectral_norm_impl),
+                                      attention_impl=self.attention_impl, spectral_norm_impl=self.spectral_norm_impl,
+                                      batch_norm_impl=self.batch_norm_impl),
             optim=dataclasses.replace(cfg.optim, implementation=self.adam),
             schedule=dataclasses.replace(cfg.schedule, loss_impl=self.loss_impl, noise_impl=self.noise_impl),
         )
@@ -145,6 +149,7 @@ class Engine:
             genblock_impl=cfg.model.genblock_impl,
             attention_impl=cfg.model.attention_impl,
             spectral_norm_impl=cfg.model.spectral_norm_impl,
+            batch_norm_impl=cfg.model.batch_norm_impl,
             precision=self.resolved_precision(device) if precision is None else precision,
             channels_last=self.channels_last if channels_last is None else channels_last,
             cudnn_benchmark=self.cudnn_benchmark and device.type == "cuda",
@@ -164,8 +169,8 @@ class Execution:
     Attributes beyond the engine's: ``engine`` (its name), ``precision`` resolved ("fp32",
     "bf16" or "fp16", never None), ``cudnn_benchmark`` (True only on CUDA), ``compile``
     resolved ("off", "default" or "cudagraphs", never None). ``adam``, ``loss_impl``, ``noise_impl``,
-    ``genblock_impl``, ``attention_impl`` and ``spectral_norm_impl`` repeat the run config's fields of those names, for
-    the record; the networks and the schedule read them from the config.
+    ``genblock_impl``, ``attention_impl``, ``spectral_norm_impl`` and ``batch_norm_impl`` repeat the run
+    config's fields of those names, for the record; the networks and the schedule read them from the config.
     """
 
     engine: str
@@ -179,6 +184,7 @@ class Execution:
     genblock_impl: str
     attention_impl: str
     spectral_norm_impl: str
+    batch_norm_impl: str
     precision: str
     channels_last: bool
     cudnn_benchmark: bool
@@ -191,8 +197,10 @@ class Execution:
     def from_dict(cls, record: dict) -> Execution | None:
         """The record among the entries of ``record`` (extra entries are ignored); None when one
         of its fields is missing (a ``config.yaml`` written before the record was complete).
-        A record written when ``compile`` was a flag (true/false) reads as "default"/"off"."""
+        A record written when ``compile`` was a flag (true/false) reads as "default"/"off"; one
+        written before ``batch_norm_impl`` existed ran torch's BatchNorm, "reference"."""
         names = [f.name for f in dataclasses.fields(cls)]
+        record = {"batch_norm_impl": "reference", **record}
         if any(name not in record for name in names):
             return None
         fields = {name: record[name] for name in names}
@@ -203,11 +211,12 @@ class Execution:
 
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", autograd="released",
                    adam="for-loop", loss_impl="reference", noise_impl="reference", genblock_impl="reference",
-                   attention_impl="reference", spectral_norm_impl="reference", precision="fp32", channels_last=False,
-                   cudnn_benchmark=False, compile="off")
+                   attention_impl="reference", spectral_norm_impl="reference", batch_norm_impl="reference",
+                   precision="fp32", channels_last=False, cudnn_benchmark=False, compile="off")
 FAST = Engine("fast", loader="auto", views="batched", readback="window", autograd="pruned", adam="auto",
               loss_impl="auto", noise_impl="auto", genblock_impl="auto", attention_impl="auto",
-              spectral_norm_impl="auto", precision=None, channels_last=True, cudnn_benchmark=True, compile=None)
+              spectral_norm_impl="auto", batch_norm_impl="auto", precision=None, channels_last=True,
+              cudnn_benchmark=True, compile=None)
 
 
 def differing_ingredients() -> list[str]:

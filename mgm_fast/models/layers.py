@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgm_fast.ops.attention import sagan_attention
+from mgm_fast.ops.batch_norm import batch_norm_train
 from mgm_fast.ops.spectral_norm import normalize_weights
 
 SN_EPS = 1e-12
@@ -321,14 +322,19 @@ class BatchNorm2d(nn.BatchNorm2d):
     op per layer. Inside a forward decorated with :func:`counts_batches_once`, a layer instead
     records its counter and the network adds 1 to every recorded counter in one foreach op when
     its forward returns (a layer called twice is counted twice); the layer itself then calls
-    ``aten._batch_norm_with_update``, the op ``F.batch_norm`` ends in, directly. With ``momentum=None`` the
-    counter sets the running-average factor of the call itself, so such a layer counts as usual.
-    Called on its own, it is ``nn.BatchNorm2d``.
+    ``aten._batch_norm_with_update``, the op ``F.batch_norm`` ends in, directly -- or, with an
+    ``impl`` other than "reference" (:func:`use_batch_norm_impl`), the op
+    :func:`~mgm_fast.ops.batch_norm.batch_norm_train`: the same forward, and on the CPU a fused
+    channels_last backward. With
+    ``momentum=None`` the counter sets the running-average factor of the call itself, so such a
+    layer counts as usual. Called on its own, it is ``nn.BatchNorm2d``.
     """
 
     _counted_calls: list[Tensor] | None = None
     """Where a call records its counter while the enclosing network defers the counts (a plain
     attribute, not state)."""
+    impl: str = "reference"
+    """The backend of the deferred path (``ModelConfig.batch_norm_impl``; a plain attribute)."""
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # a compiled graph fuses the increments itself
@@ -339,10 +345,21 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         F._verify_batch_size(input.size())
         calls.append(self.num_batches_tracked)
+        if self.impl != "reference":
+            return batch_norm_train(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                    self.momentum, self.eps, impl=self.impl)  # fmt: skip
         # The op F.batch_norm reaches in training (same backend choice: cuDNN, MIOpen or native),
         # without the empty "reserve" tensor its composite wrapper dispatches on every call.
         return _BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
                                        self.momentum, self.eps)[0]  # fmt: skip
+
+
+def use_batch_norm_impl(module: nn.Module, impl: str) -> None:
+    """Sets the backend of every :class:`BatchNorm2d` under ``module`` ("reference", "auto" or
+    "cpp", :mod:`mgm_fast.ops.batch_norm`); a network calls it once when it is built."""
+    for layer in module.modules():
+        if isinstance(layer, BatchNorm2d):
+            layer.impl = impl
 
 
 def counts_batches_once(forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgm_fast.config import ModelConfig
-from mgm_fast.models.layers import BatchNorm2d, counts_batches_once, init_resnet_, make_layer
+from mgm_fast.models.layers import (
+    BatchNorm2d,
+    counts_batches_once,
+    init_resnet_,
+    make_layer,
+    use_batch_norm_impl,
+)
 
 TASKS = ("seg", "depth", "normal")
 """Every dense task, in canonical order."""
@@ -129,6 +135,7 @@ class MultiTaskNet(nn.Module):
             {t: DenseDecoder(cfg.feature_dim, cfg.decoder_widths, out[t]) for t in self.tasks}
         )
         self.clr_head = ProjectionHead(cfg.feature_dim, cfg.clr_dim)
+        use_batch_norm_impl(self, cfg.batch_norm_impl)
 
     def features(self, x: Tensor) -> Tensor:
         """E(x): (B, 3, H, W) -> (B, feature_dim, H/32, W/32)."""

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgm_fast.config import ModelConfig
-from mgm_fast.models.layers import BatchNorm2d, counts_batches_once, init_resnet_, make_layer
+from mgm_fast.models.layers import (
+    BatchNorm2d,
+    counts_batches_once,
+    init_resnet_,
+    make_layer,
+    use_batch_norm_impl,
+)
 from mgm_fast.models.multitask import TASKS, check_tasks, task_out_channels
 
 
@@ -71,6 +77,7 @@ class RefinementNet(nn.Module):
         self.fc1 = nn.Linear(len(self.tasks) * cfg.refine_widths[-1], cfg.refine_hidden)
         self.fc2 = nn.Linear(cfg.refine_hidden, cfg.num_scenes)
         self.logit_relu = cfg.refine_logit_relu
+        use_batch_norm_impl(self, cfg.batch_norm_impl)
 
     @counts_batches_once
     def forward(

@@ -124,10 +124,11 @@ class Inputs(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.arguments)
 
-    @property
+    @functools.cached_property
     def tensors(self) -> list[torch.Tensor]:
         """The tensor arguments, in argument order, with the tensors of list and tuple arguments
-        (an op over a group of layers); tensors inside other containers are not included."""
+        (an op over a group of layers); tensors inside other containers are not included.
+        Computed once per call: every backend's check reads it."""
         out: list[torch.Tensor] = []
         for value in self.arguments.values():
             if isinstance(value, torch.Tensor):
@@ -178,13 +179,14 @@ class Backend:
         reason = self.availability()
         if reason:
             reasons.append(reason)
-        for tensor in inputs.tensors:
+        tensors = inputs.tensors
+        for tensor in tensors:
             if tensor.device.type not in self.devices:
                 reasons.append(
                     f"device {tensor.device.type} not supported (supports {list(self.devices)})"
                 )
                 break
-        for tensor in inputs.tensors:
+        for tensor in tensors:
             if tensor.is_floating_point() and tensor.dtype not in self.dtypes:
                 reasons.append(f"dtype {tensor.dtype} not supported")
                 break
@@ -250,6 +252,8 @@ class FusedOp:
     """backend -> why it must not run in this process (it failed its self-test here)."""
     resolutions: dict[str, dict] = field(default_factory=dict)
     """"<device> <dtype>" of the inputs -> {"backend": what auto picked, "skipped": {name: why}}."""
+    _kind_names: dict = field(default_factory=dict, repr=False)
+    """(device type, dtype) -> its key in ``resolutions``."""
 
     def register(self, backend: Backend) -> Backend:
         if backend.name not in BACKEND_NAMES:
@@ -302,8 +306,13 @@ class FusedOp:
         return backend
 
     def _remember(self, chosen: str, skipped: dict, inputs: Inputs) -> None:
-        tensors = [t for t in inputs.tensors if t.is_floating_point()] or inputs.tensors
-        kind = f"{tensors[0].device.type} {str(tensors[0].dtype).replace('torch.', '')}" if tensors else "-"
+        tensors = inputs.tensors
+        first = next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
+        key = None if first is None else (first.device.type, first.dtype)
+        kind = self._kind_names.get(key)
+        if kind is None:  # formatted once per kind
+            kind = "-" if first is None else f"{key[0]} {str(key[1]).replace('torch.', '')}"
+            self._kind_names[key] = kind
         if kind not in self.resolutions:
             self.resolutions[kind] = {"backend": chosen, "skipped": {k: "; ".join(v) for k, v in skipped.items()}}
 

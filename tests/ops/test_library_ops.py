@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 
 import mgm_fast.ops  # noqa: F401  (registers every op)
 from mgm_fast import _native
-from mgm_fast.ops import attention, gan_losses, genblock, multitask_loss, ntxent, simclr_views
+from mgm_fast.ops import attention, batch_norm, gan_losses, genblock, multitask_loss, ntxent, simclr_views
 from mgm_fast.ops._dispatch import triton_reason
 from mgm_fast.ops._library import registered_ops
 
@@ -395,6 +395,27 @@ CASES += [
 
 
 # ---------------------------------------------------------------------------------------------
+# batch_norm
+
+
+def _batch_norm_backward_args(affine: bool, need: list[bool]):
+    g = _gen("batch_norm backward", affine, need)
+    x = _randn(g, 2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    grad_out = _randn(g, 2, 5, 3, 4)  # contiguous: the kernel reads it channels_last
+    weight = _randn(g, 5) if affine else None
+    mean, invstd = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    return (grad_out, x, weight, mean, invstd, need), {}
+
+
+CASES += [
+    Case("batch_norm_backward_cpp", "b2 c5 3x4, all gradients", lambda: _batch_norm_backward_args(True, [True] * 3),
+         NO_AUTOGRAD),
+    Case("batch_norm_backward_cpp", "no affine weight, input gradient only",
+         lambda: _batch_norm_backward_args(False, [True, False, False]), NO_AUTOGRAD),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # genblock's Triton convolutions (mgm_fast.ops._triton.genblock)
 
 
@@ -475,7 +496,7 @@ def test_every_backend_op_is_a_custom_op_of_the_namespace():
         "cbn_relu_conv3x3_cuda_forward", "multitask_loss_cpp", "multitask_loss_cuda", "multitask_loss_triton",
         "ntxent_rows_cpp", "ntxent_rows_cuda", "ntxent_rows_triton", "noisy_cpp", "noisy_triton", "hinge_d_triton",
         "hinge_g_triton", "simclr_views_cpp",
-        "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp",
+        "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp", "batch_norm_backward_cpp",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
 
@@ -586,6 +607,27 @@ def test_attention_compiles_and_matches_eager(monkeypatch):
 
 
 @needs_cpp
+def test_batch_norm_compiles_and_matches_eager():
+    """Traced, the cpp backend is a Python autograd.Function around the custom op; eagerly a C++
+    autograd node: the same values, gradients and running statistics."""
+    g = _gen("batch_norm compiled")
+    x = _randn(g, 3, 8, 5, 6, scale=2.0).contiguous(memory_format=torch.channels_last)
+    weight, bias = _randn(g, 8), _randn(g, 8)
+
+    def run(fn):
+        running = [torch.zeros(8), torch.ones(8)]
+        leaves = _leaves(x, weight, bias)
+        out = fn(*leaves, *running, 0.1, 1e-5, impl="cpp")
+        return out.detach(), torch.autograd.grad(out.square().sum(), leaves), running
+
+    with _no_graph_breaks():
+        compiled = run(_compiled(batch_norm.batch_norm_train))
+    eager = run(batch_norm.batch_norm_train)
+    for a, b in zip((compiled[0], *compiled[1], *compiled[2]), (eager[0], *eager[1], *eager[2])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_cpp
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, True)])
 def test_multitask_loss_compiles_and_matches_eager(need):
     args = _multitask_args("cpu", need, ignore_index=-1, reduction="valid", channels_last=True)
@@ -656,8 +698,14 @@ def test_simclr_views_cpp_op_compiles_and_matches_eager():
 
 
 @needs_cpp
-@pytest.mark.parametrize("name", ["attention", "ntxent", "genblock", "multitask_loss"])
+@pytest.mark.parametrize("name", ["attention", "ntxent", "genblock", "multitask_loss", "batch_norm"])
 def test_fused_backward_is_once_differentiable(name):
+    if name == "batch_norm":  # eager: a C++ autograd node, which refuses to build a graph
+        leaves = _leaves(_randn(_gen("bn once"), 2, 4, 3, 3).contiguous(memory_format=torch.channels_last))
+        out = batch_norm.batch_norm_train(leaves[0], None, None, torch.zeros(4), torch.ones(4), 0.1, 1e-5, impl="cpp")
+        with pytest.raises(RuntimeError, match="once differentiable"):
+            torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        return
     if name == "attention":
         leaves = _leaves(*_attention_inputs("cpu", False))
         out = attention.sagan_attention(*leaves, impl="cpp")

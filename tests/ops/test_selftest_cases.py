@@ -152,8 +152,10 @@ def test_paper_cases_build_deterministically(name):
 # 2. every small case passes for every fused backend available here, float32, both layouts
 
 SMALL = [pytest.param(name, backend, id=f"{name}-{backend}") for name in OPS for backend in _runnable(REGISTRY[name])]
-# (op, backend) -> why n/a is expected: documented limitations only. None so far at float32.
-EXPECTED_NA: dict[tuple[str, str], str] = {}
+# (op, backend) -> why n/a is expected: documented limitations only.
+EXPECTED_NA: dict[tuple[str, str], str] = {
+    ("batch_norm", "cpp"): "channels_last inputs only: torch's NCHW backward is fast",
+}
 
 
 @pytest.mark.parametrize(("name", "backend"), SMALL)
@@ -331,7 +333,7 @@ def test_paper_cases(name):
         backend = _some_fused(name)
         results = [st.run_case(op, backend, c, _device_of(backend), torch.float32) for c in cases]
     assert {r.case for r in results} == {c.name for c in cases}
-    failed = [r for r in results if r.verdict != "pass"]
+    failed = [r for r in results if r.verdict != "pass" and not (r.verdict == "n/a" and (name, r.backend) in EXPECTED_NA)]
     unexpected = [r for r in failed if (name, r.backend, r.layout) not in KNOWN_PAPER_FAILURES]
     assert not unexpected, "\n".join(_describe(r) for r in unexpected)
     if failed:

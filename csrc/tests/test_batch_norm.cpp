@@ -1,0 +1,148 @@
+// Unit tests of the torch-free channels_last batch-norm backward (csrc/kernels/cpu/batch_norm.*)
+// against naive double loops: channel counts that are and are not a divisor or multiple of a
+// tile (1, 3, 8, 16, 24, 40), row counts with a partial last tile and several blocks, with and
+// without an affine weight, each output alone; results independent of the thread count. Built
+// and run by CMake/ctest.
+#include "kernels/cpu/batch_norm.h"
+#include "tests/cpu_isa_test.h"
+#include "tests/expect.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace {
+
+struct Problem {
+  int64_t rows, c;
+  std::vector<float> dy, x, mean, invstd, weight;
+};
+
+Problem make(int64_t rows, int64_t c, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Problem p{rows, c, std::vector<float>(rows * c), std::vector<float>(rows * c), std::vector<float>(c),
+            std::vector<float>(c), std::vector<float>(c)};
+  for (int64_t k = 0; k < c; ++k) {  // per-channel offsets and scales, as activations have
+    const float shift = 3.0f * normal(rng), spread = 0.5f + std::fabs(normal(rng));
+    for (int64_t r = 0; r < rows; ++r) p.x[r * c + k] = shift + spread * normal(rng);
+    double s = 0.0, s2 = 0.0;
+    for (int64_t r = 0; r < rows; ++r) s += p.x[r * c + k];
+    const double m = s / rows;
+    for (int64_t r = 0; r < rows; ++r) s2 += (p.x[r * c + k] - m) * (p.x[r * c + k] - m);
+    p.mean[k] = static_cast<float>(m);
+    p.invstd[k] = static_cast<float>(1.0 / std::sqrt(s2 / rows + 1e-5));
+    p.weight[k] = normal(rng);
+  }
+  for (float& v : p.dy) v = normal(rng);
+  return p;
+}
+
+struct Grads {
+  std::vector<double> dx, dw, db;
+};
+
+Grads naive(const Problem& p, bool affine) {
+  Grads g{std::vector<double>(p.rows * p.c), std::vector<double>(p.c), std::vector<double>(p.c)};
+  for (int64_t k = 0; k < p.c; ++k) {
+    double sum = 0.0, dot = 0.0;
+    for (int64_t r = 0; r < p.rows; ++r) {
+      sum += p.dy[r * p.c + k];
+      dot += static_cast<double>(p.dy[r * p.c + k]) * (p.x[r * p.c + k] - static_cast<double>(p.mean[k]));
+    }
+    const double s = p.invstd[k], w = affine ? p.weight[k] : 1.0;
+    g.db[k] = sum;
+    g.dw[k] = dot * s;
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const double xm = p.x[r * p.c + k] - static_cast<double>(p.mean[k]);
+      g.dx[r * p.c + k] = w * s * (p.dy[r * p.c + k] - sum / p.rows - xm * s * s * dot / p.rows);
+    }
+  }
+  return g;
+}
+
+// Largest |a - b| relative to the largest |b| (float32 sums of up to ~10^5 terms).
+double rel_error(const float* a, const std::vector<double>& b) {
+  double err = 0.0, scale = 1e-30;
+  for (size_t i = 0; i < b.size(); ++i) {
+    err = std::max(err, std::fabs(a[i] - b[i]));
+    scale = std::max(scale, std::fabs(b[i]));
+  }
+  return err / scale;
+}
+
+void test_values(int64_t rows, int64_t c, bool affine, int threads) {
+  std::mt19937 rng(static_cast<unsigned>(rows * 131 + c));
+  const Problem p = make(rows, c, rng);
+  const Grads want = naive(p, affine);
+  std::vector<float> dx(rows * c, -7.0f), dw(c, -7.0f), db(c, -7.0f);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
+                                                   p.invstd.data(), affine ? p.weight.data() : nullptr, dx.data(),
+                                                   dw.data(), db.data(), threads);
+  EXPECT(rel_error(dx.data(), want.dx) < 2e-5, "rows %lld C %lld affine %d: grad_input error %g",
+         static_cast<long long>(rows), static_cast<long long>(c), affine, rel_error(dx.data(), want.dx));
+  EXPECT(rel_error(dw.data(), want.dw) < 2e-5, "rows %lld C %lld: grad_weight error %g", static_cast<long long>(rows),
+         static_cast<long long>(c), rel_error(dw.data(), want.dw));
+  EXPECT(rel_error(db.data(), want.db) < 2e-5, "rows %lld C %lld: grad_bias error %g", static_cast<long long>(rows),
+         static_cast<long long>(c), rel_error(db.data(), want.db));
+
+  // Each output alone: the same values, and nothing else written.
+  std::vector<float> dx_only(rows * c, -7.0f), dw_only(c, -7.0f), db_only(c, -7.0f);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
+                                                   p.invstd.data(), affine ? p.weight.data() : nullptr,
+                                                   dx_only.data(), nullptr, nullptr, threads);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
+                                                   p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
+                                                   dw_only.data(), nullptr, threads);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
+                                                   p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
+                                                   nullptr, db_only.data(), threads);
+  EXPECT(std::memcmp(dx_only.data(), dx.data(), dx.size() * sizeof(float)) == 0, "grad_input alone differs");
+  EXPECT(std::memcmp(dw_only.data(), dw.data(), dw.size() * sizeof(float)) == 0, "grad_weight alone differs");
+  EXPECT(std::memcmp(db_only.data(), db.data(), db.size() * sizeof(float)) == 0, "grad_bias alone differs");
+}
+
+void test_thread_count_invariance() {
+  std::mt19937 rng(7);
+  const Problem p = make(8 * 64 * 64 + 3, 24, rng);  // many blocks, a partial last tile
+  std::vector<float> ref_dx, ref_dw, ref_db;
+  for (int threads : {1, 2, 3, 5}) {
+    std::vector<float> dx(p.rows * p.c), dw(p.c), db(p.c);
+    mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), p.rows, p.c, p.mean.data(),
+                                                     p.invstd.data(), p.weight.data(), dx.data(), dw.data(),
+                                                     db.data(), threads);
+    if (ref_dx.empty()) {
+      ref_dx = dx, ref_dw = dw, ref_db = db;
+      continue;
+    }
+    EXPECT(std::memcmp(dx.data(), ref_dx.data(), dx.size() * sizeof(float)) == 0 &&
+               std::memcmp(dw.data(), ref_dw.data(), dw.size() * sizeof(float)) == 0 &&
+               std::memcmp(db.data(), ref_db.data(), db.size() * sizeof(float)) == 0,
+           "%d threads give other bits than 1 thread", threads);
+  }
+}
+
+void test_empty_batch() {
+  float mean = 0.0f, invstd = 1.0f, dw = -7.0f, db = -7.0f;
+  mgm_fast::cpu::batch_norm_backward_channels_last(nullptr, nullptr, 0, 1, &mean, &invstd, nullptr, nullptr, &dw,
+                                                   &db, 1);
+  EXPECT(dw == 0.0f && db == 0.0f, "empty batch: grad_weight %g, grad_bias %g (want 0)", dw, db);
+}
+
+}  // namespace
+
+int main() {
+  if (const int status = start_cpu_isa_test("test_batch_norm"); status >= 0) return status;
+  for (int64_t c : {1, 3, 8, 16, 24, 40}) {
+    for (int64_t rows : {1, 5, 2 * 7 * 7, 8 * 32 * 32 + 1}) {
+      test_values(rows, c, true, rows > 1000 ? 2 : 1);
+    }
+    test_values(300, c, false, 1);
+  }
+  test_thread_count_invariance();
+  test_empty_batch();
+  std::printf("test_batch_norm: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
