@@ -1,11 +1,13 @@
 """Forward + backward of every training-mode BatchNorm layer of the multi-task and refinement
-networks (mgm_fast.ops.batch_norm): the ``cpp`` backend (torch's forward, the extension's
-channels_last backward, one C++ autograd node) vs the ``reference`` backend (torch's forward and
-backward; its channels_last CPU backward is slow at channel counts that are not a multiple of a
-vector, e.g. the tiny preset's 8 and 24).
+networks (mgm_fast.ops.batch_norm), with the ReLU the network applies after it: the ``cpp``
+backend (the extension's channels_last forward and backward with the ReLU fused, one C++ autograd
+node) vs the ``reference`` backend (torch's BatchNorm, then ``F.relu``; torch's channels_last CPU
+backward is slow at channel counts that are not a multiple of a vector, e.g. the tiny preset's 8
+and 24).
 
-Each timed step runs the op on the input shape of every BatchNorm call of one MTL + refinement
-forward (channels_last, as the fast engine runs them) and the backward of their sum of squares.
+Each timed step runs the op on the input shape (and ReLU flag) of every BatchNorm call of one
+MTL + refinement forward (channels_last, as the fast engine runs them) and the backward of their
+sum of squares.
 
 ``pytest benchmarks/test_bench_batch_norm.py --benchmark-group-by=group``
 """
@@ -27,40 +29,42 @@ BATCH = 8
 
 
 @functools.cache
-def _shapes(size: str) -> list[tuple[int, int, int, int]]:
-    """The input shape of every BatchNorm call of one forward of both networks at batch BATCH."""
+def _calls(size: str) -> list[tuple[tuple[int, int, int, int], bool]]:
+    """(input shape, relu) of every BatchNorm call of one forward of both networks at batch BATCH."""
     cfg = preset(size).model
-    shapes = []
+    calls = []
 
-    def record(module, args):
-        shapes.append(tuple(args[0].shape))
+    def record(module, args, kwargs):
+        calls.append((tuple(args[0].shape), bool(kwargs.get("relu", args[1] if len(args) > 1 else False))))
 
     torch.manual_seed(0)
     mtl, refine = MultiTaskNet(cfg), RefinementNet(cfg)
     for net in (mtl, refine):
         for layer in net.modules():
             if isinstance(layer, BatchNorm2d):
-                layer.register_forward_pre_hook(record)
+                layer.register_forward_pre_hook(record, with_kwargs=True)
     with torch.no_grad():
         outs = mtl.decode(mtl.features(torch.randn(BATCH, 3, cfg.image_size, cfg.image_size)))
         refine(**outs)
-    return shapes
+    return calls
 
 
 def _inputs(size: str):
     gen = torch.Generator().manual_seed(1)
     out = []
-    for n, c, h, w in _shapes(size):
-        x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    for shape, relu in _calls(size):
+        c = shape[1]
+        x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
         out.append((x.requires_grad_(), torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True),
-                    torch.zeros(c), torch.ones(c)))  # fmt: skip
+                    torch.zeros(c), torch.ones(c), relu))  # fmt: skip
     return out
 
 
 def _step(impl, layers):
     loss = 0.0
-    for x, weight, bias, running_mean, running_var in layers:
-        loss = loss + batch_norm_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, impl=impl).square().sum()
+    for x, weight, bias, running_mean, running_var, relu in layers:
+        out = batch_norm_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, relu, impl=impl)
+        loss = loss + out.square().sum()
     return torch.autograd.grad(loss, [t for layer in layers for t in layer[:3]])
 
 
@@ -73,8 +77,9 @@ def test_bench_batch_norm_fwd_bwd_cpu(benchmark, impl, size):
         pytest.skip("paper-size layers only when benchmarking (~1 GB of activations)")
     layers = _inputs(size)
     channels = sorted({x.shape[1] for x, *_ in layers})
-    benchmark.group = (f"batch norm fwd+bwd cpu {size}, batch {BATCH}: {len(layers)} calls, channels "
-                       f"{','.join(map(str, channels))}")  # fmt: skip
+    relus = sum(layer[-1] for layer in layers)
+    benchmark.group = (f"batch norm (+relu) fwd+bwd cpu {size}, batch {BATCH}: {len(layers)} calls ({relus} with "
+                       f"relu), channels {','.join(map(str, channels))}")  # fmt: skip
     benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), calls=len(layers),
                                 baseline=impl == "reference")  # fmt: skip
     grads = benchmark(_step, impl, layers)

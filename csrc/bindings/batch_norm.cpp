@@ -1,16 +1,18 @@
-// Torch glue of the CPU channels_last batch-norm backward (kernel: csrc/kernels/cpu/batch_norm.*).
+// Torch glue of the CPU channels_last batch norm (kernel: csrc/kernels/cpu/batch_norm.*).
 //
-// batch_norm_channels_last_cpu(input, weight, bias, running_mean, running_var, momentum, eps) -> out
-//   training-mode batch norm, differentiable: aten._batch_norm_with_update's forward (running
-//   statistics updated in place) and the kernel's backward, in a C++ autograd node.
-// batch_norm_backward_channels_last_cpu(grad_out, input, weight, mean, invstd, output_mask)
-//   -> (grad_input or None, grad_weight or None, grad_bias or None)
-//   input: (N, C, H, W) float32 CPU, channels_last; grad_out shaped like it (copied to
-//   channels_last when it is not); weight (C,) or None (no affine weight); mean, invstd (C,)
-//   float32, the forward's batch statistics (invstd = 1 / sqrt(biased var + eps)).
-//   output_mask: which of the three gradients to compute; grad_input is channels_last.
-// Called by mgm_fast/ops/batch_norm.py (eager: the first; traced by torch.compile: the second, behind
-// a custom op, in a Python autograd.Function).
+// batch_norm_channels_last_cpu(input, weight, bias, running_mean, running_var, momentum, eps, relu)
+//   -> out: training-mode batch norm (then ReLU when relu), differentiable: the kernel's forward
+//   and backward in one C++ autograd node (no Python and no dispatched op in its backward).
+// batch_norm_forward_channels_last_cpu(input, weight, bias, running_mean, running_var, momentum, eps,
+//   relu) -> (out, mean, invstd): the forward alone.
+// batch_norm_backward_channels_last_cpu(grad_out, input, weight, mean, invstd, relu_out, output_mask)
+//   -> (grad_input or None, grad_weight or None, grad_bias or None): the backward alone.
+// input: (N, C, H, W) float32 CPU, channels_last; grad_out shaped like it (copied to channels_last
+// when it is not); weight, bias (C,) or None (no affine transform); running_mean, running_var (C,)
+// float32 buffers, updated in place (momentum: torch's); mean, invstd (C,) the forward's batch
+// statistics (invstd = 1 / sqrt(biased var + eps)); relu_out: the forward's output when it applied
+// the ReLU, else None. Outputs are channels_last. Called by mgm_fast/ops/batch_norm.py (eager: the
+// first; traced by torch.compile: the other two, behind custom ops, in a Python autograd.Function).
 #include <ATen/EmptyTensor.h>
 #include <torch/extension.h>
 
@@ -38,62 +40,110 @@ void check_channels(const at::Tensor& t, int64_t c, const char* name) {
                     c, ",) vector, got shape ", t.sizes());
 }
 
+void check_input(const at::Tensor& input) {
+  check_float_cpu(input, "input");
+  TORCH_CHECK_VALUE(input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast), kOp,
+                    "input must be a channels_last (N, C, H, W) tensor, got shape ", input.sizes(), " strides ",
+                    input.strides());
+}
+
+const float* data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// Outputs come from the CPU allocator directly, as torch's own kernels allocate theirs: no
+// dispatcher round trip (host overhead, and one ATen op each).
+at::Tensor empty_like_input(const at::Tensor& input) {
+  return at::detail::empty_cpu(input.sizes(), at::kFloat, /*pin_memory=*/false, at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor empty_channels(int64_t c) { return at::detail::empty_cpu({c}, at::kFloat); }
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The checks, the outputs and the kernel call (GIL held or not: see backward_impl).
+Forward forward_impl(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, double momentum, double eps, bool relu) {
+  check_input(input);
+  const int64_t c = input.size(1);
+  const int64_t rows = input.numel() / std::max<int64_t>(c, 1);
+  TORCH_CHECK_VALUE(rows > 1, kOp, "expected more than 1 value per channel when training, got input ",
+                    input.sizes());
+  if (weight.has_value()) check_channels(*weight, c, "weight");
+  if (bias.has_value()) check_channels(*bias, c, "bias");
+  check_channels(running_mean, c, "running_mean");
+  check_channels(running_var, c, "running_var");
+  at::Tensor out = empty_like_input(input), mean = empty_channels(c), invstd = empty_channels(c);
+  cpu::batch_norm_forward_channels_last(input.data_ptr<float>(), rows, c, data_or_null(weight), data_or_null(bias),
+                                        static_cast<float>(eps), relu, out.data_ptr<float>(), mean.data_ptr<float>(),
+                                        invstd.data_ptr<float>(), running_mean.data_ptr<float>(),
+                                        running_var.data_ptr<float>(), static_cast<float>(momentum),
+                                        at::get_num_threads());
+  // The buffers changed behind autograd's back: bump their versions as an in-place op would.
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
+  return {out, mean, invstd};
+}
+
 using OptionalGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 // The checks, the outputs and the kernel call; the caller holds the GIL or not (the autograd
 // engine's threads run the backward node without it).
-OptionalGrads backward_impl(const at::Tensor& grad_out_in, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, const std::vector<bool>& output_mask) {
-  check_float_cpu(input, "input");
+OptionalGrads backward_impl(const at::Tensor& grad_out_in, const at::Tensor& input,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+                            const std::optional<at::Tensor>& relu_out, const std::vector<bool>& output_mask) {
+  check_input(input);
   check_float_cpu(grad_out_in, "grad_out");
-  TORCH_CHECK_VALUE(input.dim() == 4, kOp, "input must be 4-d (N, C, H, W), got shape ", input.sizes());
-  TORCH_CHECK_VALUE(input.is_contiguous(at::MemoryFormat::ChannelsLast), kOp,
-                    "input must be channels_last, got strides ", input.strides());
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == input.sizes(), kOp, "grad_out ", grad_out_in.sizes(),
-                    " and input ", input.sizes(), " differ in shape");
+  TORCH_CHECK_VALUE(grad_out_in.sizes() == input.sizes(), kOp, "grad_out ", grad_out_in.sizes(), " and input ",
+                    input.sizes(), " differ in shape");
   TORCH_CHECK_VALUE(output_mask.size() == 3, kOp, "output_mask needs 3 entries, got ", output_mask.size());
   const int64_t c = input.size(1);
   const int64_t rows = c == 0 ? 0 : input.numel() / c;
   check_channels(mean, c, "mean");
   check_channels(invstd, c, "invstd");
   if (weight.has_value()) check_channels(*weight, c, "weight");
-  const at::Tensor grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
-
-  // Allocated by the CPU allocator directly, as torch's own kernels allocate their outputs: no
-  // dispatcher round trip per gradient (host overhead, and 3 extra ATen ops per call).
-  std::optional<at::Tensor> grad_input, grad_weight, grad_bias;
-  if (output_mask[0]) {
-    grad_input = at::detail::empty_cpu(input.sizes(), at::kFloat, /*pin_memory=*/false, at::MemoryFormat::ChannelsLast);
+  if (relu_out.has_value()) {
+    check_float_cpu(*relu_out, "relu_out");
+    TORCH_CHECK_VALUE(relu_out->sizes() == input.sizes() && relu_out->is_contiguous(at::MemoryFormat::ChannelsLast),
+                      kOp, "relu_out must be the channels_last output of the forward, got ", relu_out->sizes());
   }
-  if (output_mask[1]) grad_weight = at::detail::empty_cpu({c}, at::kFloat);
-  if (output_mask[2]) grad_bias = at::detail::empty_cpu({c}, at::kFloat);
+  const at::Tensor grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
+  std::optional<at::Tensor> grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) grad_input = empty_like_input(input);
+  if (output_mask[1]) grad_weight = empty_channels(c);
+  if (output_mask[2]) grad_bias = empty_channels(c);
   cpu::batch_norm_backward_channels_last(
       grad_out.data_ptr<float>(), input.data_ptr<float>(), rows, c, mean.data_ptr<float>(), invstd.data_ptr<float>(),
-      weight.has_value() ? weight->data_ptr<float>() : nullptr, grad_input ? grad_input->data_ptr<float>() : nullptr,
+      data_or_null(weight), data_or_null(relu_out), grad_input ? grad_input->data_ptr<float>() : nullptr,
       grad_weight ? grad_weight->data_ptr<float>() : nullptr, grad_bias ? grad_bias->data_ptr<float>() : nullptr,
       at::get_num_threads());
   return {grad_input, grad_weight, grad_bias};
 }
 
-OptionalGrads backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                           const at::Tensor& mean, const at::Tensor& invstd, const std::vector<bool>& output_mask) {
+Forward forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+                    double momentum, double eps, bool relu) {
   pybind11::gil_scoped_release no_gil;
-  return backward_impl(grad_out, input, weight, mean, invstd, output_mask);
+  return forward_impl(input, weight, bias, running_mean, running_var, momentum, eps, relu);
 }
 
-// The aten forward (batch statistics, running-statistics update: what F.batch_norm runs in
-// training) with the kernel's backward, as a C++ autograd node: an eager step pays no Python in
-// its backward, so the op costs no more per call than torch's own at small sizes.
+OptionalGrads backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& relu_out,
+                           const std::vector<bool>& output_mask) {
+  pybind11::gil_scoped_release no_gil;
+  return backward_impl(grad_out, input, weight, mean, invstd, relu_out, output_mask);
+}
+
+// Forward and backward as one C++ autograd node: an eager step runs no Python and dispatches no
+// ATen op in the backward, so the op costs no more per call than torch's at small sizes.
 class BatchNormChannelsLast : public torch::autograd::Function<BatchNormChannelsLast> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
-                            double eps) {
-    auto stats = at::_batch_norm_with_update(input, weight, bias, const_cast<at::Tensor&>(running_mean),
-                                             const_cast<at::Tensor&>(running_var), momentum, eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), std::get<1>(stats), std::get<2>(stats)});
-    return std::get<0>(stats);
+                            const at::Tensor& running_mean, const at::Tensor& running_var, double momentum, double eps,
+                            bool relu) {
+    auto [out, mean, invstd] = forward_impl(input, weight, bias, running_mean, running_var, momentum, eps, relu);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd, relu ? out : at::Tensor()});
+    return out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -106,35 +156,36 @@ class BatchNormChannelsLast : public torch::autograd::Function<BatchNormChannels
     const bool affine = weight.defined();
     const std::vector<bool> need{ctx->needs_input_grad(0), affine && ctx->needs_input_grad(1),
                                  affine && ctx->needs_input_grad(2)};
-    auto [grad_input, grad_weight, grad_bias] = backward_impl(
-        grads[0], saved[0], affine ? std::optional<at::Tensor>(weight) : std::nullopt, saved[2], saved[3], need);
+    auto [grad_input, grad_weight, grad_bias] =
+        backward_impl(grads[0], saved[0], affine ? std::optional<at::Tensor>(weight) : std::nullopt, saved[2],
+                      saved[3], saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt, need);
     return {grad_input.value_or(at::Tensor()), grad_weight.value_or(at::Tensor()), grad_bias.value_or(at::Tensor()),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor train_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                     const at::Tensor& running_var, double momentum, double eps) {
-  check_float_cpu(input, "input");
-  TORCH_CHECK_VALUE(input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast), kOp,
-                    "input must be a channels_last (N, C, H, W) tensor, got shape ", input.sizes(), " strides ",
-                    input.strides());
-  return BatchNormChannelsLast::apply(input, weight, bias, running_mean, running_var, momentum, eps);
+                     const at::Tensor& running_var, double momentum, double eps, bool relu) {
+  return BatchNormChannelsLast::apply(input, weight, bias, running_mean, running_var, momentum, eps, relu);
 }
 
 }  // namespace
 
 void register_batch_norm(pybind11::module_& m) {
-  m.def("batch_norm_channels_last_cpu", &train_cpu, pybind11::arg("input"), pybind11::arg("weight"),
-        pybind11::arg("bias"), pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("momentum"),
-        pybind11::arg("eps"),
-        "Training-mode batch norm of a channels_last float32 input (running statistics updated in place), "
-        "differentiable: torch's forward, this extension's backward.");
-  m.def("batch_norm_backward_channels_last_cpu", &backward_cpu, pybind11::arg("grad_out"), pybind11::arg("input"),
-        pybind11::arg("weight"), pybind11::arg("mean"), pybind11::arg("invstd"), pybind11::arg("output_mask"),
-        "Backward of training-mode batch norm for a channels_last float32 input: (grad_input, grad_weight, "
-        "grad_bias), each None when output_mask leaves it out.");
+  using pybind11::arg;
+  m.def("batch_norm_channels_last_cpu", &train_cpu, arg("input"), arg("weight"), arg("bias"), arg("running_mean"),
+        arg("running_var"), arg("momentum"), arg("eps"), arg("relu"),
+        "Training-mode batch norm (then ReLU when relu) of a channels_last float32 input, running statistics "
+        "updated in place; differentiable (one C++ autograd node).");
+  m.def("batch_norm_forward_channels_last_cpu", &forward_cpu, arg("input"), arg("weight"), arg("bias"),
+        arg("running_mean"), arg("running_var"), arg("momentum"), arg("eps"), arg("relu"),
+        "Forward of training-mode batch norm (then ReLU when relu): (out, mean, invstd); running statistics "
+        "updated in place.");
+  m.def("batch_norm_backward_channels_last_cpu", &backward_cpu, arg("grad_out"), arg("input"), arg("weight"),
+        arg("mean"), arg("invstd"), arg("relu_out"), arg("output_mask"),
+        "Backward of training-mode batch norm (through the ReLU when relu_out is given): (grad_input, "
+        "grad_weight, grad_bias), each None when output_mask leaves it out.");
 }
 
 }  // namespace bindings

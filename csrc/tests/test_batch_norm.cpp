@@ -1,5 +1,6 @@
-// Unit tests of the torch-free channels_last batch-norm backward (csrc/kernels/cpu/batch_norm.*)
-// against naive double loops: channel counts that are and are not a divisor or multiple of a
+// Unit tests of the torch-free channels_last batch norm (csrc/kernels/cpu/batch_norm.*) against
+// naive double loops -- the forward with and without ReLU, the running statistics, and the
+// backward: channel counts that are and are not a divisor or multiple of a
 // tile (1, 3, 8, 16, 24, 40), row counts with a partial last tile and several blocks, with and
 // without an affine weight, each output alone; results independent of the thread count. Built
 // and run by CMake/ctest.
@@ -7,6 +8,7 @@
 #include "tests/cpu_isa_test.h"
 #include "tests/expect.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -79,7 +81,7 @@ void test_values(int64_t rows, int64_t c, bool affine, int threads) {
   const Grads want = naive(p, affine);
   std::vector<float> dx(rows * c, -7.0f), dw(c, -7.0f), db(c, -7.0f);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
-                                                   p.invstd.data(), affine ? p.weight.data() : nullptr, dx.data(),
+                                                   p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr, dx.data(),
                                                    dw.data(), db.data(), threads);
   EXPECT(rel_error(dx.data(), want.dx) < 2e-5, "rows %lld C %lld affine %d: grad_input error %g",
          static_cast<long long>(rows), static_cast<long long>(c), affine, rel_error(dx.data(), want.dx));
@@ -91,14 +93,14 @@ void test_values(int64_t rows, int64_t c, bool affine, int threads) {
   // Each output alone: the same values, and nothing else written.
   std::vector<float> dx_only(rows * c, -7.0f), dw_only(c, -7.0f), db_only(c, -7.0f);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
-                                                   p.invstd.data(), affine ? p.weight.data() : nullptr,
+                                                   p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
                                                    dx_only.data(), nullptr, nullptr, threads);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
                                                    p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
-                                                   dw_only.data(), nullptr, threads);
+                                                   nullptr, dw_only.data(), nullptr, threads);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
                                                    p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
-                                                   nullptr, db_only.data(), threads);
+                                                   nullptr, nullptr, db_only.data(), threads);
   EXPECT(std::memcmp(dx_only.data(), dx.data(), dx.size() * sizeof(float)) == 0, "grad_input alone differs");
   EXPECT(std::memcmp(dw_only.data(), dw.data(), dw.size() * sizeof(float)) == 0, "grad_weight alone differs");
   EXPECT(std::memcmp(db_only.data(), db.data(), db.size() * sizeof(float)) == 0, "grad_bias alone differs");
@@ -111,7 +113,7 @@ void test_thread_count_invariance() {
   for (int threads : {1, 2, 3, 5}) {
     std::vector<float> dx(p.rows * p.c), dw(p.c), db(p.c);
     mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), p.rows, p.c, p.mean.data(),
-                                                     p.invstd.data(), p.weight.data(), dx.data(), dw.data(),
+                                                     p.invstd.data(), p.weight.data(), nullptr, dx.data(), dw.data(),
                                                      db.data(), threads);
     if (ref_dx.empty()) {
       ref_dx = dx, ref_dw = dw, ref_db = db;
@@ -124,10 +126,69 @@ void test_thread_count_invariance() {
   }
 }
 
+// The forward (statistics, output with and without ReLU, running statistics) against double
+// loops, then the backward with the ReLU mask against the plain backward of the masked gradient.
+void test_forward_and_relu(int64_t rows, int64_t c, int threads) {
+  std::mt19937 rng(static_cast<unsigned>(rows * 7 + c));
+  const Problem p = make(rows, c, rng);
+  std::vector<float> y(rows * c), y_relu(rows * c), mean(c), invstd(c), rm(c, 0.5f), rv(c, 2.0f);
+  std::vector<float> rm2(rm), rv2(rv), mean2(c), invstd2(c);
+  const float momentum = 0.1f, eps = 1e-5f;
+  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), eps, false,
+                                                  y.data(), mean.data(), invstd.data(), rm.data(), rv.data(),
+                                                  momentum, threads);
+  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), eps, true,
+                                                  y_relu.data(), mean2.data(), invstd2.data(), rm2.data(), rv2.data(),
+                                                  momentum, threads);
+  double worst = 0.0, worst_stat = 0.0;
+  for (int64_t k = 0; k < c; ++k) {
+    double m = 0.0, v = 0.0;
+    for (int64_t r = 0; r < rows; ++r) m += p.x[r * c + k];
+    m /= rows;
+    for (int64_t r = 0; r < rows; ++r) v += (p.x[r * c + k] - m) * (p.x[r * c + k] - m);
+    v /= rows;
+    const double s = 1.0 / std::sqrt(v + eps);
+    const double unbiased = rows > 1 ? v * rows / (rows - 1) : v;
+    worst_stat = std::max({worst_stat, std::fabs(mean[k] - m) / (1.0 + std::fabs(m)), std::fabs(invstd[k] - s) / s,
+                           std::fabs(rm[k] - (0.9 * 0.5 + 0.1 * m)) / (1.0 + std::fabs(m)),
+                           std::fabs(rv[k] - (0.9 * 2.0 + 0.1 * unbiased)) / (1.0 + unbiased)});
+    for (int64_t r = 0; r < rows; ++r) {
+      const double want = (p.x[r * c + k] - m) * s * p.weight[k] + p.invstd[k];  // invstd as a bias: any values
+      worst = std::max(worst, std::fabs(y[r * c + k] - want) / (1.0 + std::fabs(want)));
+      EXPECT(y_relu[r * c + k] == std::max(y[r * c + k], 0.0f), "relu output differs at %lld",
+             static_cast<long long>(r * c + k));
+    }
+  }
+  EXPECT(worst < 1e-5, "rows %lld C %lld: forward error %g", static_cast<long long>(rows), static_cast<long long>(c),
+         worst);
+  EXPECT(worst_stat < 1e-5, "rows %lld C %lld: statistics error %g", static_cast<long long>(rows),
+         static_cast<long long>(c), worst_stat);
+  EXPECT(std::memcmp(mean.data(), mean2.data(), c * sizeof(float)) == 0 &&
+             std::memcmp(invstd.data(), invstd2.data(), c * sizeof(float)) == 0,
+         "the ReLU changed the statistics");
+
+  // Backward through the ReLU == the plain backward of the gradient zeroed where y_relu <= 0.
+  std::vector<float> masked(p.dy);
+  for (int64_t i = 0; i < rows * c; ++i)
+    if (!(y_relu[i] > 0.0f)) masked[i] = 0.0f;
+  std::vector<float> dx(rows * c), dw(c), db(c), dx_m(rows * c), dw_m(c), db_m(c);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
+                                                   p.weight.data(), y_relu.data(), dx.data(), dw.data(), db.data(),
+                                                   threads);
+  mgm_fast::cpu::batch_norm_backward_channels_last(masked.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
+                                                   p.weight.data(), nullptr, dx_m.data(), dw_m.data(), db_m.data(),
+                                                   threads);
+  EXPECT(std::memcmp(dx.data(), dx_m.data(), dx.size() * sizeof(float)) == 0 &&
+             std::memcmp(dw.data(), dw_m.data(), dw.size() * sizeof(float)) == 0 &&
+             std::memcmp(db.data(), db_m.data(), db.size() * sizeof(float)) == 0,
+         "rows %lld C %lld: the ReLU backward differs from the backward of the masked gradient",
+         static_cast<long long>(rows), static_cast<long long>(c));
+}
+
 void test_empty_batch() {
   float mean = 0.0f, invstd = 1.0f, dw = -7.0f, db = -7.0f;
-  mgm_fast::cpu::batch_norm_backward_channels_last(nullptr, nullptr, 0, 1, &mean, &invstd, nullptr, nullptr, &dw,
-                                                   &db, 1);
+  mgm_fast::cpu::batch_norm_backward_channels_last(nullptr, nullptr, 0, 1, &mean, &invstd, nullptr, nullptr, nullptr,
+                                                   &dw, &db, 1);
   EXPECT(dw == 0.0f && db == 0.0f, "empty batch: grad_weight %g, grad_bias %g (want 0)", dw, db);
 }
 
@@ -140,6 +201,10 @@ int main() {
       test_values(rows, c, true, rows > 1000 ? 2 : 1);
     }
     test_values(300, c, false, 1);
+  }
+  for (int64_t c : {3, 8, 24}) {
+    test_forward_and_relu(5, c, 1);
+    test_forward_and_relu(8 * 32 * 32 + 1, c, 2);
   }
   test_thread_count_invariance();
   test_empty_batch();

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
@@ -254,7 +255,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"SyncBatchNorm: expected input of shape (N, C, *), got {tuple(x.shape)}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """BatchNorm of ``x``, then ``F.relu`` with ``relu`` (the signature of the networks'
+        :class:`~mgm_fast.models.layers.BatchNorm2d`, which it replaces)."""
+        out = self._normalize(x)
+        return F.relu(out) if relu else out
+
+    def _normalize(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if not (self.training and self.world.enabled):
             return super().forward(x)

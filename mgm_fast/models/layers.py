@@ -324,10 +324,10 @@ class BatchNorm2d(nn.BatchNorm2d):
     its forward returns (a layer called twice is counted twice); the layer itself then calls
     ``aten._batch_norm_with_update``, the op ``F.batch_norm`` ends in, directly -- or, with an
     ``impl`` other than "reference" (:func:`use_batch_norm_impl`), the op
-    :func:`~mgm_fast.ops.batch_norm.batch_norm_train`: the same forward, and on the CPU a fused
-    channels_last backward. With
-    ``momentum=None`` the counter sets the running-average factor of the call itself, so such a
-    layer counts as usual. Called on its own, it is ``nn.BatchNorm2d``.
+    :func:`~mgm_fast.ops.batch_norm.batch_norm_train` (on the CPU, channels_last: the
+    extension's kernels). ``layer(x, relu=True)`` is ``F.relu(layer(x))``, which the op fuses.
+    With ``momentum=None`` the counter sets the running-average factor of the call itself, so
+    such a layer counts as usual. Called on its own, it is ``nn.BatchNorm2d`` (then ``F.relu``).
     """
 
     _counted_calls: list[Tensor] | None = None
@@ -336,22 +336,27 @@ class BatchNorm2d(nn.BatchNorm2d):
     impl: str = "reference"
     """The backend of the deferred path (``ModelConfig.batch_norm_impl``; a plain attribute)."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, relu: bool = False) -> Tensor:
+        """BatchNorm of ``input``, then ``F.relu`` with ``relu`` (the op fuses the two)."""
         if torch.compiler.is_compiling():  # a compiled graph fuses the increments itself
-            return super().forward(input)
+            return _relu_if(super().forward(input), relu)
         calls = self._counted_calls
         if calls is None or not (self.training and self.track_running_stats) or self.momentum is None:
-            return super().forward(input)
+            return _relu_if(super().forward(input), relu)
         self._check_input_dim(input)
         F._verify_batch_size(input.size())
         calls.append(self.num_batches_tracked)
         if self.impl != "reference":
             return batch_norm_train(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                    self.momentum, self.eps, impl=self.impl)  # fmt: skip
+                                    self.momentum, self.eps, relu, impl=self.impl)  # fmt: skip
         # The op F.batch_norm reaches in training (same backend choice: cuDNN, MIOpen or native),
         # without the empty "reserve" tensor its composite wrapper dispatches on every call.
-        return _BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                       self.momentum, self.eps)[0]  # fmt: skip
+        return _relu_if(_BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                                self.momentum, self.eps)[0], relu)  # fmt: skip
+
+
+def _relu_if(x: Tensor, relu: bool) -> Tensor:
+    return F.relu(x) if relu else x
 
 
 def use_batch_norm_impl(module: nn.Module, impl: str) -> None:
@@ -495,7 +500,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn1(self.conv1(x), relu=True)
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
         return F.relu(out + shortcut)

@@ -64,7 +64,7 @@ class Encoder(nn.Module):
 
     @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = F.max_pool2d(self.bn1(self.conv1(x), relu=True), 3, 2, 1)
         for i in range(self.num_layers):
             x = getattr(self, f"layer{i + 1}")(x)
         return x
@@ -98,10 +98,10 @@ class DenseDecoder(nn.Module):
     @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
         for k in range(self.num_stages):
-            x = F.relu(getattr(self, f"bn_upconv{k}")(getattr(self, f"upconv{k}")(x)))
+            x = getattr(self, f"bn_upconv{k}")(getattr(self, f"upconv{k}")(x), relu=True)
             x = getattr(self, f"conv_decode{k}")(x)
             if k < self.num_stages - 1:
-                x = F.relu(getattr(self, f"bn_decode{k}")(x))
+                x = getattr(self, f"bn_decode{k}")(x, relu=True)
         return x
 
 

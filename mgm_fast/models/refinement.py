@@ -49,7 +49,7 @@ class PostEncoder(nn.Module):
 
     @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = F.max_pool2d(self.bn1(self.conv1(x), relu=True), 3, 2, 1)
         for i in range(self.num_layers):
             x = getattr(self, f"layer{i + 1}")(x)
         return x.amax(dim=(2, 3))

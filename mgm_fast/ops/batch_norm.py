@@ -1,11 +1,11 @@
-"""Training-mode batch normalisation of (N, C, H, W) activations, with a fast CPU backward for
-channels_last inputs.
+"""Training-mode batch normalisation of (N, C, H, W) activations, optionally followed by ReLU,
+with fused CPU kernels for channels_last inputs.
 
-``batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, *, impl)``
-returns ``(input - mean) / sqrt(var + eps) * weight + bias`` with the batch's per-channel mean
-and biased variance, and updates ``running_mean`` / ``running_var`` in place with the unbiased
-variance and ``momentum`` (``nn.BatchNorm2d`` in training mode; the op ``F.batch_norm`` ends in,
-``aten._batch_norm_with_update``).
+``batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, relu=False,
+*, impl)`` returns ``(input - mean) / sqrt(var + eps) * weight + bias`` with the batch's
+per-channel mean and biased variance (then ``max(., 0)`` with ``relu``), and updates
+``running_mean`` / ``running_var`` in place with the unbiased variance and ``momentum``
+(``nn.BatchNorm2d`` in training mode, then ``F.relu``).
 
 Shapes and dtypes: ``input`` (N, C, H, W) floating, any dense layout; ``weight``, ``bias`` (C,)
 or None (no affine transform); ``running_mean``, ``running_var`` (C,) buffers. The output has the
@@ -13,23 +13,26 @@ input's shape, dtype and memory format.
 
 Backends (``impl=``):
 
-* ``reference`` -- ``aten._batch_norm_with_update`` with torch's own autograd: any device,
-  dtype and layout (cuDNN / MIOpen / native kernels, as ``F.batch_norm`` picks them).
-* ``cpp`` -- float32 channels_last CPU inputs: the same forward (the same aten op, so outputs
-  and running statistics are bit-identical to ``reference``), and the backward of
-  csrc/kernels/cpu/batch_norm.*. Eagerly, forward and backward are one C++ autograd node of the
-  extension (no Python runs in the backward); traced by ``torch.compile``, an
-  ``autograd.Function`` whose backward is the custom op ``mgm_fast::batch_norm_backward_cpp``. Torch's
-  channels_last CPU backward walks one row of C floats at a time; at few channels that are not
-  a multiple of a vector (C = 8 or 24 at the tiny preset) it is 10-50x slower than its NCHW
-  backward. The kernel walks the (N*H*W, C) matrix in tiles of lcm(C, 16) floats whose lanes
-  have a fixed channel, and its sums do not depend on the thread count. Once differentiable.
+* ``reference`` -- ``aten._batch_norm_with_update`` (the op ``F.batch_norm`` runs in training)
+  and ``F.relu``, with torch's autograd: any device, dtype and layout.
+* ``cpp`` -- float32 channels_last CPU inputs: csrc/kernels/cpu/batch_norm.*, forward (mean, then
+  the sum of squared deviations, then the normalisation with the ReLU in the same pass; the
+  running statistics updated in the kernel) and backward (ReLU's mask applied while reading the
+  gradient). Eagerly, forward and backward are one C++ autograd node of the extension: no Python
+  and no dispatched ATen op in the backward, and no separate ReLU op either way. Traced by
+  ``torch.compile``, an ``autograd.Function`` around the custom ops ``mgm_fast::batch_norm_cpp``
+  and ``mgm_fast::batch_norm_backward_cpp``. Torch's channels_last CPU backward walks one row of C
+  floats at a time; at few channels that are not a multiple of a vector (C = 8 or 24 at the tiny
+  preset) it is 5-25x slower than the kernel. The kernels walk the (N*H*W, C) matrix in tiles of
+  lcm(C, 16) floats whose lanes have a fixed channel, and their sums do not depend on the thread
+  count. Results differ from torch's by float32 rounding (the self-tests hold them to the
+  2x-error rule). Once differentiable.
 
 ``auto`` takes ``cpp`` for the inputs it supports when the extension is built, ``reference``
 otherwise (NCHW, other dtypes, GPUs: their kernels have no such problem). The networks'
 BatchNorm layers call the op in eager training steps (:class:`mgm_fast.models.layers.BatchNorm2d`
-with ``ModelConfig.batch_norm_impl``); compiled networks keep ``nn.BatchNorm2d``, whose backward
-inductor generates itself.
+with ``ModelConfig.batch_norm_impl``, ``relu=True`` where the network applies a ReLU next);
+compiled networks keep ``nn.BatchNorm2d`` and ``F.relu``, which inductor fuses itself.
 
 Argument errors are ``ValueError`` naming the tensor: a 4-d floating input, (C,) weight, bias and
 running statistics.
@@ -38,6 +41,7 @@ running statistics.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mgm_fast.ops._dispatch import (
@@ -48,7 +52,7 @@ from mgm_fast.ops._dispatch import (
     native_function,
     reference_backend,
 )
-from mgm_fast.ops._library import autocast_off, once_differentiable, or_placeholder, placeholder, qualname
+from mgm_fast.ops._library import once_differentiable, or_placeholder, placeholder, qualname
 from mgm_fast.ops._selftest import Case
 from mgm_fast.ops._selftest import Inputs as CaseInputs
 
@@ -59,35 +63,50 @@ _WITH_UPDATE = torch.ops.aten._batch_norm_with_update.default
 
 
 def batch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
-                         running_var: Tensor, momentum: float, eps: float) -> Tensor:  # fmt: skip
+                         running_var: Tensor, momentum: float, eps: float, relu: bool = False) -> Tensor:  # fmt: skip
     """The op's plain-PyTorch twin: ``aten._batch_norm_with_update`` (what ``F.batch_norm`` runs
-    in training mode), differentiable by torch's autograd. Without an affine transform it passes
-    a weight of ones and a bias of zeros (the same values): torch 2.13's CPU backward of the op
-    raises without a weight."""
+    in training mode), then ``F.relu`` with ``relu``, differentiable by torch's autograd. Without
+    an affine transform it passes a weight of ones and a bias of zeros (the same values): torch
+    2.13's CPU backward of the op raises without a weight."""
     if weight is None:
         weight = torch.ones(input.shape[1], dtype=input.dtype, device=input.device)
     if bias is None:
         bias = torch.zeros(input.shape[1], dtype=input.dtype, device=input.device)
-    return _WITH_UPDATE(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    out = _WITH_UPDATE(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    return F.relu(out) if relu else out
 
 
 # ---------------------------------------------------------------------------------------------
-# cpp: the aten forward, and the backward behind the custom op mgm_fast::batch_norm_backward_cpp
+# cpp: one C++ autograd node eagerly; traced, the custom ops mgm_fast::batch_norm_cpp (forward,
+# updates the running statistics) and mgm_fast::batch_norm_backward_cpp in an autograd.Function
+
+
+@torch.library.custom_op(qualname("batch_norm_cpp"), mutates_args=("running_mean", "running_var"))
+def _cpp_forward_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+                    running_var: Tensor, momentum: float, eps: float, relu: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(out (channels_last), batch mean, invstd); the running statistics are updated in place."""
+    return native_function("batch_norm_forward_channels_last_{device}", "cpu")(
+        input, weight, bias, running_mean, running_var, momentum, eps, relu)
+
+
+@_cpp_forward_op.register_fake
+def _(input, weight, bias, running_mean, running_var, momentum, eps, relu):
+    c = input.shape[1]
+    return torch.empty_like(input, memory_format=torch.channels_last), input.new_empty(c), input.new_empty(c)
 
 
 @torch.library.custom_op(qualname("batch_norm_backward_cpp"), mutates_args=())
 def _cpp_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
-                     need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                     relu_out: Tensor | None, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(grad input (channels_last), grad weight, grad bias); a placeholder where ``need`` is
-    false."""
-    with autocast_off(input):
-        grads = native_function("batch_norm_backward_channels_last_{device}", "cpu")(
-            grad_out, input, weight, mean, invstd, list(need))
+    false. With ``relu_out`` (the forward's output) the gradient passes the ReLU first."""
+    grads = native_function("batch_norm_backward_channels_last_{device}", "cpu")(
+        grad_out, input, weight, mean, invstd, relu_out, list(need))
     return tuple(or_placeholder(d, like) for d, like in zip(grads, (input, mean, mean)))
 
 
 @_cpp_backward_op.register_fake
-def _(grad_out, input, weight, mean, invstd, need):
+def _(grad_out, input, weight, mean, invstd, relu_out, need):
     grad_input = torch.empty_like(input, memory_format=torch.channels_last) if need[0] else placeholder(input)
     return (grad_input, *(mean.new_empty(mean.shape) if n else placeholder(mean) for n in need[1:]))
 
@@ -96,30 +115,31 @@ once_differentiable(_cpp_backward_op, "batch_norm (cpp backend)")
 
 
 class _BatchNormCpp(torch.autograd.Function):
-    """The aten forward (batch statistics, running-statistics update) with the cpp backward."""
+    """The traced form of the cpp backend: the custom ops with Python autograd."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
-        out, mean, invstd, _ = _WITH_UPDATE(input, weight, bias, running_mean, running_var, momentum, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, relu):
+        out, mean, invstd = _cpp_forward_op(input, weight, bias, running_mean, running_var, momentum, eps, relu)
+        ctx.save_for_backward(input, weight, mean, invstd, out if relu else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, weight, mean, invstd = ctx.saved_tensors
+        input, weight, mean, invstd, relu_out = ctx.saved_tensors
         need = [bool(n) for n in ctx.needs_input_grad[:3]]
         if weight is None:
             need[1] = need[2] = False
-        grads = _cpp_backward_op(grad_out, input, weight, mean, invstd, need)
-        return (*(d if n else None for d, n in zip(grads, need)), None, None, None, None)
+        grads = _cpp_backward_op(grad_out, input, weight, mean, invstd, relu_out, need)
+        return (*(d if n else None for d, n in zip(grads, need)), None, None, None, None, None)
 
 
-def _cpp(input, weight, bias, running_mean, running_var, momentum, eps):
-    if torch.compiler.is_compiling():  # traced: Python autograd, the backward as a custom op
-        return _BatchNormCpp.apply(input, weight, bias, running_mean, running_var, momentum, eps)
-    # eager: the same in one C++ autograd node (no Python in the backward; ~20-40 us less per call)
+def _cpp(input, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    momentum, eps, relu = float(momentum), float(eps), bool(relu)
+    if torch.compiler.is_compiling():
+        return _BatchNormCpp.apply(input, weight, bias, running_mean, running_var, momentum, eps, relu)
+    # eager: one C++ autograd node (no Python in the backward; ~20-40 us less per call)
     return native_function("batch_norm_channels_last_{device}", "cpu")(
-        input, weight, bias, running_mean, running_var, float(momentum), float(eps))
+        input, weight, bias, running_mean, running_var, momentum, eps, relu)
 
 
 def _cpp_reasons(inputs: Inputs) -> list[str]:
@@ -154,25 +174,27 @@ OP = define_op(_NAME, "training-mode batch norm; channels_last CPU backward", [
 
 
 def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
-                     running_var: Tensor, momentum: float, eps: float, *, impl: str = "auto") -> Tensor:  # fmt: skip
-    """Training-mode batch norm of ``input`` (see the module docstring).
+                     running_var: Tensor, momentum: float, eps: float, relu: bool = False, *,
+                     impl: str = "auto") -> Tensor:  # fmt: skip
+    """Training-mode batch norm of ``input``, then ReLU with ``relu`` (see the module docstring).
 
     Args:
         input: (N, C, H, W) floating, any dense layout; gradients flow into it.
         weight, bias: (C,) or None.
         running_mean, running_var: (C,) buffers, updated in place.
         momentum: the running averages' factor; eps: added to the variance.
+        relu: apply ``max(., 0)`` to the result (fused into the cpp kernels).
         impl: "auto" | "reference" | "cpp".
     """
     _check(input, weight, bias, running_mean, running_var)
-    return OP(input, weight, bias, running_mean, running_var, momentum, eps, impl=impl)
+    return OP(input, weight, bias, running_mean, running_var, momentum, eps, relu, impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------
 # self-test cases (mgm_fast.ops._selftest)
 
 
-def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool = True) -> Case:
+def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool = True, relu: bool = False) -> Case:
     c = shape[1]
 
     def build(gen: torch.Generator) -> CaseInputs:
@@ -183,18 +205,18 @@ def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool =
         bias = torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
         running = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64))
         grad = (0, 1, 2) if affine else (0,)
-        return CaseInputs(args=(x, weight, bias, *running, 0.1, 1e-5), grad=grad, channels_last=(0,))
+        return CaseInputs(args=(x, weight, bias, *running, 0.1, 1e-5, relu), grad=grad, channels_last=(0,))
 
     return Case(_NAME, name, size, build)
 
 
 def _selftest_cases() -> list[Case]:
     return [
-        _case("b3 c8 9x11", "small", (3, 8, 9, 11)),
+        _case("b3 c8 9x11 + relu", "small", (3, 8, 9, 11), relu=True),
         _case("b2 c24 5x7", "small", (2, 24, 5, 7)),
         _case("b2 c5 6x6 no affine", "small", (2, 5, 6, 6), affine=False),
-        _case("tiny decoder b8 c8 64x64", "small", (8, 8, 64, 64)),
-        _case("paper encoder b32 c64 64x64", "paper", (32, 64, 64, 64)),
+        _case("tiny decoder b8 c8 64x64 + relu", "small", (8, 8, 64, 64), relu=True),
+        _case("paper encoder b32 c64 64x64 + relu", "paper", (32, 64, 64, 64), relu=True),
     ]
 
 

@@ -398,17 +398,29 @@ CASES += [
 # batch_norm
 
 
-def _batch_norm_backward_args(affine: bool, need: list[bool]):
-    g = _gen("batch_norm backward", affine, need)
+def _batch_norm_forward_args(affine: bool, relu: bool):
+    g = _gen("batch_norm forward", affine, relu)
+    x = _randn(g, 2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    weight, bias = (_randn(g, 5), _randn(g, 5)) if affine else (None, None)
+    return (x, weight, bias, torch.zeros(5), torch.ones(5), 0.1, 1e-5, relu), {}
+
+
+def _batch_norm_backward_args(affine: bool, need: list[bool], relu: bool = False):
+    g = _gen("batch_norm backward", affine, need, relu)
     x = _randn(g, 2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
     grad_out = _randn(g, 2, 5, 3, 4)  # contiguous: the kernel reads it channels_last
     weight = _randn(g, 5) if affine else None
     mean, invstd = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False).add(1e-5).rsqrt()
-    return (grad_out, x, weight, mean, invstd, need), {}
+    relu_out = torch.relu(x - 0.2) if relu else None  # any channels_last tensor: its positive entries count
+    return (grad_out, x, weight, mean, invstd, relu_out, need), {}
 
 
 CASES += [
+    Case("batch_norm_cpp", "b2 c5 3x4 + relu", lambda: _batch_norm_forward_args(True, True), NO_AUTOGRAD),
+    Case("batch_norm_cpp", "no affine transform", lambda: _batch_norm_forward_args(False, False), NO_AUTOGRAD),
     Case("batch_norm_backward_cpp", "b2 c5 3x4, all gradients", lambda: _batch_norm_backward_args(True, [True] * 3),
+         NO_AUTOGRAD),
+    Case("batch_norm_backward_cpp", "through the relu", lambda: _batch_norm_backward_args(True, [True] * 3, True),
          NO_AUTOGRAD),
     Case("batch_norm_backward_cpp", "no affine weight, input gradient only",
          lambda: _batch_norm_backward_args(False, [True, False, False]), NO_AUTOGRAD),
@@ -496,7 +508,7 @@ def test_every_backend_op_is_a_custom_op_of_the_namespace():
         "cbn_relu_conv3x3_cuda_forward", "multitask_loss_cpp", "multitask_loss_cuda", "multitask_loss_triton",
         "ntxent_rows_cpp", "ntxent_rows_cuda", "ntxent_rows_triton", "noisy_cpp", "noisy_triton", "hinge_d_triton",
         "hinge_g_triton", "simclr_views_cpp",
-        "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp", "batch_norm_backward_cpp",
+        "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp", "batch_norm_cpp", "batch_norm_backward_cpp",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
 
@@ -607,7 +619,8 @@ def test_attention_compiles_and_matches_eager(monkeypatch):
 
 
 @needs_cpp
-def test_batch_norm_compiles_and_matches_eager():
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_compiles_and_matches_eager(relu):
     """Traced, the cpp backend is a Python autograd.Function around the custom op; eagerly a C++
     autograd node: the same values, gradients and running statistics."""
     g = _gen("batch_norm compiled")
@@ -617,7 +630,7 @@ def test_batch_norm_compiles_and_matches_eager():
     def run(fn):
         running = [torch.zeros(8), torch.ones(8)]
         leaves = _leaves(x, weight, bias)
-        out = fn(*leaves, *running, 0.1, 1e-5, impl="cpp")
+        out = fn(*leaves, *running, 0.1, 1e-5, relu, impl="cpp")
         return out.detach(), torch.autograd.grad(out.square().sum(), leaves), running
 
     with _no_graph_breaks():

@@ -1,7 +1,8 @@
-// Channels_last batch-norm backward on the CPU (contracts in batch_norm.h).
+// Channels_last batch norm on the CPU (contracts in batch_norm.h).
 #include "batch_norm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -20,56 +21,186 @@ constexpr int64_t kMinBlockFloats = 1 << 14;
 // Below this many elements one thread does everything: the fork costs more.
 constexpr int64_t kParallelFloats = 1 << 15;
 
-// acc_dy[j] += dy[j], acc_dot[j] += dy[j] (x[j] - mean_t[j]) over n floats from a tile start
-// (j: the position in the tile; the last tile may be partial).
-MGM_FAST_ISA_BODY void sums_body(const float* dy, const float* x, int64_t n, int64_t lanes, const float* mean_t,
-                                 float* acc_dy, float* acc_dot) {
+// How the (rows, C) matrix is cut: tiles of `lanes` floats (lane j holds channel j % C), and
+// blocks of whole tiles whose size depends only on (rows, C), so that sums do not depend on the
+// thread count.
+struct Blocks {
+  int64_t c, rows, lanes, block_rows, count;
+  int threads;
+  Blocks(int64_t rows_, int64_t c_, int num_threads) : c(c_), rows(rows_) {
+    lanes = std::lcm(c, kTileFloats);
+    const int64_t tile_rows = lanes / c;
+    const int64_t min_rows = tile_rows * ((kMinBlockFloats + lanes - 1) / lanes);
+    const int64_t spread_rows = ((rows + kMaxBlocks - 1) / kMaxBlocks + tile_rows - 1) / tile_rows * tile_rows;
+    block_rows = std::max(min_rows, spread_rows);
+    count = (rows + block_rows - 1) / block_rows;
+    threads = rows * c >= kParallelFloats ? resolve_threads(num_threads) : 1;
+  }
+  int64_t offset(int64_t b) const { return b * block_rows * c; }                                // first float
+  int64_t size(int64_t b) const { return (std::min(rows, (b + 1) * block_rows) - b * block_rows) * c; }  // floats
+  // A per-channel vector repeated over a tile's lanes.
+  std::vector<float> tiled(const float* per_channel) const {
+    std::vector<float> out(lanes);
+    for (int64_t j = 0; j < lanes; ++j) out[j] = per_channel[j % c];
+    return out;
+  }
+  // Per-channel totals (double) of `sets` lane accumulators per block, added in block order.
+  void fold(const std::vector<float>& partial, int sets, std::vector<std::vector<double>>& out) const {
+    out.assign(sets, std::vector<double>(c, 0.0));
+    for (int64_t b = 0; b < count; ++b) {
+      const float* acc = partial.data() + b * sets * lanes;
+      for (int s = 0; s < sets; ++s)
+        for (int64_t j = 0; j < lanes; ++j) out[s][j % c] += acc[s * lanes + j];
+    }
+  }
+};
+
+// acc[j] += x[j] over n floats from a tile start (j: the position in the tile; the last tile
+// may be partial).
+MGM_FAST_ISA_BODY void sum_body(const float* x, int64_t n, int64_t lanes, float* acc) {
   int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
-    const float* d = dy + e;
+    const float* v = x + e;
+    for (int64_t j = 0; j < lanes; ++j) acc[j] += v[j];
+  }
+  for (int64_t j = 0; e + j < n; ++j) acc[j] += x[e + j];
+}
+constexpr auto& lane_sums = MGM_FAST_ISA_DISPATCH(sum_body);
+
+// acc[j] += (x[j] - mean_t[j])^2.
+MGM_FAST_ISA_BODY void squares_body(const float* x, int64_t n, int64_t lanes, const float* mean_t, float* acc) {
+  int64_t e = 0;
+  for (; e + lanes <= n; e += lanes) {
     const float* v = x + e;
     for (int64_t j = 0; j < lanes; ++j) {
-      acc_dy[j] += d[j];
-      acc_dot[j] += d[j] * (v[j] - mean_t[j]);
+      const float d = v[j] - mean_t[j];
+      acc[j] += d * d;
     }
   }
   for (int64_t j = 0; e + j < n; ++j) {
-    acc_dy[j] += dy[e + j];
-    acc_dot[j] += dy[e + j] * (x[e + j] - mean_t[j]);
+    const float d = x[e + j] - mean_t[j];
+    acc[j] += d * d;
   }
 }
-constexpr auto& sums = MGM_FAST_ISA_DISPATCH(sums_body);
+constexpr auto& lane_squares = MGM_FAST_ISA_DISPATCH(squares_body);
 
-// dx[j] = (dy[j] - mean_dy_t[j]) scale_t[j] - (x[j] - mean_t[j]) proj_t[j] over n floats from
-// a tile start.
-MGM_FAST_ISA_BODY void input_grad_body(const float* dy, const float* x, int64_t n, int64_t lanes,
+// y[j] = (x[j] - mean_t[j]) scale_t[j] + shift_t[j], then max(., 0) with kRelu.
+template <bool kRelu>
+MGM_FAST_ISA_BODY void normalize_body(const float* x, int64_t n, int64_t lanes, const float* mean_t,
+                                      const float* scale_t, const float* shift_t, float* y) {
+  int64_t e = 0;
+  for (; e + lanes <= n; e += lanes) {
+    const float* v = x + e;
+    float* o = y + e;
+    for (int64_t j = 0; j < lanes; ++j) {
+      const float r = (v[j] - mean_t[j]) * scale_t[j] + shift_t[j];
+      o[j] = kRelu ? std::max(r, 0.0f) : r;
+    }
+  }
+  for (int64_t j = 0; e + j < n; ++j) {
+    const float r = (x[e + j] - mean_t[j]) * scale_t[j] + shift_t[j];
+    y[e + j] = kRelu ? std::max(r, 0.0f) : r;
+  }
+}
+constexpr auto& normalize = MGM_FAST_ISA_DISPATCH(normalize_body<false>);
+constexpr auto& normalize_relu = MGM_FAST_ISA_DISPATCH(normalize_body<true>);
+
+// The gradient reaching the normalisation: dy, or dy where the ReLU's output is positive.
+template <bool kRelu>
+MGM_FAST_INLINE float masked(const float* dy, const float* out, int64_t i) {
+  return kRelu ? (out[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+}
+
+// acc_dy[j] += g[j], acc_dot[j] += g[j] (x[j] - mean_t[j]), g the masked gradient.
+template <bool kRelu>
+MGM_FAST_ISA_BODY void grad_sums_body(const float* dy, const float* x, const float* out, int64_t n, int64_t lanes,
+                                      const float* mean_t, float* acc_dy, float* acc_dot) {
+  int64_t e = 0;
+  for (; e + lanes <= n; e += lanes) {
+    for (int64_t j = 0; j < lanes; ++j) {
+      const float g = masked<kRelu>(dy, out, e + j);
+      acc_dy[j] += g;
+      acc_dot[j] += g * (x[e + j] - mean_t[j]);
+    }
+  }
+  for (int64_t j = 0; e + j < n; ++j) {
+    const float g = masked<kRelu>(dy, out, e + j);
+    acc_dy[j] += g;
+    acc_dot[j] += g * (x[e + j] - mean_t[j]);
+  }
+}
+constexpr auto& grad_sums = MGM_FAST_ISA_DISPATCH(grad_sums_body<false>);
+constexpr auto& grad_sums_relu = MGM_FAST_ISA_DISPATCH(grad_sums_body<true>);
+
+// dx[j] = (g[j] - mean_dy_t[j]) scale_t[j] - (x[j] - mean_t[j]) proj_t[j].
+template <bool kRelu>
+MGM_FAST_ISA_BODY void input_grad_body(const float* dy, const float* x, const float* out, int64_t n, int64_t lanes,
                                        const float* mean_t, const float* mean_dy_t, const float* scale_t,
                                        const float* proj_t, float* dx) {
   int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
-    const float* d = dy + e;
-    const float* v = x + e;
-    float* o = dx + e;
-    for (int64_t j = 0; j < lanes; ++j) o[j] = (d[j] - mean_dy_t[j]) * scale_t[j] - (v[j] - mean_t[j]) * proj_t[j];
+    for (int64_t j = 0; j < lanes; ++j) {
+      const float g = masked<kRelu>(dy, out, e + j);
+      dx[e + j] = (g - mean_dy_t[j]) * scale_t[j] - (x[e + j] - mean_t[j]) * proj_t[j];
+    }
   }
-  for (int64_t j = 0; e + j < n; ++j)
-    dx[e + j] = (dy[e + j] - mean_dy_t[j]) * scale_t[j] - (x[e + j] - mean_t[j]) * proj_t[j];
+  for (int64_t j = 0; e + j < n; ++j) {
+    const float g = masked<kRelu>(dy, out, e + j);
+    dx[e + j] = (g - mean_dy_t[j]) * scale_t[j] - (x[e + j] - mean_t[j]) * proj_t[j];
+  }
 }
-constexpr auto& input_grad = MGM_FAST_ISA_DISPATCH(input_grad_body);
-
-// A per-channel vector repeated over a tile's lanes.
-std::vector<float> tiled(const std::vector<float>& per_channel, int64_t lanes) {
-  std::vector<float> out(lanes);
-  const int64_t c = static_cast<int64_t>(per_channel.size());
-  for (int64_t j = 0; j < lanes; ++j) out[j] = per_channel[j % c];
-  return out;
-}
+constexpr auto& input_grad = MGM_FAST_ISA_DISPATCH(input_grad_body<false>);
+constexpr auto& input_grad_relu = MGM_FAST_ISA_DISPATCH(input_grad_body<true>);
 
 }  // namespace
 
+void batch_norm_forward_channels_last(const float* x, int64_t rows, int64_t channels, const float* weight,
+                                      const float* bias, float eps, bool relu, float* y, float* mean, float* invstd,
+                                      float* running_mean, float* running_var, float momentum, int num_threads) {
+  if (channels <= 0 || rows <= 0) return;
+  const Blocks blk(rows, channels, num_threads);
+  const int64_t c = channels, lanes = blk.lanes;
+  std::vector<float> partial(static_cast<size_t>(blk.count) * lanes, 0.0f);
+  std::vector<std::vector<double>> totals;
+#pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
+  for (int64_t b = 0; b < blk.count; ++b) lane_sums(x + blk.offset(b), blk.size(b), lanes, partial.data() + b * lanes);
+  blk.fold(partial, 1, totals);
+  std::vector<double> mean_d(c);
+  for (int64_t k = 0; k < c; ++k) {
+    mean_d[k] = totals[0][k] / rows;
+    mean[k] = static_cast<float>(mean_d[k]);
+  }
+  const std::vector<float> mean_t = blk.tiled(mean);
+  std::fill(partial.begin(), partial.end(), 0.0f);
+#pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
+  for (int64_t b = 0; b < blk.count; ++b)
+    lane_squares(x + blk.offset(b), blk.size(b), lanes, mean_t.data(), partial.data() + b * lanes);
+  blk.fold(partial, 1, totals);
+  std::vector<float> scale(c), shift(c);
+  for (int64_t k = 0; k < c; ++k) {
+    const double var = totals[0][k] / rows;
+    const double s = 1.0 / std::sqrt(var + static_cast<double>(eps));
+    invstd[k] = static_cast<float>(s);
+    scale[k] = static_cast<float>(s * (weight == nullptr ? 1.0 : static_cast<double>(weight[k])));
+    shift[k] = bias == nullptr ? 0.0f : bias[k];
+    if (running_mean != nullptr) running_mean[k] = (1.0f - momentum) * running_mean[k] + momentum * mean[k];
+    if (running_var != nullptr) {
+      const double unbiased = rows > 1 ? var * rows / (rows - 1) : var;
+      running_var[k] = (1.0f - momentum) * running_var[k] + momentum * static_cast<float>(unbiased);
+    }
+  }
+  const std::vector<float> scale_t = blk.tiled(scale.data()), shift_t = blk.tiled(shift.data());
+#pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
+  for (int64_t b = 0; b < blk.count; ++b) {
+    auto& body = relu ? normalize_relu : normalize;
+    body(x + blk.offset(b), blk.size(b), lanes, mean_t.data(), scale_t.data(), shift_t.data(), y + blk.offset(b));
+  }
+}
+
 void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t rows, int64_t channels,
                                        const float* mean, const float* invstd, const float* weight,
-                                       float* grad_input, float* grad_weight, float* grad_bias, int num_threads) {
+                                       const float* relu_out, float* grad_input, float* grad_weight,
+                                       float* grad_bias, int num_threads) {
   if (channels <= 0) return;
   const int64_t c = channels;
   if (rows <= 0) {  // empty batch: zero sums (torch's value); no input gradient to write
@@ -77,33 +208,22 @@ void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t 
     if (grad_bias != nullptr) std::fill(grad_bias, grad_bias + c, 0.0f);
     return;
   }
-  const int64_t lanes = std::lcm(c, kTileFloats);
-  const int64_t tile_rows = lanes / c;
-  // Block size from (rows, C) only, so the summation order does not depend on the threads.
-  const int64_t min_rows = tile_rows * ((kMinBlockFloats + lanes - 1) / lanes);
-  const int64_t spread_rows = ((rows + kMaxBlocks - 1) / kMaxBlocks + tile_rows - 1) / tile_rows * tile_rows;
-  const int64_t block_rows = std::max(min_rows, spread_rows);
-  const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  const int threads = rows * c >= kParallelFloats ? resolve_threads(num_threads) : 1;
-
-  std::vector<float> mean_c(mean, mean + c);
-  const std::vector<float> mean_t = tiled(mean_c, lanes);
-  std::vector<float> partial(static_cast<size_t>(blocks) * 2 * lanes, 0.0f);
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t r0 = b * block_rows;
-    const int64_t n = (std::min(rows, r0 + block_rows) - r0) * c;
+  const Blocks blk(rows, c, num_threads);
+  const int64_t lanes = blk.lanes;
+  const bool relu = relu_out != nullptr;
+  const std::vector<float> mean_t = blk.tiled(mean);
+  std::vector<float> partial(static_cast<size_t>(blk.count) * 2 * lanes, 0.0f);
+#pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
+  for (int64_t b = 0; b < blk.count; ++b) {
     float* acc = partial.data() + b * 2 * lanes;
-    sums(dy + r0 * c, x + r0 * c, n, lanes, mean_t.data(), acc, acc + lanes);
+    const int64_t o = blk.offset(b);
+    auto& body = relu ? grad_sums_relu : grad_sums;
+    body(dy + o, x + o, relu ? relu_out + o : nullptr, blk.size(b), lanes, mean_t.data(), acc, acc + lanes);
   }
-  std::vector<double> sum_dy(c, 0.0), dot(c, 0.0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float* acc = partial.data() + b * 2 * lanes;
-    for (int64_t j = 0; j < lanes; ++j) {
-      sum_dy[j % c] += acc[j];
-      dot[j % c] += acc[lanes + j];
-    }
-  }
+  std::vector<std::vector<double>> totals;
+  blk.fold(partial, 2, totals);
+  const std::vector<double>& sum_dy = totals[0];
+  const std::vector<double>& dot = totals[1];
   for (int64_t k = 0; k < c; ++k) {
     if (grad_bias != nullptr) grad_bias[k] = static_cast<float>(sum_dy[k]);
     if (grad_weight != nullptr) grad_weight[k] = static_cast<float>(dot[k] * invstd[k]);
@@ -118,14 +238,14 @@ void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t 
     scale[k] = static_cast<float>(w * s);
     proj[k] = static_cast<float>(w * s * s * s * dot[k] / rows);
   }
-  const std::vector<float> mean_dy_t = tiled(mean_dy, lanes), scale_t = tiled(scale, lanes),
-                           proj_t = tiled(proj, lanes);
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t r0 = b * block_rows;
-    const int64_t n = (std::min(rows, r0 + block_rows) - r0) * c;
-    input_grad(dy + r0 * c, x + r0 * c, n, lanes, mean_t.data(), mean_dy_t.data(), scale_t.data(), proj_t.data(),
-               grad_input + r0 * c);
+  const std::vector<float> mean_dy_t = blk.tiled(mean_dy.data()), scale_t = blk.tiled(scale.data()),
+                           proj_t = blk.tiled(proj.data());
+#pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
+  for (int64_t b = 0; b < blk.count; ++b) {
+    const int64_t o = blk.offset(b);
+    auto& body = relu ? input_grad_relu : input_grad;
+    body(dy + o, x + o, relu ? relu_out + o : nullptr, blk.size(b), lanes, mean_t.data(), mean_dy_t.data(),
+         scale_t.data(), proj_t.data(), grad_input + o);
   }
 }
 

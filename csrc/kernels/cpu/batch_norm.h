@@ -1,4 +1,5 @@
-// Backward of training-mode batch normalisation for channels_last activations.
+// Training-mode batch normalisation (optionally followed by ReLU) of channels_last
+// activations: forward and backward.
 //
 // Torch-free C++17; the torch glue is csrc/bindings/batch_norm.cpp and the op
 // mgm_fast/ops/batch_norm.py. A channels_last (N, C, H, W) tensor is the row-major matrix
@@ -9,7 +10,8 @@
 //   grad_bias[c] = sum_dy[c]            grad_weight[c] = dot[c] invstd[c]
 //   dx[r, c] = w[c] invstd[c] (dy[r, c] - sum_dy[c] / rows - (x[r, c] - mean[c]) invstd[c]^2 dot[c] / rows)
 //
-// (torch's formula). Why a kernel: torch's channels_last CPU backward walks one row of C floats
+// (torch's formula; with a ReLU after the normalisation, dy is first zeroed where the output is
+// not positive). Why a kernel: torch's channels_last CPU backward walks one row of C floats
 // at a time, which at few channels (C = 8, 24: not a multiple of a vector) is 10-50x slower than
 // its NCHW backward. Here the matrix is walked in memory order, in tiles of lcm(C, 16) floats
 // whose lanes have a fixed channel, so every loop is a plain vector loop whatever C is.
@@ -24,13 +26,25 @@
 namespace mgm_fast {
 namespace cpu {
 
+/// Forward: y = (x - mean) invstd w + b, then max(y, 0) when relu, with the batch's mean and
+/// biased variance (two passes: the mean, then the sum of squared deviations), written to
+/// mean[c] and invstd[c] = 1 / sqrt(var + eps). When running_mean / running_var are not nullptr
+/// they are updated in place as torch does: r = (1 - momentum) r + momentum s, with the unbiased
+/// variance var * rows / (rows - 1) for running_var. x, y: rows x channels, row-major float32
+/// (y may not alias x); weight, bias: channels or nullptr (1 and 0). rows >= 1.
+void batch_norm_forward_channels_last(const float* x, int64_t rows, int64_t channels, const float* weight,
+                                      const float* bias, float eps, bool relu, float* y, float* mean, float* invstd,
+                                      float* running_mean, float* running_var, float momentum, int num_threads);
+
 /// dy, x: rows x channels, row-major float32. mean, invstd: channels. weight: channels, or
-/// nullptr (no affine weight: 1). Each output may be nullptr when it is not wanted: grad_input
-/// (rows x channels, row-major; may not alias dy or x), grad_weight and grad_bias (channels).
-/// num_threads <= 0 uses the OpenMP default.
+/// nullptr (no affine weight: 1). relu_out: the forward's output when it applied ReLU (dy counts
+/// where relu_out > 0 only, ReLU's gradient), else nullptr. Each output may be nullptr when it is
+/// not wanted: grad_input (rows x channels, row-major; may not alias dy, x or relu_out),
+/// grad_weight and grad_bias (channels). num_threads <= 0 uses the OpenMP default.
 void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t rows, int64_t channels,
                                        const float* mean, const float* invstd, const float* weight,
-                                       float* grad_input, float* grad_weight, float* grad_bias, int num_threads);
+                                       const float* relu_out, float* grad_input, float* grad_weight,
+                                       float* grad_bias, int num_threads);
 
 }  // namespace cpu
 }  // namespace mgm_fast
