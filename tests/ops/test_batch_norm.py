@@ -147,7 +147,7 @@ def test_argument_errors_name_the_tensor():
 
 
 @needs_cpp
-def test_networks_with_the_op_are_as_accurate_as_torchs_batch_norm():
+def test_networks_with_the_op_are_as_accurate_as_torchs_batch_norm(monkeypatch):
     """The multi-task network in training mode, channels_last, its BatchNorm layers on "auto" (the
     fast engine's, ReLUs fused) and on "reference", both float32, against the same network in
     float64: every output, running statistic and gradient of the fast one is within twice the
@@ -157,6 +157,7 @@ def test_networks_with_the_op_are_as_accurate_as_torchs_batch_norm():
     from mgm_fast.models.layers import use_batch_norm_impl
     from mgm_fast.models.multitask import MultiTaskNet
 
+    monkeypatch.setattr(OP, "resolutions", {})
     torch.manual_seed(0)
     ref = MultiTaskNet(tiny_model()).to(memory_format=torch.channels_last)
     fast = copy.deepcopy(ref)
@@ -171,6 +172,7 @@ def test_networks_with_the_op_are_as_accurate_as_torchs_batch_norm():
         values.update({f"buffer {k}": b for k, b in net.named_buffers() if b.is_floating_point()})
         values.update({f"grad {k}": p.grad for k, p in net.named_parameters() if p.grad is not None})
         results.append({k: v.double() for k, v in values.items()})
+    assert OP.resolutions["cpu float32"]["backend"] == "cpp"  # the fast network's layers ran the op
     plain, fused, exact = results
     scale = {kind: max(float(v.abs().max()) for k, v in exact.items() if k.startswith(kind))
              for kind in ("out", "buffer", "grad")}  # fmt: skip
