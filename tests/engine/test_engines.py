@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mgm_fast import _native, train
-from mgm_fast.config import preset
+from mgm_fast.config import from_dict, preset, to_dict
 from mgm_fast.data.augment import SimCLRAugment
 from mgm_fast.engine import engines
 
@@ -202,6 +202,18 @@ def test_a_record_of_the_compile_flag_reads_as_a_mode():
     record = execution.to_dict()
     for flag, mode in ((True, "default"), (False, "off")):
         assert engines.Execution.from_dict({**record, "compile": flag}).compile == mode
+
+
+def test_a_record_from_before_the_batch_norm_op_reads_as_torchs_batch_norm():
+    """A config.yaml written before ``batch_norm_impl`` existed resumes on what it ran: torch's
+    BatchNorm ("reference"), in the record and in its config (the field's default)."""
+    _, execution = train.resolve_run(train.build_parser().parse_args([]), torch.device("cpu"))
+    assert execution.batch_norm_impl == "auto"
+    record = {k: v for k, v in execution.to_dict().items() if k != "batch_norm_impl"}
+    assert engines.Execution.from_dict(record).batch_norm_impl == "reference"
+    saved = to_dict(preset("tiny"))
+    del saved["model"]["batch_norm_impl"]
+    assert from_dict(saved).model.batch_norm_impl == "reference"
 
 
 def test_config_yaml_holds_the_whole_record(tmp_path):
