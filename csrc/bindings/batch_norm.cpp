@@ -1,15 +1,17 @@
 // Torch glue of the CPU channels_last batch norm (kernel: csrc/kernels/cpu/batch_norm.*).
 //
-// batch_norm_channels_last_cpu(input, weight, bias, running_mean, running_var, momentum, eps, relu)
-//   -> out: training-mode batch norm (then ReLU when relu), differentiable: the kernel's forward
-//   and backward in one C++ autograd node (no Python and no dispatched op in its backward).
+// batch_norm_channels_last_cpu(input, weight, bias, running_mean, running_var, momentum, eps, relu,
+//   residual) -> out: training-mode batch norm (+ residual) (then ReLU when relu), differentiable:
+//   the kernel's forward and backward in one C++ autograd node (no Python and no dispatched op).
 // batch_norm_forward_channels_last_cpu(input, weight, bias, running_mean, running_var, momentum, eps,
-//   relu) -> (out, mean, invstd): the forward alone.
+//   relu, residual) -> (out, mean, invstd): the forward alone.
 // batch_norm_backward_channels_last_cpu(grad_out, input, weight, mean, invstd, relu_out, output_mask)
-//   -> (grad_input or None, grad_weight or None, grad_bias or None): the backward alone.
+//   -> (grad_input, grad_weight, grad_bias, grad_residual), each None when output_mask (4 entries)
+//   leaves it out: the backward alone.
 // input: (N, C, H, W) float32 CPU, channels_last; grad_out shaped like it (copied to channels_last
 // when it is not); weight, bias (C,) or None (no affine transform); running_mean, running_var (C,)
-// float32 buffers, updated in place (momentum: torch's); mean, invstd (C,) the forward's batch
+// float32 buffers, updated in place (momentum: torch's); residual shaped like input, added before
+// the ReLU (a ResNet block's shortcut), or None; mean, invstd (C,) the forward's batch
 // statistics (invstd = 1 / sqrt(biased var + eps)); relu_out: the forward's output when it applied
 // the ReLU, else None. Outputs are channels_last. Called by mgm_fast/ops/batch_norm.py (eager: the
 // first; traced by torch.compile: the other two, behind custom ops, in a Python autograd.Function).
@@ -62,7 +64,8 @@ using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // The checks, the outputs and the kernel call (GIL held or not: see backward_impl).
 Forward forward_impl(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                     const at::Tensor& running_var, double momentum, double eps, bool relu) {
+                     const at::Tensor& running_var, double momentum, double eps, bool relu,
+                     const std::optional<at::Tensor>& residual_in) {
   check_input(input);
   const int64_t c = input.size(1);
   const int64_t rows = input.numel() / std::max<int64_t>(c, 1);
@@ -72,9 +75,17 @@ Forward forward_impl(const at::Tensor& input, const std::optional<at::Tensor>& w
   if (bias.has_value()) check_channels(*bias, c, "bias");
   check_channels(running_mean, c, "running_mean");
   check_channels(running_var, c, "running_var");
+  std::optional<at::Tensor> residual;
+  if (residual_in.has_value()) {
+    check_float_cpu(*residual_in, "residual");
+    TORCH_CHECK_VALUE(residual_in->sizes() == input.sizes(), kOp, "residual ", residual_in->sizes(), " and input ",
+                      input.sizes(), " differ in shape");
+    residual = residual_in->contiguous(at::MemoryFormat::ChannelsLast);
+  }
   at::Tensor out = empty_like_input(input), mean = empty_channels(c), invstd = empty_channels(c);
   cpu::batch_norm_forward_channels_last(input.data_ptr<float>(), rows, c, data_or_null(weight), data_or_null(bias),
-                                        static_cast<float>(eps), relu, out.data_ptr<float>(), mean.data_ptr<float>(),
+                                        data_or_null(residual), static_cast<float>(eps), relu, out.data_ptr<float>(),
+                                        mean.data_ptr<float>(),
                                         invstd.data_ptr<float>(), running_mean.data_ptr<float>(),
                                         running_var.data_ptr<float>(), static_cast<float>(momentum),
                                         at::get_num_threads());
@@ -84,7 +95,8 @@ Forward forward_impl(const at::Tensor& input, const std::optional<at::Tensor>& w
   return {out, mean, invstd};
 }
 
-using OptionalGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+using OptionalGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                                 std::optional<at::Tensor>>;
 
 // The checks, the outputs and the kernel call; the caller holds the GIL or not (the autograd
 // engine's threads run the backward node without it).
@@ -95,7 +107,7 @@ OptionalGrads backward_impl(const at::Tensor& grad_out_in, const at::Tensor& inp
   check_float_cpu(grad_out_in, "grad_out");
   TORCH_CHECK_VALUE(grad_out_in.sizes() == input.sizes(), kOp, "grad_out ", grad_out_in.sizes(), " and input ",
                     input.sizes(), " differ in shape");
-  TORCH_CHECK_VALUE(output_mask.size() == 3, kOp, "output_mask needs 3 entries, got ", output_mask.size());
+  TORCH_CHECK_VALUE(output_mask.size() == 4, kOp, "output_mask needs 4 entries, got ", output_mask.size());
   const int64_t c = input.size(1);
   const int64_t rows = c == 0 ? 0 : input.numel() / c;
   check_channels(mean, c, "mean");
@@ -107,23 +119,24 @@ OptionalGrads backward_impl(const at::Tensor& grad_out_in, const at::Tensor& inp
                       kOp, "relu_out must be the channels_last output of the forward, got ", relu_out->sizes());
   }
   const at::Tensor grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
-  std::optional<at::Tensor> grad_input, grad_weight, grad_bias;
+  std::optional<at::Tensor> grad_input, grad_weight, grad_bias, grad_residual;
   if (output_mask[0]) grad_input = empty_like_input(input);
   if (output_mask[1]) grad_weight = empty_channels(c);
   if (output_mask[2]) grad_bias = empty_channels(c);
-  cpu::batch_norm_backward_channels_last(
-      grad_out.data_ptr<float>(), input.data_ptr<float>(), rows, c, mean.data_ptr<float>(), invstd.data_ptr<float>(),
-      data_or_null(weight), data_or_null(relu_out), grad_input ? grad_input->data_ptr<float>() : nullptr,
-      grad_weight ? grad_weight->data_ptr<float>() : nullptr, grad_bias ? grad_bias->data_ptr<float>() : nullptr,
-      at::get_num_threads());
-  return {grad_input, grad_weight, grad_bias};
+  if (output_mask[3]) grad_residual = empty_like_input(input);
+  auto ptr = [](std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; };
+  cpu::batch_norm_backward_channels_last(grad_out.data_ptr<float>(), input.data_ptr<float>(), rows, c,
+                                         mean.data_ptr<float>(), invstd.data_ptr<float>(), data_or_null(weight),
+                                         data_or_null(relu_out), ptr(grad_input), ptr(grad_weight), ptr(grad_bias),
+                                         ptr(grad_residual), at::get_num_threads());
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 Forward forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
-                    double momentum, double eps, bool relu) {
+                    double momentum, double eps, bool relu, const std::optional<at::Tensor>& residual) {
   pybind11::gil_scoped_release no_gil;
-  return forward_impl(input, weight, bias, running_mean, running_var, momentum, eps, relu);
+  return forward_impl(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual);
 }
 
 OptionalGrads backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -140,9 +153,15 @@ class BatchNormChannelsLast : public torch::autograd::Function<BatchNormChannels
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& running_mean, const at::Tensor& running_var, double momentum, double eps,
-                            bool relu) {
-    auto [out, mean, invstd] = forward_impl(input, weight, bias, running_mean, running_var, momentum, eps, relu);
+                            bool relu, const std::optional<at::Tensor>& residual) {
+    auto [out, mean, invstd] =
+        forward_impl(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd, relu ? out : at::Tensor()});
+    // needs_input_grad counts the tensor arguments that were given: where bias and residual are.
+    const bool has_weight = weight.has_value() && weight->defined(), has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["bias_edge"] = has_bias ? static_cast<int64_t>(1 + has_weight) : int64_t{-1};
+    ctx->saved_data["residual_edge"] =
+        residual.has_value() && residual->defined() ? static_cast<int64_t>(3 + has_weight + has_bias) : int64_t{-1};
     return out;
   }
 
@@ -154,20 +173,24 @@ class BatchNormChannelsLast : public torch::autograd::Function<BatchNormChannels
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[1];
     const bool affine = weight.defined();
+    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
+    const int64_t residual_edge = ctx->saved_data["residual_edge"].toInt();
     const std::vector<bool> need{ctx->needs_input_grad(0), affine && ctx->needs_input_grad(1),
-                                 affine && ctx->needs_input_grad(2)};
-    auto [grad_input, grad_weight, grad_bias] =
+                                 bias_edge >= 0 && ctx->needs_input_grad(bias_edge),
+                                 residual_edge >= 0 && ctx->needs_input_grad(residual_edge)};
+    auto [grad_input, grad_weight, grad_bias, grad_residual] =
         backward_impl(grads[0], saved[0], affine ? std::optional<at::Tensor>(weight) : std::nullopt, saved[2],
                       saved[3], saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt, need);
     return {grad_input.value_or(at::Tensor()), grad_weight.value_or(at::Tensor()), grad_bias.value_or(at::Tensor()),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_residual.value_or(at::Tensor())};
   }
 };
 
 at::Tensor train_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                     const at::Tensor& running_var, double momentum, double eps, bool relu) {
-  return BatchNormChannelsLast::apply(input, weight, bias, running_mean, running_var, momentum, eps, relu);
+                     const at::Tensor& running_var, double momentum, double eps, bool relu,
+                     const std::optional<at::Tensor>& residual) {
+  return BatchNormChannelsLast::apply(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual);
 }
 
 }  // namespace
@@ -175,17 +198,17 @@ at::Tensor train_cpu(const at::Tensor& input, const std::optional<at::Tensor>& w
 void register_batch_norm(pybind11::module_& m) {
   using pybind11::arg;
   m.def("batch_norm_channels_last_cpu", &train_cpu, arg("input"), arg("weight"), arg("bias"), arg("running_mean"),
-        arg("running_var"), arg("momentum"), arg("eps"), arg("relu"),
+        arg("running_var"), arg("momentum"), arg("eps"), arg("relu"), arg("residual"),
         "Training-mode batch norm (then ReLU when relu) of a channels_last float32 input, running statistics "
         "updated in place; differentiable (one C++ autograd node).");
   m.def("batch_norm_forward_channels_last_cpu", &forward_cpu, arg("input"), arg("weight"), arg("bias"),
-        arg("running_mean"), arg("running_var"), arg("momentum"), arg("eps"), arg("relu"),
+        arg("running_mean"), arg("running_var"), arg("momentum"), arg("eps"), arg("relu"), arg("residual"),
         "Forward of training-mode batch norm (then ReLU when relu): (out, mean, invstd); running statistics "
         "updated in place.");
   m.def("batch_norm_backward_channels_last_cpu", &backward_cpu, arg("grad_out"), arg("input"), arg("weight"),
         arg("mean"), arg("invstd"), arg("relu_out"), arg("output_mask"),
         "Backward of training-mode batch norm (through the ReLU when relu_out is given): (grad_input, "
-        "grad_weight, grad_bias), each None when output_mask leaves it out.");
+        "grad_weight, grad_bias, grad_residual), each None when output_mask leaves it out.");
 }
 
 }  // namespace bindings

@@ -82,7 +82,7 @@ void test_values(int64_t rows, int64_t c, bool affine, int threads) {
   std::vector<float> dx(rows * c, -7.0f), dw(c, -7.0f), db(c, -7.0f);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
                                                    p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr, dx.data(),
-                                                   dw.data(), db.data(), threads);
+                                                   dw.data(), db.data(), nullptr, threads);
   EXPECT(rel_error(dx.data(), want.dx) < 2e-5, "rows %lld C %lld affine %d: grad_input error %g",
          static_cast<long long>(rows), static_cast<long long>(c), affine, rel_error(dx.data(), want.dx));
   EXPECT(rel_error(dw.data(), want.dw) < 2e-5, "rows %lld C %lld: grad_weight error %g", static_cast<long long>(rows),
@@ -94,13 +94,13 @@ void test_values(int64_t rows, int64_t c, bool affine, int threads) {
   std::vector<float> dx_only(rows * c, -7.0f), dw_only(c, -7.0f), db_only(c, -7.0f);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
                                                    p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
-                                                   dx_only.data(), nullptr, nullptr, threads);
+                                                   dx_only.data(), nullptr, nullptr, nullptr, threads);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
                                                    p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
-                                                   nullptr, dw_only.data(), nullptr, threads);
+                                                   nullptr, dw_only.data(), nullptr, nullptr, threads);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, p.mean.data(),
                                                    p.invstd.data(), affine ? p.weight.data() : nullptr, nullptr,
-                                                   nullptr, nullptr, db_only.data(), threads);
+                                                   nullptr, nullptr, db_only.data(), nullptr, threads);
   EXPECT(std::memcmp(dx_only.data(), dx.data(), dx.size() * sizeof(float)) == 0, "grad_input alone differs");
   EXPECT(std::memcmp(dw_only.data(), dw.data(), dw.size() * sizeof(float)) == 0, "grad_weight alone differs");
   EXPECT(std::memcmp(db_only.data(), db.data(), db.size() * sizeof(float)) == 0, "grad_bias alone differs");
@@ -114,7 +114,7 @@ void test_thread_count_invariance() {
     std::vector<float> dx(p.rows * p.c), dw(p.c), db(p.c);
     mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), p.rows, p.c, p.mean.data(),
                                                      p.invstd.data(), p.weight.data(), nullptr, dx.data(), dw.data(),
-                                                     db.data(), threads);
+                                                     db.data(), nullptr, threads);
     if (ref_dx.empty()) {
       ref_dx = dx, ref_dw = dw, ref_db = db;
       continue;
@@ -134,10 +134,10 @@ void test_forward_and_relu(int64_t rows, int64_t c, int threads) {
   std::vector<float> y(rows * c), y_relu(rows * c), mean(c), invstd(c), rm(c, 0.5f), rv(c, 2.0f);
   std::vector<float> rm2(rm), rv2(rv), mean2(c), invstd2(c);
   const float momentum = 0.1f, eps = 1e-5f;
-  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), eps, false,
+  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), nullptr, eps, false,
                                                   y.data(), mean.data(), invstd.data(), rm.data(), rv.data(),
                                                   momentum, threads);
-  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), eps, true,
+  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), nullptr, eps, true,
                                                   y_relu.data(), mean2.data(), invstd2.data(), rm2.data(), rv2.data(),
                                                   momentum, threads);
   double worst = 0.0, worst_stat = 0.0;
@@ -173,10 +173,10 @@ void test_forward_and_relu(int64_t rows, int64_t c, int threads) {
     if (!(y_relu[i] > 0.0f)) masked[i] = 0.0f;
   std::vector<float> dx(rows * c), dw(c), db(c), dx_m(rows * c), dw_m(c), db_m(c);
   mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
-                                                   p.weight.data(), y_relu.data(), dx.data(), dw.data(), db.data(),
+                                                   p.weight.data(), y_relu.data(), dx.data(), dw.data(), db.data(), nullptr,
                                                    threads);
   mgm_fast::cpu::batch_norm_backward_channels_last(masked.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
-                                                   p.weight.data(), nullptr, dx_m.data(), dw_m.data(), db_m.data(),
+                                                   p.weight.data(), nullptr, dx_m.data(), dw_m.data(), db_m.data(), nullptr,
                                                    threads);
   EXPECT(std::memcmp(dx.data(), dx_m.data(), dx.size() * sizeof(float)) == 0 &&
              std::memcmp(dw.data(), dw_m.data(), dw.size() * sizeof(float)) == 0 &&
@@ -185,10 +185,51 @@ void test_forward_and_relu(int64_t rows, int64_t c, int threads) {
          static_cast<long long>(rows), static_cast<long long>(c));
 }
 
+// A residual added before the ReLU: the forward equals the plain forward plus the residual then
+// the ReLU (recomputed here from its statistics), and the residual's gradient is the masked dy,
+// with and without the input gradient.
+void test_residual(int64_t rows, int64_t c, int threads) {
+  std::mt19937 rng(static_cast<unsigned>(rows * 3 + c));
+  const Problem p = make(rows, c, rng);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> res(rows * c);
+  for (float& v : res) v = normal(rng);
+  std::vector<float> y(rows * c), y_res(rows * c), mean(c), invstd(c);
+  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), nullptr,
+                                                  1e-5f, false, y.data(), mean.data(), invstd.data(), nullptr,
+                                                  nullptr, 0.1f, threads);
+  mgm_fast::cpu::batch_norm_forward_channels_last(p.x.data(), rows, c, p.weight.data(), p.invstd.data(), res.data(),
+                                                  1e-5f, true, y_res.data(), mean.data(), invstd.data(), nullptr,
+                                                  nullptr, 0.1f, threads);
+  double worst = 0.0;
+  for (int64_t i = 0; i < rows * c; ++i)
+    worst = std::max(worst, std::fabs(y_res[i] - std::max(y[i] + res[i], 0.0f)) / (1.0 + std::fabs(y[i])));
+  EXPECT(worst < 1e-6, "rows %lld C %lld: residual forward error %g", static_cast<long long>(rows),
+         static_cast<long long>(c), worst);
+  std::vector<float> dx(rows * c), dx2(rows * c), dres(rows * c, -7.0f), dres_only(rows * c, -7.0f);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
+                                                   p.weight.data(), y_res.data(), dx.data(), nullptr, nullptr,
+                                                   dres.data(), threads);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
+                                                   p.weight.data(), y_res.data(), dx2.data(), nullptr, nullptr,
+                                                   nullptr, threads);
+  mgm_fast::cpu::batch_norm_backward_channels_last(p.dy.data(), p.x.data(), rows, c, mean.data(), invstd.data(),
+                                                   p.weight.data(), y_res.data(), nullptr, nullptr, nullptr,
+                                                   dres_only.data(), threads);
+  bool mask_ok = true;
+  for (int64_t i = 0; i < rows * c; ++i) mask_ok &= dres[i] == (y_res[i] > 0.0f ? p.dy[i] : 0.0f);
+  EXPECT(mask_ok, "rows %lld C %lld: the residual's gradient is not the masked dy", static_cast<long long>(rows),
+         static_cast<long long>(c));
+  EXPECT(std::memcmp(dres.data(), dres_only.data(), dres.size() * sizeof(float)) == 0,
+         "the residual's gradient alone differs");
+  EXPECT(std::memcmp(dx.data(), dx2.data(), dx.size() * sizeof(float)) == 0,
+         "the input gradient changes when the residual's is written too");
+}
+
 void test_empty_batch() {
   float mean = 0.0f, invstd = 1.0f, dw = -7.0f, db = -7.0f;
   mgm_fast::cpu::batch_norm_backward_channels_last(nullptr, nullptr, 0, 1, &mean, &invstd, nullptr, nullptr, nullptr,
-                                                   &dw, &db, 1);
+                                                   &dw, &db, nullptr, 1);
   EXPECT(dw == 0.0f && db == 0.0f, "empty batch: grad_weight %g, grad_bias %g (want 0)", dw, db);
 }
 
@@ -206,6 +247,8 @@ int main() {
     test_forward_and_relu(5, c, 1);
     test_forward_and_relu(8 * 32 * 32 + 1, c, 2);
   }
+  test_residual(37, 24, 1);
+  test_residual(8 * 16 * 16 + 5, 16, 2);
   test_thread_count_invariance();
   test_empty_batch();
   std::printf("test_batch_norm: %d checks, %d failures\n", g_checks, g_failures);

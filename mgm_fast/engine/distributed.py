@@ -255,10 +255,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"SyncBatchNorm: expected input of shape (N, C, *), got {tuple(x.shape)}")
 
-    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
-        """BatchNorm of ``x``, then ``F.relu`` with ``relu`` (the signature of the networks'
-        :class:`~mgm_fast.models.layers.BatchNorm2d`, which it replaces)."""
+    def forward(self, x: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+        """BatchNorm of ``x``, plus ``residual``, then ``F.relu`` with ``relu`` (the signature of
+        the networks' :class:`~mgm_fast.models.layers.BatchNorm2d`, which it replaces)."""
         out = self._normalize(x)
+        if residual is not None:
+            out = out + residual
         return F.relu(out) if relu else out
 
     def _normalize(self, x: Tensor) -> Tensor:

@@ -325,7 +325,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     ``aten._batch_norm_with_update``, the op ``F.batch_norm`` ends in, directly -- or, with an
     ``impl`` other than "reference" (:func:`use_batch_norm_impl`), the op
     :func:`~mgm_fast.ops.batch_norm.batch_norm_train` (on the CPU, channels_last: the
-    extension's kernels). ``layer(x, relu=True)`` is ``F.relu(layer(x))``, which the op fuses.
+    extension's kernels). ``layer(x, relu=True, residual=r)`` is ``F.relu(layer(x) + r)``, which
+    the op fuses.
     With ``momentum=None`` the counter sets the running-average factor of the call itself, so
     such a layer counts as usual. Called on its own, it is ``nn.BatchNorm2d`` (then ``F.relu``).
     """
@@ -336,13 +337,14 @@ class BatchNorm2d(nn.BatchNorm2d):
     impl: str = "reference"
     """The backend of the deferred path (``ModelConfig.batch_norm_impl``; a plain attribute)."""
 
-    def forward(self, input: Tensor, relu: bool = False) -> Tensor:
-        """BatchNorm of ``input``, then ``F.relu`` with ``relu`` (the op fuses the two)."""
+    def forward(self, input: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+        """BatchNorm of ``input``, plus ``residual``, then ``F.relu`` with ``relu`` (the op fuses
+        the three)."""
         if torch.compiler.is_compiling():  # a compiled graph fuses the increments itself
-            return _relu_if(super().forward(input), relu)
+            return _add_relu(super().forward(input), relu, residual)
         calls = self._counted_calls
         if calls is None or not (self.training and self.track_running_stats) or self.momentum is None:
-            return _relu_if(super().forward(input), relu)
+            return _add_relu(super().forward(input), relu, residual)
         self._check_input_dim(input)
         F._verify_batch_size(input.size())
         calls.append(self.num_batches_tracked)
@@ -350,14 +352,17 @@ class BatchNorm2d(nn.BatchNorm2d):
         # directly, without the op's per-call backend selection (host time on a GPU).
         if self.impl != "reference" and (self.impl != "auto" or input.device.type == "cpu"):
             return batch_norm_train(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                    self.momentum, self.eps, relu, impl=self.impl)  # fmt: skip
+                                    self.momentum, self.eps, relu, residual, impl=self.impl)  # fmt: skip
         # The op F.batch_norm reaches in training (same backend choice: cuDNN, MIOpen or native),
         # without the empty "reserve" tensor its composite wrapper dispatches on every call.
-        return _relu_if(_BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                                self.momentum, self.eps)[0], relu)  # fmt: skip
+        return _add_relu(_BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                                 self.momentum, self.eps)[0], relu, residual)  # fmt: skip
 
 
-def _relu_if(x: Tensor, relu: bool) -> Tensor:
+def _add_relu(x: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+    """``x + residual`` (when given), then ``F.relu`` with ``relu``."""
+    if residual is not None:
+        x = x + residual
     return F.relu(x) if relu else x
 
 
@@ -503,9 +508,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn1(self.conv1(x), relu=True)
-        out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return self.bn2(self.conv2(out), relu=True, residual=shortcut)  # relu(bn2(conv2(out)) + shortcut)
 
 
 def make_layer(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:

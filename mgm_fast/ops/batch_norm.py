@@ -2,24 +2,26 @@
 with fused CPU kernels for channels_last inputs.
 
 ``batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, relu=False,
-*, impl)`` returns ``(input - mean) / sqrt(var + eps) * weight + bias`` with the batch's
-per-channel mean and biased variance (then ``max(., 0)`` with ``relu``), and updates
+residual=None, *, impl)`` returns ``(input - mean) / sqrt(var + eps) * weight + bias`` with the
+batch's per-channel mean and biased variance (plus ``residual``, then ``max(., 0)`` with
+``relu``: a ResNet block's ``relu(bn(x) + shortcut)``), and updates
 ``running_mean`` / ``running_var`` in place with the unbiased variance and ``momentum``
 (``nn.BatchNorm2d`` in training mode, then ``F.relu``).
 
 Shapes and dtypes: ``input`` (N, C, H, W) floating, any dense layout; ``weight``, ``bias`` (C,)
-or None (no affine transform); ``running_mean``, ``running_var`` (C,) buffers. The output has the
-input's shape, dtype and memory format.
+or None (no affine transform); ``running_mean``, ``running_var`` (C,) buffers; ``residual`` shaped
+like ``input`` or None. The output has the input's shape, dtype and memory format.
 
 Backends (``impl=``):
 
-* ``reference`` -- ``aten._batch_norm_with_update`` (the op ``F.batch_norm`` runs in training)
-  and ``F.relu``, with torch's autograd: any device, dtype and layout.
+* ``reference`` -- ``aten._batch_norm_with_update`` (the op ``F.batch_norm`` runs in training),
+  ``+ residual`` and ``F.relu``, with torch's autograd: any device, dtype and layout.
 * ``cpp`` -- float32 channels_last CPU inputs: csrc/kernels/cpu/batch_norm.*, forward (mean, then
-  the sum of squared deviations, then the normalisation with the ReLU in the same pass; the
+  the sum of squared deviations, then the normalisation with the residual and the ReLU in the same pass; the
   running statistics updated in the kernel) and backward (ReLU's mask applied while reading the
-  gradient). Eagerly, forward and backward are one C++ autograd node of the extension: no Python
-  and no dispatched ATen op in the backward, and no separate ReLU op either way. Traced by
+  gradient, which is also the residual's). Eagerly, forward and backward are one C++ autograd
+  node of the extension: no Python and no dispatched ATen op in the backward, and no separate
+  add or ReLU op either way. Traced by
   ``torch.compile``, an ``autograd.Function`` around the custom ops ``mgm_fast::batch_norm_cpp``
   and ``mgm_fast::batch_norm_backward_cpp``. Torch's channels_last CPU backward walks one row of C
   floats at a time; at few channels that are not a multiple of a vector (C = 8 or 24 at the tiny
@@ -31,8 +33,9 @@ Backends (``impl=``):
 ``auto`` takes ``cpp`` for the inputs it supports when the extension is built, ``reference``
 otherwise (NCHW, other dtypes, GPUs: their kernels have no such problem). The networks'
 BatchNorm layers call the op in eager training steps (:class:`mgm_fast.models.layers.BatchNorm2d`
-with ``ModelConfig.batch_norm_impl``, ``relu=True`` where the network applies a ReLU next);
-compiled networks keep ``nn.BatchNorm2d`` and ``F.relu``, which inductor fuses itself.
+with ``ModelConfig.batch_norm_impl``; ``relu=True`` where the network applies a ReLU next, and
+the shortcut as ``residual`` at a BasicBlock's end); compiled networks keep ``nn.BatchNorm2d``,
+the add and ``F.relu``, which inductor fuses itself.
 
 Argument errors are ``ValueError`` naming the tensor: a 4-d floating input, (C,) weight, bias and
 running statistics.
@@ -63,9 +66,11 @@ _WITH_UPDATE = torch.ops.aten._batch_norm_with_update.default
 
 
 def batch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
-                         running_var: Tensor, momentum: float, eps: float, relu: bool = False) -> Tensor:  # fmt: skip
+                         running_var: Tensor, momentum: float, eps: float, relu: bool = False,
+                         residual: Tensor | None = None) -> Tensor:  # fmt: skip
     """The op's plain-PyTorch twin: ``aten._batch_norm_with_update`` (what ``F.batch_norm`` runs
-    in training mode), then ``F.relu`` with ``relu``, differentiable by torch's autograd. Without
+    in training mode), ``+ residual``, then ``F.relu`` with ``relu``, differentiable by torch's
+    autograd. Without
     an affine transform it passes a weight of ones and a bias of zeros (the same values): torch
     2.13's CPU backward of the op raises without a weight."""
     if weight is None:
@@ -73,6 +78,8 @@ def batch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | No
     if bias is None:
         bias = torch.zeros(input.shape[1], dtype=input.dtype, device=input.device)
     out = _WITH_UPDATE(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    if residual is not None:
+        out = out + residual
     return F.relu(out) if relu else out
 
 
@@ -83,32 +90,37 @@ def batch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | No
 
 @torch.library.custom_op(qualname("batch_norm_cpp"), mutates_args=("running_mean", "running_var"))
 def _cpp_forward_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
-                    running_var: Tensor, momentum: float, eps: float, relu: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                    running_var: Tensor, momentum: float, eps: float, relu: bool,
+                    residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(out (channels_last), batch mean, invstd); the running statistics are updated in place."""
     return native_function("batch_norm_forward_channels_last_{device}", "cpu")(
-        input, weight, bias, running_mean, running_var, momentum, eps, relu)
+        input, weight, bias, running_mean, running_var, momentum, eps, relu, residual)
 
 
 @_cpp_forward_op.register_fake
-def _(input, weight, bias, running_mean, running_var, momentum, eps, relu):
+def _(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual):
     c = input.shape[1]
     return torch.empty_like(input, memory_format=torch.channels_last), input.new_empty(c), input.new_empty(c)
 
 
 @torch.library.custom_op(qualname("batch_norm_backward_cpp"), mutates_args=())
 def _cpp_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
-                     relu_out: Tensor | None, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(grad input (channels_last), grad weight, grad bias); a placeholder where ``need`` is
-    false. With ``relu_out`` (the forward's output) the gradient passes the ReLU first."""
+                     relu_out: Tensor | None, need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(grad input (channels_last), grad weight, grad bias, grad residual (channels_last)); a
+    placeholder where ``need`` is false. With ``relu_out`` (the forward's output) the gradient
+    passes the ReLU first."""
     grads = native_function("batch_norm_backward_channels_last_{device}", "cpu")(
         grad_out, input, weight, mean, invstd, relu_out, list(need))
-    return tuple(or_placeholder(d, like) for d, like in zip(grads, (input, mean, mean)))
+    return tuple(or_placeholder(d, like) for d, like in zip(grads, (input, mean, mean, input)))
 
 
 @_cpp_backward_op.register_fake
 def _(grad_out, input, weight, mean, invstd, relu_out, need):
-    grad_input = torch.empty_like(input, memory_format=torch.channels_last) if need[0] else placeholder(input)
-    return (grad_input, *(mean.new_empty(mean.shape) if n else placeholder(mean) for n in need[1:]))
+    def like_input(n):
+        return torch.empty_like(input, memory_format=torch.channels_last) if n else placeholder(input)
+
+    return (like_input(need[0]), *(mean.new_empty(mean.shape) if n else placeholder(mean) for n in need[1:3]),
+            like_input(need[3]))
 
 
 once_differentiable(_cpp_backward_op, "batch_norm (cpp backend)")
@@ -118,28 +130,30 @@ class _BatchNormCpp(torch.autograd.Function):
     """The traced form of the cpp backend: the custom ops with Python autograd."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, relu):
-        out, mean, invstd = _cpp_forward_op(input, weight, bias, running_mean, running_var, momentum, eps, relu)
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, relu, residual):
+        out, mean, invstd = _cpp_forward_op(input, weight, bias, running_mean, running_var, momentum, eps, relu,
+                                            residual)  # fmt: skip
         ctx.save_for_backward(input, weight, mean, invstd, out if relu else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         input, weight, mean, invstd, relu_out = ctx.saved_tensors
-        need = [bool(n) for n in ctx.needs_input_grad[:3]]
+        need = [bool(n) for n in ctx.needs_input_grad[:3]] + [bool(ctx.needs_input_grad[8])]
         if weight is None:
-            need[1] = need[2] = False
-        grads = _cpp_backward_op(grad_out, input, weight, mean, invstd, relu_out, need)
-        return (*(d if n else None for d, n in zip(grads, need)), None, None, None, None, None)
+            need[1] = False
+        grad_input, grad_weight, grad_bias, grad_residual = (
+            d if n else None for d, n in zip(_cpp_backward_op(grad_out, input, weight, mean, invstd, relu_out, need), need))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, grad_residual
 
 
-def _cpp(input, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+def _cpp(input, weight, bias, running_mean, running_var, momentum, eps, relu=False, residual=None):
     momentum, eps, relu = float(momentum), float(eps), bool(relu)
     if torch.compiler.is_compiling():
-        return _BatchNormCpp.apply(input, weight, bias, running_mean, running_var, momentum, eps, relu)
+        return _BatchNormCpp.apply(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual)
     # eager: one C++ autograd node (no Python in the backward; ~20-40 us less per call)
     return native_function("batch_norm_channels_last_{device}", "cpu")(
-        input, weight, bias, running_mean, running_var, momentum, eps, relu)
+        input, weight, bias, running_mean, running_var, momentum, eps, relu, residual)
 
 
 def _cpp_reasons(inputs: Inputs) -> list[str]:
@@ -174,9 +188,10 @@ OP = define_op(_NAME, "training-mode batch norm; channels_last CPU backward", [
 
 
 def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
-                     running_var: Tensor, momentum: float, eps: float, relu: bool = False, *,
-                     impl: str = "auto") -> Tensor:  # fmt: skip
-    """Training-mode batch norm of ``input``, then ReLU with ``relu`` (see the module docstring).
+                     running_var: Tensor, momentum: float, eps: float, relu: bool = False,
+                     residual: Tensor | None = None, *, impl: str = "auto") -> Tensor:  # fmt: skip
+    """Training-mode batch norm of ``input``, plus ``residual``, then ReLU with ``relu`` (see the
+    module docstring).
 
     Args:
         input: (N, C, H, W) floating, any dense layout; gradients flow into it.
@@ -184,17 +199,23 @@ def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, 
         running_mean, running_var: (C,) buffers, updated in place.
         momentum: the running averages' factor; eps: added to the variance.
         relu: apply ``max(., 0)`` to the result (fused into the cpp kernels).
+        residual: a tensor shaped like ``input`` added before the ReLU, or None; gradients flow
+            into it.
         impl: "auto" | "reference" | "cpp".
     """
     _check(input, weight, bias, running_mean, running_var)
-    return OP(input, weight, bias, running_mean, running_var, momentum, eps, relu, impl=impl)
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"batch_norm: residual must be shaped like the input {tuple(input.shape)}, got "
+                         f"{tuple(residual.shape)}")  # fmt: skip
+    return OP(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual, impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------
 # self-test cases (mgm_fast.ops._selftest)
 
 
-def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool = True, relu: bool = False) -> Case:
+def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool = True, relu: bool = False,
+          residual: bool = False) -> Case:
     c = shape[1]
 
     def build(gen: torch.Generator) -> CaseInputs:
@@ -204,8 +225,10 @@ def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool =
         weight = torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
         bias = torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
         running = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64))
-        grad = (0, 1, 2) if affine else (0,)
-        return CaseInputs(args=(x, weight, bias, *running, 0.1, 1e-5, relu), grad=grad, channels_last=(0,))
+        shortcut = torch.randn(shape, generator=gen, dtype=torch.float64) if residual else None
+        grad = ((0, 1, 2) if affine else (0,)) + ((8,) if residual else ())
+        return CaseInputs(args=(x, weight, bias, *running, 0.1, 1e-5, relu, shortcut), grad=grad,
+                          channels_last=(0, 8) if residual else (0,))  # fmt: skip
 
     return Case(_NAME, name, size, build)
 
@@ -213,8 +236,8 @@ def _case(name: str, size: str, shape: tuple[int, int, int, int], affine: bool =
 def _selftest_cases() -> list[Case]:
     return [
         _case("b3 c8 9x11 + relu", "small", (3, 8, 9, 11), relu=True),
-        _case("b2 c24 5x7", "small", (2, 24, 5, 7)),
-        _case("b2 c5 6x6 no affine", "small", (2, 5, 6, 6), affine=False),
+        _case("b2 c24 5x7 + residual + relu", "small", (2, 24, 5, 7), relu=True, residual=True),
+        _case("b2 c5 6x6 no affine, no relu", "small", (2, 5, 6, 6), affine=False),
         _case("tiny decoder b8 c8 64x64 + relu", "small", (8, 8, 64, 64), relu=True),
         _case("paper encoder b32 c64 64x64 + relu", "paper", (32, 64, 64, 64), relu=True),
     ]

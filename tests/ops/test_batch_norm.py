@@ -31,12 +31,12 @@ def _inputs(shape, channels_last=True, affine=True, dtype=torch.float32, seed=0)
     return x, weight, bias, grad_out
 
 
-def _run(impl, x, weight, bias, grad_out, momentum=0.1, eps=1e-5, relu=False):
-    """(output, (grad x, grad weight, grad bias), running mean, running var)."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+def _run(impl, x, weight, bias, grad_out, momentum=0.1, eps=1e-5, relu=False, residual=None):
+    """(output, (grad x, grad weight, grad bias[, grad residual]), running mean, running var)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias, residual)]
     running_mean, running_var = torch.zeros(x.shape[1], dtype=x.dtype), torch.ones(x.shape[1], dtype=x.dtype)
     out = batch_norm_train(leaves[0], leaves[1], leaves[2], running_mean, running_var, momentum, eps, relu,
-                           impl=impl)  # fmt: skip
+                           leaves[3], impl=impl)  # fmt: skip
     out.backward(grad_out)
     return out.detach(), [t.grad if t is not None else None for t in leaves], running_mean, running_var
 
@@ -56,17 +56,19 @@ def test_selftest_cases_pass_on_the_cpu():
 @pytest.mark.parametrize("shape", [(8, 8, 64, 64), (2, 24, 5, 7), (3, 1, 4, 4), (4, 40, 3, 3), (1, 16, 1, 3)])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-def test_cpp_matches_the_reference(shape, affine, relu):
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpp_matches_the_reference(shape, affine, relu, residual):
     x, weight, bias, grad_out = _inputs(shape, affine=affine)
-    ref = _run("reference", x, weight, bias, grad_out, relu=relu)
-    cpp = _run("cpp", x, weight, bias, grad_out, relu=relu)
+    shortcut = torch.randn(shape, generator=torch.Generator().manual_seed(9)) if residual else None  # NCHW: copied
+    ref = _run("reference", x, weight, bias, grad_out, relu=relu, residual=shortcut)
+    cpp = _run("cpp", x, weight, bias, grad_out, relu=relu, residual=shortcut)
     assert cpp[0].is_contiguous(memory_format=torch.channels_last)
     assert cpp[1][0].is_contiguous(memory_format=torch.channels_last)
     if relu:
         assert bool((cpp[0] >= 0).all())
     # other summation orders: float32 rounding apart
     for a, b in ((cpp[0], ref[0]), (cpp[2], ref[2]), (cpp[3], ref[3])):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
     for a, b in zip(cpp[1], ref[1]):
         if b is None:
             assert a is None
@@ -102,12 +104,12 @@ def test_backward_does_not_depend_on_the_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _cpp_backward_op(grad_out, x, weight, mean, invstd, None, [True, True, True])
+        one = _cpp_backward_op(grad_out, x, weight, mean, invstd, None, [True, True, True, False])
         torch.set_num_threads(3)
-        three = _cpp_backward_op(grad_out, x, weight, mean, invstd, None, [True, True, True])
+        three = _cpp_backward_op(grad_out, x, weight, mean, invstd, None, [True, True, True, False])
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, three):
+    for a, b in zip(one[:3], three[:3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -398,11 +398,12 @@ CASES += [
 # batch_norm
 
 
-def _batch_norm_forward_args(affine: bool, relu: bool):
-    g = _gen("batch_norm forward", affine, relu)
+def _batch_norm_forward_args(affine: bool, relu: bool, residual: bool = False):
+    g = _gen("batch_norm forward", affine, relu, residual)
     x = _randn(g, 2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
     weight, bias = (_randn(g, 5), _randn(g, 5)) if affine else (None, None)
-    return (x, weight, bias, torch.zeros(5), torch.ones(5), 0.1, 1e-5, relu), {}
+    shortcut = _randn(g, 2, 5, 3, 4) if residual else None
+    return (x, weight, bias, torch.zeros(5), torch.ones(5), 0.1, 1e-5, relu, shortcut), {}
 
 
 def _batch_norm_backward_args(affine: bool, need: list[bool], relu: bool = False):
@@ -417,13 +418,14 @@ def _batch_norm_backward_args(affine: bool, need: list[bool], relu: bool = False
 
 CASES += [
     Case("batch_norm_cpp", "b2 c5 3x4 + relu", lambda: _batch_norm_forward_args(True, True), NO_AUTOGRAD),
+    Case("batch_norm_cpp", "+ residual + relu", lambda: _batch_norm_forward_args(True, True, True), NO_AUTOGRAD),
     Case("batch_norm_cpp", "no affine transform", lambda: _batch_norm_forward_args(False, False), NO_AUTOGRAD),
-    Case("batch_norm_backward_cpp", "b2 c5 3x4, all gradients", lambda: _batch_norm_backward_args(True, [True] * 3),
-         NO_AUTOGRAD),
-    Case("batch_norm_backward_cpp", "through the relu", lambda: _batch_norm_backward_args(True, [True] * 3, True),
-         NO_AUTOGRAD),
+    Case("batch_norm_backward_cpp", "b2 c5 3x4, all gradients",
+         lambda: _batch_norm_backward_args(True, [True] * 3 + [False]), NO_AUTOGRAD),
+    Case("batch_norm_backward_cpp", "through the relu, with the residual's",
+         lambda: _batch_norm_backward_args(True, [True] * 4, True), NO_AUTOGRAD),
     Case("batch_norm_backward_cpp", "no affine weight, input gradient only",
-         lambda: _batch_norm_backward_args(False, [True, False, False]), NO_AUTOGRAD),
+         lambda: _batch_norm_backward_args(False, [True, False, False, False]), NO_AUTOGRAD),
 ]  # fmt: skip
 
 
@@ -626,11 +628,12 @@ def test_batch_norm_compiles_and_matches_eager(relu):
     g = _gen("batch_norm compiled")
     x = _randn(g, 3, 8, 5, 6, scale=2.0).contiguous(memory_format=torch.channels_last)
     weight, bias = _randn(g, 8), _randn(g, 8)
+    shortcut = _randn(g, 3, 8, 5, 6).contiguous(memory_format=torch.channels_last)
 
     def run(fn):
         running = [torch.zeros(8), torch.ones(8)]
-        leaves = _leaves(x, weight, bias)
-        out = fn(*leaves, *running, 0.1, 1e-5, relu, impl="cpp")
+        leaves = _leaves(x, weight, bias, shortcut)
+        out = fn(*leaves[:3], *running, 0.1, 1e-5, relu, leaves[3], impl="cpp")
         return out.detach(), torch.autograd.grad(out.square().sum(), leaves), running
 
     with _no_graph_breaks():

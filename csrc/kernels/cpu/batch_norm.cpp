@@ -84,26 +84,31 @@ MGM_FAST_ISA_BODY void squares_body(const float* x, int64_t n, int64_t lanes, co
 }
 constexpr auto& lane_squares = MGM_FAST_ISA_DISPATCH(squares_body);
 
-// y[j] = (x[j] - mean_t[j]) scale_t[j] + shift_t[j], then max(., 0) with kRelu.
-template <bool kRelu>
-MGM_FAST_ISA_BODY void normalize_body(const float* x, int64_t n, int64_t lanes, const float* mean_t,
-                                      const float* scale_t, const float* shift_t, float* y) {
+// y[j] = (x[j] - mean_t[j]) scale_t[j] + shift_t[j] (+ residual[j] with kResidual), then
+// max(., 0) with kRelu.
+template <bool kRelu, bool kResidual>
+MGM_FAST_INLINE float normalized(const float* x, const float* residual, int64_t i, int64_t j, const float* mean_t,
+                                 const float* scale_t, const float* shift_t) {
+  float r = (x[i] - mean_t[j]) * scale_t[j] + shift_t[j];
+  if (kResidual) r += residual[i];
+  return kRelu ? std::max(r, 0.0f) : r;
+}
+
+template <bool kRelu, bool kResidual>
+MGM_FAST_ISA_BODY void normalize_body(const float* x, const float* residual, int64_t n, int64_t lanes,
+                                      const float* mean_t, const float* scale_t, const float* shift_t, float* y) {
   int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
-    const float* v = x + e;
-    float* o = y + e;
-    for (int64_t j = 0; j < lanes; ++j) {
-      const float r = (v[j] - mean_t[j]) * scale_t[j] + shift_t[j];
-      o[j] = kRelu ? std::max(r, 0.0f) : r;
-    }
+    for (int64_t j = 0; j < lanes; ++j)
+      y[e + j] = normalized<kRelu, kResidual>(x, residual, e + j, j, mean_t, scale_t, shift_t);
   }
-  for (int64_t j = 0; e + j < n; ++j) {
-    const float r = (x[e + j] - mean_t[j]) * scale_t[j] + shift_t[j];
-    y[e + j] = kRelu ? std::max(r, 0.0f) : r;
-  }
+  for (int64_t j = 0; e + j < n; ++j)
+    y[e + j] = normalized<kRelu, kResidual>(x, residual, e + j, j, mean_t, scale_t, shift_t);
 }
-constexpr auto& normalize = MGM_FAST_ISA_DISPATCH(normalize_body<false>);
-constexpr auto& normalize_relu = MGM_FAST_ISA_DISPATCH(normalize_body<true>);
+constexpr auto& normalize = MGM_FAST_ISA_DISPATCH((normalize_body<false, false>));
+constexpr auto& normalize_relu = MGM_FAST_ISA_DISPATCH((normalize_body<true, false>));
+constexpr auto& normalize_residual = MGM_FAST_ISA_DISPATCH((normalize_body<false, true>));
+constexpr auto& normalize_residual_relu = MGM_FAST_ISA_DISPATCH((normalize_body<true, true>));
 
 // The gradient reaching the normalisation: dy, or dy where the ReLU's output is positive.
 template <bool kRelu>
@@ -132,31 +137,45 @@ MGM_FAST_ISA_BODY void grad_sums_body(const float* dy, const float* x, const flo
 constexpr auto& grad_sums = MGM_FAST_ISA_DISPATCH(grad_sums_body<false>);
 constexpr auto& grad_sums_relu = MGM_FAST_ISA_DISPATCH(grad_sums_body<true>);
 
-// dx[j] = (g[j] - mean_dy_t[j]) scale_t[j] - (x[j] - mean_t[j]) proj_t[j].
-template <bool kRelu>
+// dx[j] = (g[j] - mean_dy_t[j]) scale_t[j] - (x[j] - mean_t[j]) proj_t[j], and with kResidual
+// also dres[j] = g[j].
+template <bool kRelu, bool kResidual>
 MGM_FAST_ISA_BODY void input_grad_body(const float* dy, const float* x, const float* out, int64_t n, int64_t lanes,
                                        const float* mean_t, const float* mean_dy_t, const float* scale_t,
-                                       const float* proj_t, float* dx) {
+                                       const float* proj_t, float* dx, float* dres) {
   int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
     for (int64_t j = 0; j < lanes; ++j) {
       const float g = masked<kRelu>(dy, out, e + j);
       dx[e + j] = (g - mean_dy_t[j]) * scale_t[j] - (x[e + j] - mean_t[j]) * proj_t[j];
+      if (kResidual) dres[e + j] = g;
     }
   }
   for (int64_t j = 0; e + j < n; ++j) {
     const float g = masked<kRelu>(dy, out, e + j);
     dx[e + j] = (g - mean_dy_t[j]) * scale_t[j] - (x[e + j] - mean_t[j]) * proj_t[j];
+    if (kResidual) dres[e + j] = g;
   }
 }
-constexpr auto& input_grad = MGM_FAST_ISA_DISPATCH(input_grad_body<false>);
-constexpr auto& input_grad_relu = MGM_FAST_ISA_DISPATCH(input_grad_body<true>);
+constexpr auto& input_grad = MGM_FAST_ISA_DISPATCH((input_grad_body<false, false>));
+constexpr auto& input_grad_relu = MGM_FAST_ISA_DISPATCH((input_grad_body<true, false>));
+constexpr auto& input_grad_residual = MGM_FAST_ISA_DISPATCH((input_grad_body<false, true>));
+constexpr auto& input_grad_residual_relu = MGM_FAST_ISA_DISPATCH((input_grad_body<true, true>));
+
+// dres[j] = g[j] alone (the input gradient not wanted).
+template <bool kRelu>
+MGM_FAST_ISA_BODY void mask_body(const float* dy, const float* out, int64_t n, float* dres) {
+  for (int64_t i = 0; i < n; ++i) dres[i] = masked<kRelu>(dy, out, i);
+}
+constexpr auto& mask_only = MGM_FAST_ISA_DISPATCH(mask_body<false>);
+constexpr auto& mask_only_relu = MGM_FAST_ISA_DISPATCH(mask_body<true>);
 
 }  // namespace
 
 void batch_norm_forward_channels_last(const float* x, int64_t rows, int64_t channels, const float* weight,
-                                      const float* bias, float eps, bool relu, float* y, float* mean, float* invstd,
-                                      float* running_mean, float* running_var, float momentum, int num_threads) {
+                                      const float* bias, const float* residual, float eps, bool relu, float* y,
+                                      float* mean, float* invstd, float* running_mean, float* running_var,
+                                      float momentum, int num_threads) {
   if (channels <= 0 || rows <= 0) return;
   const Blocks blk(rows, channels, num_threads);
   const int64_t c = channels, lanes = blk.lanes;
@@ -192,15 +211,18 @@ void batch_norm_forward_channels_last(const float* x, int64_t rows, int64_t chan
   const std::vector<float> scale_t = blk.tiled(scale.data()), shift_t = blk.tiled(shift.data());
 #pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
   for (int64_t b = 0; b < blk.count; ++b) {
-    auto& body = relu ? normalize_relu : normalize;
-    body(x + blk.offset(b), blk.size(b), lanes, mean_t.data(), scale_t.data(), shift_t.data(), y + blk.offset(b));
+    const int64_t o = blk.offset(b);
+    auto& body = residual != nullptr ? (relu ? normalize_residual_relu : normalize_residual)
+                                     : (relu ? normalize_relu : normalize);
+    body(x + o, residual != nullptr ? residual + o : nullptr, blk.size(b), lanes, mean_t.data(), scale_t.data(),
+         shift_t.data(), y + o);
   }
 }
 
 void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t rows, int64_t channels,
                                        const float* mean, const float* invstd, const float* weight,
                                        const float* relu_out, float* grad_input, float* grad_weight,
-                                       float* grad_bias, int num_threads) {
+                                       float* grad_bias, float* grad_residual, int num_threads) {
   if (channels <= 0) return;
   const int64_t c = channels;
   if (rows <= 0) {  // empty batch: zero sums (torch's value); no input gradient to write
@@ -228,7 +250,17 @@ void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t 
     if (grad_bias != nullptr) grad_bias[k] = static_cast<float>(sum_dy[k]);
     if (grad_weight != nullptr) grad_weight[k] = static_cast<float>(dot[k] * invstd[k]);
   }
-  if (grad_input == nullptr) return;
+  const bool residual = grad_residual != nullptr;
+  if (grad_input == nullptr) {
+    if (!residual) return;
+#pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
+    for (int64_t b = 0; b < blk.count; ++b) {
+      const int64_t o = blk.offset(b);
+      auto& body = relu ? mask_only_relu : mask_only;
+      body(dy + o, relu ? relu_out + o : nullptr, blk.size(b), grad_residual + o);
+    }
+    return;
+  }
 
   std::vector<float> mean_dy(c), scale(c), proj(c);
   for (int64_t k = 0; k < c; ++k) {
@@ -243,9 +275,10 @@ void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t 
 #pragma omp parallel for num_threads(blk.threads) schedule(static) if (blk.threads > 1)
   for (int64_t b = 0; b < blk.count; ++b) {
     const int64_t o = blk.offset(b);
-    auto& body = relu ? input_grad_relu : input_grad;
+    auto& body = residual ? (relu ? input_grad_residual_relu : input_grad_residual)
+                          : (relu ? input_grad_relu : input_grad);
     body(dy + o, x + o, relu ? relu_out + o : nullptr, blk.size(b), lanes, mean_t.data(), mean_dy_t.data(),
-         scale_t.data(), proj_t.data(), grad_input + o);
+         scale_t.data(), proj_t.data(), grad_input + o, residual ? grad_residual + o : nullptr);
   }
 }
 

@@ -26,25 +26,28 @@
 namespace mgm_fast {
 namespace cpu {
 
-/// Forward: y = (x - mean) invstd w + b, then max(y, 0) when relu, with the batch's mean and
+/// Forward: y = (x - mean) invstd w + b (+ residual), then max(y, 0) when relu, with the batch's mean and
 /// biased variance (two passes: the mean, then the sum of squared deviations), written to
 /// mean[c] and invstd[c] = 1 / sqrt(var + eps). When running_mean / running_var are not nullptr
 /// they are updated in place as torch does: r = (1 - momentum) r + momentum s, with the unbiased
 /// variance var * rows / (rows - 1) for running_var. x, y: rows x channels, row-major float32
-/// (y may not alias x); weight, bias: channels or nullptr (1 and 0). rows >= 1.
+/// (y may not alias x); weight, bias: channels or nullptr (1 and 0); residual: rows x channels
+/// added before the ReLU (a ResNet block's shortcut), or nullptr. rows >= 1.
 void batch_norm_forward_channels_last(const float* x, int64_t rows, int64_t channels, const float* weight,
-                                      const float* bias, float eps, bool relu, float* y, float* mean, float* invstd,
-                                      float* running_mean, float* running_var, float momentum, int num_threads);
+                                      const float* bias, const float* residual, float eps, bool relu, float* y,
+                                      float* mean, float* invstd, float* running_mean, float* running_var,
+                                      float momentum, int num_threads);
 
 /// dy, x: rows x channels, row-major float32. mean, invstd: channels. weight: channels, or
 /// nullptr (no affine weight: 1). relu_out: the forward's output when it applied ReLU (dy counts
 /// where relu_out > 0 only, ReLU's gradient), else nullptr. Each output may be nullptr when it is
 /// not wanted: grad_input (rows x channels, row-major; may not alias dy, x or relu_out),
-/// grad_weight and grad_bias (channels). num_threads <= 0 uses the OpenMP default.
+/// grad_weight and grad_bias (channels), grad_residual (rows x channels: the gradient reaching the
+/// forward's residual, dy through the ReLU's mask). num_threads <= 0 uses the OpenMP default.
 void batch_norm_backward_channels_last(const float* dy, const float* x, int64_t rows, int64_t channels,
                                        const float* mean, const float* invstd, const float* weight,
                                        const float* relu_out, float* grad_input, float* grad_weight,
-                                       float* grad_bias, int num_threads);
+                                       float* grad_bias, float* grad_residual, int num_threads);
 
 }  // namespace cpu
 }  // namespace mgm_fast
