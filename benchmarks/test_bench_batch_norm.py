@@ -1,5 +1,5 @@
 """Forward + backward of every training-mode BatchNorm layer of the multi-task and refinement
-networks (mgm_fast.ops.batch_norm), with the ReLU the network applies after it: the ``cpp``
+networks (mgm_fast.ops.batch_norm), with the residual and ReLU the network applies after it: the ``cpp``
 backend (the extension's channels_last forward and backward with the ReLU fused, one C++ autograd
 node) vs the ``reference`` backend (torch's BatchNorm, then ``F.relu``; torch's channels_last CPU
 backward is slow at channel counts that are not a multiple of a vector, e.g. the tiny preset's 8
@@ -29,13 +29,14 @@ BATCH = 8
 
 
 @functools.cache
-def _calls(size: str) -> list[tuple[tuple[int, int, int, int], bool]]:
-    """(input shape, relu) of every BatchNorm call of one forward of both networks at batch BATCH."""
+def _calls(size: str) -> list[tuple[tuple[int, int, int, int], bool, bool]]:
+    """(input shape, relu, residual) of every BatchNorm call of one forward of both networks at
+    batch BATCH."""
     cfg = preset(size).model
     calls = []
 
     def record(module, args, kwargs):
-        calls.append((tuple(args[0].shape), bool(kwargs.get("relu", args[1] if len(args) > 1 else False))))
+        calls.append((tuple(args[0].shape), bool(kwargs.get("relu", False)), kwargs.get("residual") is not None))
 
     torch.manual_seed(0)
     mtl, refine = MultiTaskNet(cfg), RefinementNet(cfg)
@@ -52,20 +53,21 @@ def _calls(size: str) -> list[tuple[tuple[int, int, int, int], bool]]:
 def _inputs(size: str):
     gen = torch.Generator().manual_seed(1)
     out = []
-    for shape, relu in _calls(size):
+    for shape, relu, residual in _calls(size):
         c = shape[1]
         x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+        shortcut = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last) if residual else None
         out.append((x.requires_grad_(), torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True),
-                    torch.zeros(c), torch.ones(c), relu))  # fmt: skip
+                    torch.zeros(c), torch.ones(c), relu, None if shortcut is None else shortcut.requires_grad_()))  # fmt: skip
     return out
 
 
 def _step(impl, layers):
     loss = 0.0
-    for x, weight, bias, running_mean, running_var, relu in layers:
-        out = batch_norm_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, relu, impl=impl)
+    for x, weight, bias, running_mean, running_var, relu, shortcut in layers:
+        out = batch_norm_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, relu, shortcut, impl=impl)
         loss = loss + out.square().sum()
-    return torch.autograd.grad(loss, [t for layer in layers for t in layer[:3]])
+    return torch.autograd.grad(loss, [t for layer in layers for t in (*layer[:3], layer[-1]) if t is not None])
 
 
 @pytest.mark.parametrize("size", ["tiny", "paper"])
@@ -77,9 +79,10 @@ def test_bench_batch_norm_fwd_bwd_cpu(benchmark, impl, size):
         pytest.skip("paper-size layers only when benchmarking (~1 GB of activations)")
     layers = _inputs(size)
     channels = sorted({x.shape[1] for x, *_ in layers})
-    relus = sum(layer[-1] for layer in layers)
-    benchmark.group = (f"batch norm (+relu) fwd+bwd cpu {size}, batch {BATCH}: {len(layers)} calls ({relus} with "
-                       f"relu), channels {','.join(map(str, channels))}")  # fmt: skip
+    relus = sum(layer[5] for layer in layers)
+    residuals = sum(layer[6] is not None for layer in layers)
+    benchmark.group = (f"batch norm (+residual, relu) fwd+bwd cpu {size}, batch {BATCH}: {len(layers)} calls ({relus} "
+                       f"with relu, {residuals} with a residual), channels {','.join(map(str, channels))}")  # fmt: skip
     benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), calls=len(layers),
                                 baseline=impl == "reference")  # fmt: skip
     grads = benchmark(_step, impl, layers)
