@@ -348,9 +348,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         F._verify_batch_size(input.size())
         calls.append(self.num_batches_tracked)
-        # "auto" off the CPU is torch's kernels (the op's only fused backend is the CPU's): called
-        # directly, without the op's per-call backend selection (host time on a GPU).
-        if self.impl != "reference" and (self.impl != "auto" or input.device.type == "cpu"):
+        if self.impl != "reference":
             return batch_norm_train(input, self.weight, self.bias, self.running_mean, self.running_var,
                                     self.momentum, self.eps, relu, residual, impl=self.impl)  # fmt: skip
         # The op F.batch_norm reaches in training (same backend choice: cuDNN, MIOpen or native),
