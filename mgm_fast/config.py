@@ -91,7 +91,7 @@ class ModelConfig:
     batch_norm_impl: str = "reference"
     """Backend of the training-mode BatchNorm layers of the multi-task and refinement networks
     in eager steps (:mod:`mgm_fast.ops.batch_norm`): "reference" (torch's kernels, the default),
-    "auto", "cpp" (channels_last CPU kernels, the ReLU after a BatchNorm fused)."""
+    "auto", "cpp" (channels_last CPU kernels, the shortcut add and ReLU after a BatchNorm fused)."""
 
     def __post_init__(self) -> None:
         size = self.image_size

@@ -15,9 +15,10 @@ differ only in the ingredients below, so comparing them measures the implementat
   batched views through ``mgm_fast.ops.simclr_views``, losses read once per log window, pruned
   autograd (only the updated networks' weights get gradients; detached branches under
   ``no_grad``), fused losses, in-kernel instance noise, fused GenBlocks, self-attention, spectral
-  norm and (CPU, channels_last) BatchNorm + ReLU (``impl="auto"``), fused Adam, channels_last, and bf16 autocast on CUDA. On the CPU the fast
-  engine stays fp32 so that CPU runs give the same numbers on every machine; ``--precision
-  bf16`` is the opt-in (a separate row of the end-to-end benchmark).
+  norm and (CPU, channels_last) BatchNorm + shortcut add + ReLU (``impl="auto"``), fused Adam,
+  channels_last, and bf16 autocast on CUDA. On the CPU the fast engine stays fp32 so that CPU
+  runs give the same numbers on every machine; ``--precision bf16`` is the opt-in (a separate row
+  of the end-to-end benchmark).
 
 ``fast-<ingredient>`` engines are ``fast`` with one ingredient set back to its reference value
 (the ablation rows of the end-to-end benchmark). Explicit command-line options (``--loader``,

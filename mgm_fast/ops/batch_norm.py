@@ -1,5 +1,5 @@
-"""Training-mode batch normalisation of (N, C, H, W) activations, optionally followed by ReLU,
-with fused CPU kernels for channels_last inputs.
+"""Training-mode batch normalisation of (N, C, H, W) activations, optionally plus a residual and
+followed by ReLU, with fused CPU kernels for channels_last inputs.
 
 ``batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, relu=False,
 residual=None, *, impl)`` returns ``(input - mean) / sqrt(var + eps) * weight + bias`` with the
@@ -17,15 +17,15 @@ Backends (``impl=``):
 * ``reference`` -- ``aten._batch_norm_with_update`` (the op ``F.batch_norm`` runs in training),
   ``+ residual`` and ``F.relu``, with torch's autograd: any device, dtype and layout.
 * ``cpp`` -- float32 channels_last CPU inputs: csrc/kernels/cpu/batch_norm.*, forward (mean, then
-  the sum of squared deviations, then the normalisation with the residual and the ReLU in the same pass; the
-  running statistics updated in the kernel) and backward (ReLU's mask applied while reading the
-  gradient, which is also the residual's). Eagerly, forward and backward are one C++ autograd
-  node of the extension: no Python and no dispatched ATen op in the backward, and no separate
-  add or ReLU op either way. Traced by
-  ``torch.compile``, an ``autograd.Function`` around the custom ops ``mgm_fast::batch_norm_cpp``
-  and ``mgm_fast::batch_norm_backward_cpp``. Torch's channels_last CPU backward walks one row of C
-  floats at a time; at few channels that are not a multiple of a vector (C = 8 or 24 at the tiny
-  preset) it is 5-25x slower than the kernel. The kernels walk the (N*H*W, C) matrix in tiles of
+  the sum of squared deviations, then the normalisation with the residual and the ReLU in the
+  same pass; the running statistics updated in the kernel) and backward (ReLU's mask applied
+  while reading the gradient, which is also the residual's). Eagerly, forward and backward are
+  one C++ autograd node of the extension: no Python and no dispatched ATen op in the backward, and
+  no separate add or ReLU op either way. Traced by ``torch.compile``, an ``autograd.Function``
+  around the custom ops ``mgm_fast::batch_norm_cpp`` and ``mgm_fast::batch_norm_backward_cpp``.
+  Torch's channels_last CPU backward walks one row of C floats at a time, which is slow at few
+  channels that are not a multiple of a vector (C = 8 or 24 at the tiny preset; measured in
+  benchmarks/test_bench_batch_norm.py). The kernels walk the (N*H*W, C) matrix in tiles of
   lcm(C, 16) floats whose lanes have a fixed channel, and their sums do not depend on the thread
   count. Results differ from torch's by float32 rounding (the self-tests hold them to the
   2x-error rule). Once differentiable.
@@ -38,7 +38,7 @@ the shortcut as ``residual`` at a BasicBlock's end); compiled networks keep ``nn
 the add and ``F.relu``, which inductor fuses itself.
 
 Argument errors are ``ValueError`` naming the tensor: a 4-d floating input, (C,) weight, bias and
-running statistics.
+running statistics, a residual shaped like the input.
 """
 
 from __future__ import annotations
@@ -70,9 +70,8 @@ def batch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | No
                          residual: Tensor | None = None) -> Tensor:  # fmt: skip
     """The op's plain-PyTorch twin: ``aten._batch_norm_with_update`` (what ``F.batch_norm`` runs
     in training mode), ``+ residual``, then ``F.relu`` with ``relu``, differentiable by torch's
-    autograd. Without
-    an affine transform it passes a weight of ones and a bias of zeros (the same values): torch
-    2.13's CPU backward of the op raises without a weight."""
+    autograd. Without an affine transform it passes a weight of ones and a bias of zeros (the same
+    values): torch 2.13's CPU backward of the op raises without a weight."""
     if weight is None:
         weight = torch.ones(input.shape[1], dtype=input.dtype, device=input.device)
     if bias is None:
@@ -142,8 +141,8 @@ class _BatchNormCpp(torch.autograd.Function):
         need = [bool(n) for n in ctx.needs_input_grad[:3]] + [bool(ctx.needs_input_grad[8])]
         if weight is None:
             need[1] = False
-        grad_input, grad_weight, grad_bias, grad_residual = (
-            d if n else None for d, n in zip(_cpp_backward_op(grad_out, input, weight, mean, invstd, relu_out, need), need))
+        grads = _cpp_backward_op(grad_out, input, weight, mean, invstd, relu_out, need)
+        grad_input, grad_weight, grad_bias, grad_residual = (d if n else None for d, n in zip(grads, need))
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, grad_residual
 
 
@@ -167,7 +166,7 @@ def _cpp_reasons(inputs: Inputs) -> list[str]:
 # dispatch
 
 
-def _check(input, weight, bias, running_mean, running_var) -> None:
+def _check(input, weight, bias, running_mean, running_var, residual) -> None:
     """Argument errors naming the tensor (shapes and dtypes only: nothing is read on the host)."""
     if input.dim() != 4 or not input.is_floating_point():
         raise ValueError(f"batch_norm: input must be a floating (N, C, H, W) tensor, got {input.dtype} "
@@ -179,9 +178,12 @@ def _check(input, weight, bias, running_mean, running_var) -> None:
             raise ValueError(f"batch_norm: {name} must be ({c},) for an input of {c} channels, got {tuple(t.shape)}")
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: running_mean and running_var are required (training mode updates them)")
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"batch_norm: residual must be shaped like the input {tuple(input.shape)}, got "
+                         f"{tuple(residual.shape)}")  # fmt: skip
 
 
-OP = define_op(_NAME, "training-mode batch norm; channels_last CPU backward", [
+OP = define_op(_NAME, "training-mode batch norm (+ residual, ReLU); channels_last CPU kernels", [
     reference_backend(batch_norm_reference, devices=ANY_DEVICE),
     cpp_backend(_cpp, extra_check=_cpp_reasons),
 ], priority=("cpp", "reference"))  # fmt: skip
@@ -203,10 +205,7 @@ def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, 
             into it.
         impl: "auto" | "reference" | "cpp".
     """
-    _check(input, weight, bias, running_mean, running_var)
-    if residual is not None and residual.shape != input.shape:
-        raise ValueError(f"batch_norm: residual must be shaped like the input {tuple(input.shape)}, got "
-                         f"{tuple(residual.shape)}")  # fmt: skip
+    _check(input, weight, bias, running_mean, running_var, residual)
     return OP(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual, impl=impl)
 
 

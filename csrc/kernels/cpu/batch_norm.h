@@ -1,4 +1,4 @@
-// Training-mode batch normalisation (optionally followed by ReLU) of channels_last
+// Training-mode batch normalisation (optionally plus a residual, then ReLU) of channels_last
 // activations: forward and backward.
 //
 // Torch-free C++17; the torch glue is csrc/bindings/batch_norm.cpp and the op
@@ -11,10 +11,12 @@
 //   dx[r, c] = w[c] invstd[c] (dy[r, c] - sum_dy[c] / rows - (x[r, c] - mean[c]) invstd[c]^2 dot[c] / rows)
 //
 // (torch's formula; with a ReLU after the normalisation, dy is first zeroed where the output is
-// not positive). Why a kernel: torch's channels_last CPU backward walks one row of C floats
-// at a time, which at few channels (C = 8, 24: not a multiple of a vector) is 10-50x slower than
-// its NCHW backward. Here the matrix is walked in memory order, in tiles of lcm(C, 16) floats
-// whose lanes have a fixed channel, so every loop is a plain vector loop whatever C is.
+// not positive, and that masked dy is also the gradient of a residual added before the ReLU).
+// Why a kernel: torch's channels_last CPU backward walks one row of C floats at a time, which is
+// slow at few channels that are not a multiple of a vector (C = 8, 24; timed side by side in
+// benchmarks/test_bench_batch_norm.py). Here the matrix is walked in memory order, in tiles of
+// lcm(C, 16) floats whose lanes have a fixed channel, so every loop is a plain vector loop
+// whatever C is.
 //
 // The rows are cut into blocks whose size depends only on (rows, C); each block's sums are
 // float lane accumulators, the blocks' partial sums are added in block order in double. Results
