@@ -9,6 +9,11 @@ Each timed step runs the op on the input shape (and ReLU flag) of every BatchNor
 MTL + refinement forward (channels_last, as the fast engine runs them) and the backward of their
 sum of squares.
 
+A second set of groups times the backward alone at the tiny preset's shapes where torch's
+channels_last kernel is slow (8 and 24 channels), given the forward's statistics: torch's
+``batch_norm_backward`` on the channels_last tensors (the baseline), torch's on the same values in
+NCHW (what the reference engine runs), and the cpp kernel on the channels_last tensors.
+
 ``pytest benchmarks/test_bench_batch_norm.py --benchmark-group-by=group``
 """
 
@@ -23,7 +28,7 @@ from mgm_fast import _native
 from mgm_fast.config import preset
 from mgm_fast.models import MultiTaskNet, RefinementNet
 from mgm_fast.models.layers import BatchNorm2d
-from mgm_fast.ops.batch_norm import batch_norm_train
+from mgm_fast.ops.batch_norm import _cpp_backward_op, batch_norm_train
 
 BATCH = 8
 
@@ -86,4 +91,33 @@ def test_bench_batch_norm_fwd_bwd_cpu(benchmark, impl, size):
     benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), calls=len(layers),
                                 baseline=impl == "reference")  # fmt: skip
     grads = benchmark(_step, impl, layers)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+BACKWARD_SHAPES = [(8, 8, 64, 64), (8, 8, 32, 32), (8, 24, 8, 8)]
+
+
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["reference-channels-last", "reference-nchw", "cpp"])
+def test_bench_batch_norm_backward_cpu(benchmark, impl, shape):
+    if impl == "cpp" and _native.cpp_reason() is not None:
+        pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
+    gen = torch.Generator().manual_seed(2)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen)
+    grad_out = torch.randn(shape, generator=gen)
+    if impl != "reference-nchw":
+        x, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
+    weight, running_mean, running_var = torch.randn(c, generator=gen), torch.zeros(c), torch.ones(c)
+    mean, invstd = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    if impl == "cpp":
+        def backward():
+            return _cpp_backward_op(grad_out, x, weight, mean, invstd, None, [True, True, True, False])[:3]
+    else:
+        def backward():
+            return torch.ops.aten.batch_norm_backward(grad_out, x, weight, running_mean, running_var, mean, invstd,
+                                                      True, 1e-5, [True, True, True], torch.empty(0))  # fmt: skip
+    benchmark.group = f"batch norm backward cpu {'x'.join(map(str, shape))} (N, C, H, W)"
+    benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference-channels-last")
+    grads = benchmark(backward)
     assert all(torch.isfinite(g).all() for g in grads)
