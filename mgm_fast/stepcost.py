@@ -18,6 +18,9 @@ included:
   other ops whose output size depends on values, copies of a non-CPU tensor to the CPU), plus
   ``Tensor.tolist()`` and ``Tensor.numpy()``, which read a CPU tensor without dispatching an op;
   counted on every device, because on a GPU each one drains the stream;
+* **NCHW convolutions** -- convolutions whose input is not channels_last (4-D inputs whose layout
+  is unambiguous: more than one channel and more than one pixel). In a channels_last step each
+  one is a layout round trip (the convolution converts its input, or runs the slower NCHW kernel);
 * **graph breaks / recompiles** under ``torch.compile`` (dynamo's counters), with ``--compile``;
 * **host floor** -- the wall time of a step at a degenerate size (tiny networks, 32x32 images,
   batch 2), where compute is negligible and what is left is Python and dispatch overhead.
@@ -97,6 +100,16 @@ def is_mode_shallow_copy(func) -> bool:
     return func is _DETACH and not torch._C._dispatch_tls_is_dispatch_key_excluded(_AUTOGRAD)
 
 
+_CONVOLUTION = torch.ops.aten.convolution.default
+
+
+def is_nchw_convolution(input: torch.Tensor) -> bool:
+    """Whether a convolution's (B, C, H, W) ``input`` is unambiguously not channels_last. With one
+    channel or one pixel both layouts have the same strides, so such an input never counts."""
+    return (input.dim() == 4 and input.shape[1] > 1 and input.shape[2] * input.shape[3] > 1
+            and not input.is_contiguous(memory_format=torch.channels_last))
+
+
 def _is_copy_to_host(func, args, kwargs) -> bool:
     name = str(func.overloadpacket)
     if name == "aten._to_copy":
@@ -115,6 +128,8 @@ class DispatchCounter(TorchDispatchMode):
     dispatcher (``Tensor.tolist``/``Tensor.numpy``) are counted as ``Tensor.tolist`` /
     ``Tensor.numpy`` while the counter is active. ``mode_copies[section]`` counts the shallow
     copies torch routes to the mode (:func:`is_mode_shallow_copy`), which are not ops.
+    ``nchw_convolutions[section]`` counts the convolutions whose input is not channels_last
+    (:func:`is_nchw_convolution`).
     """
 
     def __init__(self) -> None:
@@ -123,6 +138,7 @@ class DispatchCounter(TorchDispatchMode):
         self.ops: dict[str, Counter] = {}
         self.syncs: dict[str, Counter] = {}
         self.mode_copies: Counter = Counter()
+        self.nchw_convolutions: Counter = Counter()
         self._patches: list[tuple[str, Callable]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -134,6 +150,8 @@ class DispatchCounter(TorchDispatchMode):
         self.ops.setdefault(self.section, Counter())[name] += 1
         if name in SYNC_OPS or _is_copy_to_host(func, args, kwargs):
             self.syncs.setdefault(self.section, Counter())[name] += 1
+        if func is _CONVOLUTION and is_nchw_convolution(args[0]):
+            self.nchw_convolutions[self.section] += 1
         return func(*args, **kwargs)
 
     def _count_host_read(self, method: str):
@@ -217,6 +235,8 @@ class StepCost:
     mode_copies: int | None = None
     """Shallow copies the counting mode itself received as ``aten.detach`` (not ops; see the
     module docstring). ``ops + mode_copies`` is what a bare ``TorchDispatchMode`` counts."""
+    nchw_convolutions: int | None = None
+    """Convolutions whose input was not channels_last (:func:`is_nchw_convolution`)."""
     graph_breaks: int | None = None
     recompiles: int | None = None
     host_floor_ms: float | None = None
@@ -302,7 +322,8 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
         step=method, ops=counter.total_ops(), syncs=counter.total_syncs(),
         ops_by_section={k: sum(v.values()) for k, v in counter.ops.items()},
         syncs_by_op=dict(syncs), syncs_by_section={k: dict(v) for k, v in counter.syncs.items()},
-        top_ops=flat.most_common(12), mode_copies=sum(counter.mode_copies.values()), extra=extra,
+        top_ops=flat.most_common(12), mode_copies=sum(counter.mode_copies.values()),
+        nchw_convolutions=sum(counter.nchw_convolutions.values()), extra=extra,
     )
 
 
@@ -371,13 +392,14 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
     steady-state step time, then per row and step the sub-step breakdown."""
     na = "–"
     timed = any("step_ms" in c.extra for cs in costs.values() for c in cs)
-    lines = [f"### {title}", "", "| engine | step | ATen ops | mode copies | host syncs | graph breaks | recompiles "
-             "| host floor |" + (" step time |" if timed else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
+    lines = [f"### {title}", "", "| engine | step | ATen ops | mode copies | host syncs | NCHW convs | graph breaks "
+             "| recompiles | host floor |" + (" step time |" if timed else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
     for row, cs in costs.items():
         for c in cs:
             cells = [row, c.step, na if c.ops is None else f"{c.ops:,}",
                      na if c.mode_copies is None else f"{c.mode_copies:,}", na if c.syncs is None else str(c.syncs),
+                     na if c.nchw_convolutions is None else str(c.nchw_convolutions),
                      na if c.graph_breaks is None else str(c.graph_breaks),
                      na if c.recompiles is None else str(c.recompiles),
                      na if c.host_floor_ms is None else f"{c.host_floor_ms:.1f} ms"]
@@ -395,7 +417,9 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
                                                    for k, v in c.syncs_by_section.items()))
     lines += ["", "ATen ops: ops dispatched. Mode copies: the shallow copies (autograd saving an output for "
               "backward) that torch hands to any active dispatch mode as `aten.detach` and that dispatch nothing "
-              "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies."]
+              "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies. NCHW convs: "
+              "convolutions whose input is not channels_last (the reference engine runs NCHW; in the fast engine "
+              "each one would be a layout round trip)."]
     return "\n".join(lines) + "\n"
 
 

@@ -78,6 +78,9 @@ def test_mode_shallow_copies_are_told_apart_from_dispatched_detaches():
 def test_fast_engine_step_reads_nothing_back(method):
     cost = stepcost.count_step(method, batch=4, warmup=1)
     assert cost.syncs == 0, f"host read-backs in a fast {method} step: {cost.syncs_by_section}"
+    # channels_last end to end: images, the generator's seed and the attention output are
+    # converted where they enter, so no convolution takes an NCHW input
+    assert cost.nchw_convolutions == 0
     assert cost.ops > 500  # the counter saw the step
     if method == "mgm":
         assert {"supervised_step", "refine_step/real", "simclr_step/synth", "d_step", "g_step"} <= set(
@@ -88,6 +91,23 @@ def test_reference_engine_reads_losses_back_every_sub_step():
     # the released .item() per sub-step: the counter must see what the fast engine avoids
     cost = stepcost.count_step("mt", engine="reference", batch=4, warmup=1)
     assert cost.syncs_by_op.get("aten._local_scalar_dense", 0) >= 3
+    # the reference engine runs NCHW: the layout count sees every convolution of the step
+    assert cost.nchw_convolutions == dict(cost.top_ops)["aten.convolution"] > 0
+
+
+def test_nchw_convolution_rule_skips_layout_ambiguous_inputs():
+    nchw = torch.randn(2, 3, 4, 4)
+    assert stepcost.is_nchw_convolution(nchw)
+    assert not stepcost.is_nchw_convolution(nchw.contiguous(memory_format=torch.channels_last))
+    assert not stepcost.is_nchw_convolution(torch.randn(2, 1, 4, 4))  # one channel: both layouts
+    assert not stepcost.is_nchw_convolution(torch.randn(2, 3, 1, 1))  # one pixel: both layouts
+    counter = stepcost.DispatchCounter()
+    weight = torch.randn(5, 3, 3, 3)
+    with counter:
+        torch.nn.functional.conv2d(nchw, weight)
+        torch.nn.functional.conv2d(nchw.contiguous(memory_format=torch.channels_last),
+                                   weight.contiguous(memory_format=torch.channels_last))
+    assert counter.nchw_convolutions["other"] == 1
 
 
 def test_check_values_restores_the_in_step_label_check():

@@ -26,6 +26,7 @@ from mgm_fast.models.layers import (
     SNEmbedding,
     SNLinear,
     SpectralNormLayer,
+    in_layout_of,
     refreshes_spectral_norm,
 )
 from mgm_fast.ops import BackendUnavailable
@@ -52,16 +53,6 @@ def init_gan_(module: nn.Module) -> None:
             bias = getattr(m, "bias", None)
             if bias is not None:
                 nn.init.zeros_(bias)
-
-
-def in_layout_of(x: Tensor, weight: Tensor) -> Tensor:
-    """``x`` (B, C, H, W) in the memory format of the network's 4-D ``weight``: channels_last when
-    the network was converted (``.to(memory_format=torch.channels_last)``), else as it is. A
-    network converts its NCHW input (images, the generator's 4x4 seed) once, at its entry, instead
-    of every convolution converting it again; shapes and values are unchanged."""
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _fusable(impl: str, *bns: nn.Module) -> bool:

@@ -270,6 +270,17 @@ def refresh_spectral_norm(module: nn.Module, impl: str = "reference") -> list[Sp
     return layers
 
 
+def in_layout_of(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` (B, C, H, W) in the memory format of the 4-D tensor ``like`` (a network's weight, or
+    an activation): channels_last when ``like`` is unambiguously channels_last (the network was
+    converted with ``.to(memory_format=torch.channels_last)``), else as it is. A network converts
+    its NCHW input (images, the generator's 4x4 seed, the attention output) once, where it enters,
+    instead of every convolution converting it again; shapes and values are unchanged."""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def refreshes_spectral_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator of a network's ``forward``: :func:`refresh_spectral_norm` first (with the
     network's ``spectral_norm_impl`` backend, "reference" when it has none), and afterwards (also
@@ -479,7 +490,9 @@ class SelfAttention(nn.Module):
         g = F.max_pool2d(self.snconv1x1_g(x), 2).reshape(b, c // 2, n // 4)
         # g softmax(theta^T phi)^T: the released bmm-softmax-bmm ("reference") or a fused backend
         o = sagan_attention(theta, phi, g, impl=self.impl).reshape(b, c // 2, h, w)
-        return x + self.sigma * self.snconv1x1_attn(o)
+        # o is NCHW; the 1x1 conv's weight is layout-ambiguous, so the conv would run (and
+        # return) NCHW in a channels_last network: convert o to x's layout instead.
+        return x + self.sigma * self.snconv1x1_attn(in_layout_of(o, x))
 
 
 class BasicBlock(nn.Module):

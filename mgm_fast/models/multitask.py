@@ -18,6 +18,7 @@ from mgm_fast.config import ModelConfig
 from mgm_fast.models.layers import (
     BatchNorm2d,
     counts_batches_once,
+    in_layout_of,
     init_resnet_,
     make_layer,
     use_batch_norm_impl,
@@ -64,6 +65,7 @@ class Encoder(nn.Module):
 
     @counts_batches_once
     def forward(self, x: Tensor) -> Tensor:
+        x = in_layout_of(x, self.conv1.weight)  # NCHW images enter a channels_last network once
         x = F.max_pool2d(self.bn1(self.conv1(x), relu=True), 3, 2, 1)
         for i in range(self.num_layers):
             x = getattr(self, f"layer{i + 1}")(x)
