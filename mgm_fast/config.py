@@ -12,14 +12,14 @@ parsed according to the field's declared type, and an unknown key is an error th
 valid ones. In code, change a config with ``dataclasses.replace``; :func:`from_dict` reads back
 what :func:`to_dict` wrote.
 
-Backends. Seven fields say which implementation computes a part of the step, never what it
+Backends. Eight fields say which implementation computes a part of the step, never what it
 computes: ``model.genblock_impl``, ``model.attention_impl``, ``model.spectral_norm_impl``,
-``model.batch_norm_impl``, ``schedule.loss_impl``, ``schedule.noise_impl`` and
+``model.batch_norm_impl``, ``model.conv_impl``, ``schedule.loss_impl``, ``schedule.noise_impl`` and
 ``optim.implementation`` (Adam). Each defaults to the released
 code's own computation -- "reference" (plain PyTorch, and the global RNG's stream for the
 instance noise), "for-loop" for Adam -- so a config built here, without an engine, computes what
 the released code computes. A training run never relies on these defaults: its engine
-(``mgm_fast/engine/engines.py``, ``--engine``) sets all seven, and ``--set`` overrides win over
+(``mgm_fast/engine/engines.py``, ``--engine``) sets all eight, and ``--set`` overrides win over
 the engine's choice.
 """
 
@@ -92,6 +92,11 @@ class ModelConfig:
     """Backend of the training-mode BatchNorm layers of the multi-task and refinement networks
     in eager steps (:mod:`mgm_fast.ops.batch_norm`): "reference" (torch's kernels, the default),
     "auto", "cpp" (channels_last CPU kernels, the shortcut add and ReLU after a BatchNorm fused)."""
+    conv_impl: str = "reference"
+    """Backend of the networks' plain convolutions in eager steps (every ``Conv2d`` and ``SNConv2d``
+    layer; not the ones inside a fused GenBlock, nor the decoders' transposed convolutions;
+    :mod:`mgm_fast.ops.conv2d`): "reference" (``F.conv2d``, the default), "auto", "cpp" (CPU,
+    channels_last: oneDNN or im2col + GEMM, chosen per shape by a cost model)."""
 
     def __post_init__(self) -> None:
         size = self.image_size

@@ -53,7 +53,7 @@ from mgm_fast.engine.engines import Execution
 from mgm_fast.evaluate import evaluate_nets
 from mgm_fast.metrics import METRIC_DIRECTIONS, delta_m, format_table
 from mgm_fast.models import TASKS, MGMNets, build_models
-from mgm_fast.ops import REGISTRY, genblock
+from mgm_fast.ops import REGISTRY, conv2d, genblock
 from mgm_fast.ops._verify import BackendVerificationError, backends_record, verify_for_run
 
 METHODS = ("mgm", "mgm-light", "mt", "st")
@@ -406,7 +406,8 @@ def save(run: Run, index: int, name: str, done: int, ctx, loader, weak, results,
                "totals": dict(ctx.totals), "counts": dict(ctx.counts), "skipped": dict(ctx.skipped),
                "results": results or {}, "world_size": run.world.world_size,
                "rng_per_rank": rng_per_rank if run.world.enabled else [],
-               "baseline": run.baseline, "genblock_algorithms": genblock.chosen_algorithms()},
+               "baseline": run.baseline, "genblock_algorithms": genblock.chosen_algorithms(),
+               "conv2d_algorithms": conv2d.chosen_algorithms()},
     )
 
 
@@ -429,8 +430,10 @@ def resume_into(run: Run, ctx, loader, weak) -> int:
     if weak is not None:
         weak.load_state_dict(report.data_state["weak"])
     extra = report.extra
-    # the GenBlock convolution algorithms of the run this one continues, not a new timing's
+    # the convolution algorithms (GenBlocks', plain layers') of the run this one continues, not a
+    # new timing's
     genblock.restore_algorithms(extra.get("genblock_algorithms", []))
+    conv2d.restore_algorithms(extra.get("conv2d_algorithms", []))
     ctx.totals, ctx.counts = dict(extra["totals"]), dict(extra["counts"])
     ctx.skipped = dict(extra.get("skipped", {}))
     run.baseline = run.baseline or extra.get("baseline")

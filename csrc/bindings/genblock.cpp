@@ -19,12 +19,10 @@
 
 #include <algorithm>
 #include <array>
-#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -33,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "algo_timing.h"
 #include "genblock_impl.h"
 #include "kernels/cpu/genblock.h"
 #include "registry.h"
@@ -526,34 +525,11 @@ std::optional<int64_t> forced_algo(int piece) {
   return std::nullopt;
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-/// Times each candidate's `run(algo)` (one forward + backward of the conv) and returns the
-/// fastest with the times: a first run (it also creates oneDNN primitives and touches fresh
-/// buffers), then a second one unless the first already took 3x the best so far; a candidate's
-/// time is its faster run.
+/// The fastest of the piece's candidates (algo_timing.h), with the thread count it was timed at.
 template <class Run>
 AlgoChoice time_candidates(int piece, const std::vector<int64_t>& candidates, Run run) {
-  AlgoChoice choice{candidates.front(), {}, at::get_num_threads()};
-  double best = std::numeric_limits<double>::infinity();
-  for (int64_t a : candidates) {
-    auto t0 = std::chrono::steady_clock::now();
-    run(a);
-    double t = seconds_since(t0);
-    if (t < 3.0 * best) {
-      t0 = std::chrono::steady_clock::now();
-      run(a);
-      t = std::min(t, seconds_since(t0));
-    }
-    choice.seconds[algo_name(piece, a)] = t;
-    if (t < best) {
-      best = t;
-      choice.algo = a;
-    }
-  }
-  return choice;
+  TimedChoice timed = time_fastest(candidates, [piece](int64_t a) { return algo_name(piece, a); }, run);
+  return {timed.algo, std::move(timed.seconds), at::get_num_threads()};
 }
 
 /// The conv1 (nearest x2 + conv3x3) candidates of x (n, cin, h, w) and their timing runs: on a

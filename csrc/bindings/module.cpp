@@ -89,6 +89,7 @@ pybind11::dict build_info() {
   ops.append("sagan_attention");
   ops.append("spectral_norm");
   ops.append("batch_norm");
+  ops.append("conv2d");
   info["ops"] = ops;
   info["cpu_isa"] = cpu_isa();
   info["cpu_isas_supported"] = supported_cpu_isas();
@@ -128,6 +129,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mgm_fast::bindings::register_sagan_attention(m);
   mgm_fast::bindings::register_spectral_norm(m);
   mgm_fast::bindings::register_batch_norm(m);
+  mgm_fast::bindings::register_conv2d(m);
 #ifdef MGM_FAST_WITH_CUDA
   mgm_fast::bindings::register_multitask_loss_cuda(m);
   mgm_fast::bindings::register_ntxent_cuda(m);

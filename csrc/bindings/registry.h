@@ -28,6 +28,9 @@ void register_spectral_norm(pybind11::module_& m);
 /// csrc/bindings/batch_norm.cpp: batch_norm_backward_channels_last_cpu
 void register_batch_norm(pybind11::module_& m);
 
+/// csrc/bindings/conv2d.cpp: conv2d_algo_cpu, conv2d_{forward,backward}_cpu, conv2d_algos_{,set_,clear_}cpu
+void register_conv2d(pybind11::module_& m);
+
 /// csrc/bindings/sagan_attention.cpp: sagan_attention_cpu_forward, sagan_attention_cpu_backward
 void register_sagan_attention(pybind11::module_& m);
 

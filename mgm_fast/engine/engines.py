@@ -27,7 +27,7 @@ engine's choice. On CUDA the fast engine also compiles every network and replays
 CUDA graphs (``compile``), so that a step costs the host a few launches per network.
 
 A run resolves its engine once (``mgm_fast.train.resolve_run``): :meth:`Engine.configure` writes
-the seven ingredients that are config fields (the backends) into the run's :class:`Config`, and
+the eight ingredients that are config fields (the backends) into the run's :class:`Config`, and
 :meth:`Engine.execution` gives the run's :class:`Execution` record -- every ingredient as the run
 uses it, after the explicit options, on its device. The record is kept on the run, read by
 everything that builds the run's loaders, networks and step context, and written in full to
@@ -48,7 +48,7 @@ COMPILE_MODES = ("off", "default", "cudagraphs")
 graph replay (``mode="reduce-overhead"``, CUDA only)."""
 
 INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
-               "attention_impl", "spectral_norm_impl", "batch_norm_impl", "precision", "channels_last")
+               "attention_impl", "spectral_norm_impl", "batch_norm_impl", "conv_impl", "precision", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Engine:
         attention_impl: ``ModelConfig.attention_impl``.
         spectral_norm_impl: ``ModelConfig.spectral_norm_impl``.
         batch_norm_impl: ``ModelConfig.batch_norm_impl``.
+        conv_impl: ``ModelConfig.conv_impl``.
         precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
         channels_last: channels_last memory format on every device.
         cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms once per shape and
@@ -97,6 +98,7 @@ class Engine:
     attention_impl: str
     spectral_norm_impl: str
     batch_norm_impl: str
+    conv_impl: str
     precision: str | None
     channels_last: bool
     cudnn_benchmark: bool
@@ -118,7 +120,7 @@ class Engine:
             cfg,
             model=dataclasses.replace(cfg.model, genblock_impl=self.genblock_impl,
                                       attention_impl=self.attention_impl, spectral_norm_impl=self.spectral_norm_impl,
-                                      batch_norm_impl=self.batch_norm_impl),
+                                      batch_norm_impl=self.batch_norm_impl, conv_impl=self.conv_impl),
             optim=dataclasses.replace(cfg.optim, implementation=self.adam),
             schedule=dataclasses.replace(cfg.schedule, loss_impl=self.loss_impl, noise_impl=self.noise_impl),
         )
@@ -151,6 +153,7 @@ class Engine:
             attention_impl=cfg.model.attention_impl,
             spectral_norm_impl=cfg.model.spectral_norm_impl,
             batch_norm_impl=cfg.model.batch_norm_impl,
+            conv_impl=cfg.model.conv_impl,
             precision=self.resolved_precision(device) if precision is None else precision,
             channels_last=self.channels_last if channels_last is None else channels_last,
             cudnn_benchmark=self.cudnn_benchmark and device.type == "cuda",
@@ -170,7 +173,7 @@ class Execution:
     Attributes beyond the engine's: ``engine`` (its name), ``precision`` resolved ("fp32",
     "bf16" or "fp16", never None), ``cudnn_benchmark`` (True only on CUDA), ``compile``
     resolved ("off", "default" or "cudagraphs", never None). ``adam``, ``loss_impl``, ``noise_impl``,
-    ``genblock_impl``, ``attention_impl``, ``spectral_norm_impl`` and ``batch_norm_impl`` repeat the run
+    ``genblock_impl``, ``attention_impl``, ``spectral_norm_impl``, ``batch_norm_impl`` and ``conv_impl`` repeat the run
     config's fields of those names, for the record; the networks and the schedule read them from the config.
     """
 
@@ -186,6 +189,7 @@ class Execution:
     attention_impl: str
     spectral_norm_impl: str
     batch_norm_impl: str
+    conv_impl: str
     precision: str
     channels_last: bool
     cudnn_benchmark: bool
@@ -199,9 +203,10 @@ class Execution:
         """The record among the entries of ``record`` (extra entries are ignored); None when one
         of its fields is missing (a ``config.yaml`` written before the record was complete).
         A record written when ``compile`` was a flag (true/false) reads as "default"/"off"; one
-        written before ``batch_norm_impl`` existed ran torch's BatchNorm, "reference"."""
+        written before ``batch_norm_impl`` or ``conv_impl`` existed ran torch's BatchNorm or
+        convolutions, "reference"."""
         names = [f.name for f in dataclasses.fields(cls)]
-        record = {"batch_norm_impl": "reference", **record}
+        record = {"batch_norm_impl": "reference", "conv_impl": "reference", **record}
         if any(name not in record for name in names):
             return None
         fields = {name: record[name] for name in names}
@@ -213,10 +218,10 @@ class Execution:
 REFERENCE = Engine("reference", loader="torch", views="per-sample", readback="step", autograd="released",
                    adam="for-loop", loss_impl="reference", noise_impl="reference", genblock_impl="reference",
                    attention_impl="reference", spectral_norm_impl="reference", batch_norm_impl="reference",
-                   precision="fp32", channels_last=False, cudnn_benchmark=False, compile="off")
+                   conv_impl="reference", precision="fp32", channels_last=False, cudnn_benchmark=False, compile="off")
 FAST = Engine("fast", loader="auto", views="batched", readback="window", autograd="pruned", adam="auto",
               loss_impl="auto", noise_impl="auto", genblock_impl="auto", attention_impl="auto",
-              spectral_norm_impl="auto", batch_norm_impl="auto", precision=None, channels_last=True,
+              spectral_norm_impl="auto", batch_norm_impl="auto", conv_impl="auto", precision=None, channels_last=True,
               cudnn_benchmark=True, compile=None)
 
 

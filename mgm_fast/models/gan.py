@@ -28,6 +28,7 @@ from mgm_fast.models.layers import (
     SpectralNormLayer,
     in_layout_of,
     refreshes_spectral_norm,
+    use_conv_impl,
 )
 from mgm_fast.ops import BackendUnavailable
 from mgm_fast.ops import genblock as genblock_ops
@@ -196,6 +197,7 @@ class Generator(nn.Module):
         self.bn = nn.BatchNorm2d(ch[-1], eps=1e-5, momentum=1e-4)
         self.snconv2d1 = SNConv2d(ch[-1], 3, 3, padding=1)
         init_gan_(self)
+        use_conv_impl(self, cfg.conv_impl)
 
     @refreshes_spectral_norm
     def forward(self, z: Tensor, y: Tensor) -> Tensor:
@@ -342,6 +344,7 @@ class Discriminator(nn.Module):
         self.snlinear1 = SNLinear(ch[-1], 1)
         self.sn_embedding1 = SNEmbedding(cfg.num_scenes, ch[-1])
         init_gan_(self)
+        use_conv_impl(self, cfg.conv_impl)
 
     def features(self, x: Tensor) -> Tensor:
         """Sum-pooled features h: (B, 3, H, W) -> (B, C_last)."""

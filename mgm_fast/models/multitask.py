@@ -17,11 +17,13 @@ from torch import Tensor, nn
 from mgm_fast.config import ModelConfig
 from mgm_fast.models.layers import (
     BatchNorm2d,
+    Conv2d,
     counts_batches_once,
     in_layout_of,
     init_resnet_,
     make_layer,
     use_batch_norm_impl,
+    use_conv_impl,
 )
 
 TASKS = ("seg", "depth", "normal")
@@ -53,7 +55,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, in_channels: int = 3) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, cfg.stem_width, 5, 2, 2, bias=False)
+        self.conv1 = Conv2d(in_channels, cfg.stem_width, 5, 2, 2, bias=False)
         self.bn1 = BatchNorm2d(cfg.stem_width)
         prev = cfg.stem_width
         self.num_layers = len(cfg.encoder_widths)
@@ -91,7 +93,7 @@ class DenseDecoder(nn.Module):
             last = k == self.num_stages - 1
             setattr(self, f"upconv{k}", nn.ConvTranspose2d(prev, width, 2, 2))
             setattr(self, f"bn_upconv{k}", BatchNorm2d(width))
-            setattr(self, f"conv_decode{k}", nn.Conv2d(width, out_channels if last else width, 3, 1, 1))
+            setattr(self, f"conv_decode{k}", Conv2d(width, out_channels if last else width, 3, 1, 1))
             if not last:
                 setattr(self, f"bn_decode{k}", BatchNorm2d(width))
             prev = width
@@ -138,6 +140,7 @@ class MultiTaskNet(nn.Module):
         )
         self.clr_head = ProjectionHead(cfg.feature_dim, cfg.clr_dim)
         use_batch_norm_impl(self, cfg.batch_norm_impl)
+        use_conv_impl(self, cfg.conv_impl)
 
     def features(self, x: Tensor) -> Tensor:
         """E(x): (B, 3, H, W) -> (B, feature_dim, H/32, W/32)."""

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 from mgm_fast.config import ModelConfig
 from mgm_fast.models.layers import (
     BatchNorm2d,
+    Conv2d,
     counts_batches_once,
     init_resnet_,
     make_layer,
     use_batch_norm_impl,
+    use_conv_impl,
 )
 from mgm_fast.models.multitask import TASKS, check_tasks, task_out_channels
 
@@ -37,7 +39,7 @@ class PostEncoder(nn.Module):
         self, in_channels: int, stem_width: int, widths: Sequence[int], blocks: Sequence[int]
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, stem_width, 5, 2, 2, bias=False)
+        self.conv1 = Conv2d(in_channels, stem_width, 5, 2, 2, bias=False)
         self.bn1 = BatchNorm2d(stem_width)
         prev = stem_width
         self.num_layers = len(widths)
@@ -78,6 +80,7 @@ class RefinementNet(nn.Module):
         self.fc2 = nn.Linear(cfg.refine_hidden, cfg.num_scenes)
         self.logit_relu = cfg.refine_logit_relu
         use_batch_norm_impl(self, cfg.batch_norm_impl)
+        use_conv_impl(self, cfg.conv_impl)
 
     @counts_batches_once
     def forward(

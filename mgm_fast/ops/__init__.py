@@ -3,6 +3,7 @@ backends (reference / triton / cpp / cuda) are chosen with ``impl=`` ("auto" by 
 
 from mgm_fast.ops import attention as _attention  # noqa: F401  (registers the op)
 from mgm_fast.ops import batch_norm as _batch_norm  # noqa: F401  (registers the op)
+from mgm_fast.ops import conv2d as _conv2d  # noqa: F401  (registers the op)
 from mgm_fast.ops import gan_losses as _gan_losses  # noqa: F401  (registers the ops)
 from mgm_fast.ops import genblock as _genblock  # noqa: F401  (registers the ops)
 from mgm_fast.ops import multitask_loss as _multitask_loss  # noqa: F401  (registers the op)

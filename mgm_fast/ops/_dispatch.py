@@ -35,7 +35,7 @@ import functools
 import inspect
 import operator
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,11 +254,24 @@ class FusedOp:
     """"<device> <dtype>" of the inputs -> {"backend": what auto picked, "skipped": {name: why}}."""
     _kind_names: dict = field(default_factory=dict, repr=False)
     """(device type, dtype) -> its key in ``resolutions``."""
+    selection_key: Callable[..., Hashable] | None = None
+    """Optional ``selection_key(*args, **kwargs) -> hashable``: everything the backends' checks and
+    the op's ``check`` read from a call (devices, dtypes, layouts, shapes), so that calls with equal
+    keys pass the same checks and select the same backend. With it, eager calls remember their
+    selection per key (with ``impl``, the environment's forced backend, the exclusions and the
+    backends) instead of checking and selecting each time: that costs tens of microseconds a call,
+    which matters for an op called hundreds of times a step (a network's convolutions)."""
+    check: Callable[..., None] | None = None
+    """Optional ``check(*args, **kwargs)``, raising ``ValueError`` for bad arguments; run before the
+    selection (with a ``selection_key``: once per key)."""
+    _selected: dict = field(default_factory=dict, repr=False)
+    """The remembered selections (see ``selection_key``)."""
 
     def register(self, backend: Backend) -> Backend:
         if backend.name not in BACKEND_NAMES:
             raise ValueError(f"unknown backend kind {backend.name!r}")
         self.backends[backend.name] = backend
+        self._selected.clear()
         return backend
 
     def exclude(self, backend: str, reason: str) -> None:
@@ -323,7 +336,18 @@ class FusedOp:
             # shapes, strides, requires_grad, grad mode, autocast); see _traced_choice.
             name = _traced_choice(self.name, impl, _spec(args), _spec(kwargs), _global_state())
             return self.backends[name].fn(*args, **kwargs)
-        return self.select(impl, *args, **kwargs).fn(*args, **kwargs)
+        if self.selection_key is None:
+            if self.check is not None:
+                self.check(*args, **kwargs)
+            return self.select(impl, *args, **kwargs).fn(*args, **kwargs)
+        key = (impl, forced_impl(self.name), tuple(self.exclusions), id(self.backends),
+               self.selection_key(*args, **kwargs))  # fmt: skip
+        backend = self._selected.get(key)
+        if backend is None:
+            if self.check is not None:
+                self.check(*args, **kwargs)
+            backend = self._selected[key] = self.select(impl, *args, **kwargs)
+        return backend.fn(*args, **kwargs)
 
     def status(self) -> dict[str, str | None]:
         """backend name -> None (available) or the reason it is not, for every known kind."""
@@ -454,10 +478,15 @@ def value_checks(enabled: bool | None):
 IMPL_ENV = "MGM_FAST_IMPL"
 
 
+@functools.cache
+def _per_op_env(op_name: str) -> str:
+    return f"{IMPL_ENV}_{op_name.upper()}"
+
+
 def forced_impl(op_name: str) -> str | None:
     """The backend the environment forces for an op, or None: ``MGM_FAST_IMPL_<OP>`` (any
     backend name or ``auto``), else ``MGM_FAST_IMPL`` (``reference`` or ``auto``)."""
-    per_op = f"{IMPL_ENV}_{op_name.upper()}"
+    per_op = _per_op_env(op_name)
     value = os.environ.get(per_op)
     if value:
         if value != "auto" and value not in BACKEND_NAMES:
@@ -479,11 +508,15 @@ def register_op(op: FusedOp) -> FusedOp:
     return op
 
 
-def define_op(name: str, summary: str, backends: list[Backend],
-              priority: tuple[str, ...] | None = None) -> FusedOp:  # fmt: skip
+def define_op(name: str, summary: str, backends: list[Backend], priority: tuple[str, ...] | None = None,
+              selection_key: Callable[..., Hashable] | None = None,
+              check: Callable[..., None] | None = None) -> FusedOp:  # fmt: skip
     """A :class:`FusedOp` with these backends (one :func:`reference_backend` among them),
-    registered in :data:`REGISTRY`; ``priority`` reorders ``auto``'s default choice."""
+    registered in :data:`REGISTRY`; ``priority`` reorders ``auto``'s default choice;
+    ``selection_key`` lets eager calls remember their checks and selection
+    (:attr:`FusedOp.selection_key`); ``check`` validates the arguments (:attr:`FusedOp.check`)."""
     op = FusedOp(name=name, summary=summary) if priority is None else FusedOp(name, summary, priority)
+    op.selection_key, op.check = selection_key, check
     for backend in backends:
         op.register(backend)
     if "reference" not in op.backends:

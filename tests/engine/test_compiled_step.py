@@ -57,10 +57,12 @@ encoder in MGM: 3 multi_opt + 4 encoder_opt steps; in MGM-light 3 + 2)."""
 
 
 def _prepare(method: str, compiled: bool, tmp_path, device: str = "cpu", mode: str = "default"):
-    # Both runs on torch's BatchNorm: compiled networks keep nn.BatchNorm2d, while the eager fast
-    # engine's backward on the CPU is the extension's (other rounding; tests/ops/test_batch_norm.py).
+    # Both runs on torch's BatchNorm and convolutions: compiled networks keep nn.BatchNorm2d and
+    # F.conv2d, while the eager fast engine's BatchNorm backward on the CPU is the extension's and
+    # its convolutions may take im2col + GEMM (other rounding; tests/ops/test_batch_norm.py,
+    # tests/ops/test_conv2d.py).
     extra = [*SMALL, "--precision", "fp32", "--compile", mode if compiled else "off",
-             "--set", "model.batch_norm_impl=reference"]
+             "--set", "model.batch_norm_impl=reference", "--set", "model.conv_impl=reference"]
     return stepcost.prepare(method, "fast", device, "tiny", BATCH, extra, out=tmp_path / f"{method}-{compiled}")
 
 

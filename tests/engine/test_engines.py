@@ -204,16 +204,18 @@ def test_a_record_of_the_compile_flag_reads_as_a_mode():
         assert engines.Execution.from_dict({**record, "compile": flag}).compile == mode
 
 
-def test_a_record_from_before_the_batch_norm_op_reads_as_torchs_batch_norm():
-    """A config.yaml written before ``batch_norm_impl`` existed resumes on what it ran: torch's
-    BatchNorm ("reference"), in the record and in its config (the field's default)."""
+@pytest.mark.parametrize("field", ["batch_norm_impl", "conv_impl"])
+def test_a_record_from_before_an_op_reads_as_torchs_layers(field):
+    """A config.yaml written before ``batch_norm_impl`` or ``conv_impl`` existed resumes on what it
+    ran: torch's BatchNorm or convolutions ("reference"), in the record and in its config (the
+    field's default)."""
     _, execution = train.resolve_run(train.build_parser().parse_args([]), torch.device("cpu"))
-    assert execution.batch_norm_impl == "auto"
-    record = {k: v for k, v in execution.to_dict().items() if k != "batch_norm_impl"}
-    assert engines.Execution.from_dict(record).batch_norm_impl == "reference"
+    assert getattr(execution, field) == "auto"
+    record = {k: v for k, v in execution.to_dict().items() if k != field}
+    assert getattr(engines.Execution.from_dict(record), field) == "reference"
     saved = to_dict(preset("tiny"))
-    del saved["model"]["batch_norm_impl"]
-    assert from_dict(saved).model.batch_norm_impl == "reference"
+    del saved["model"][field]
+    assert getattr(from_dict(saved).model, field) == "reference"
 
 
 def test_config_yaml_holds_the_whole_record(tmp_path):

@@ -27,7 +27,16 @@ from torch._dynamo.utils import counters
 
 import mgm_fast.ops  # noqa: F401  (registers every op)
 from mgm_fast import _native
-from mgm_fast.ops import attention, batch_norm, gan_losses, genblock, multitask_loss, ntxent, simclr_views
+from mgm_fast.ops import (
+    attention,
+    batch_norm,
+    conv2d,
+    gan_losses,
+    genblock,
+    multitask_loss,
+    ntxent,
+    simclr_views,
+)
 from mgm_fast.ops._dispatch import triton_reason
 from mgm_fast.ops._library import registered_ops
 
@@ -430,6 +439,34 @@ CASES += [
 
 
 # ---------------------------------------------------------------------------------------------
+# conv2d
+
+
+def _conv2d_forward_args(bias: bool, stride: int, padding: int):
+    g = _gen("conv2d forward", bias, stride, padding)
+    x = _randn(g, 2, 5, 7, 6).contiguous(memory_format=torch.channels_last)
+    weight = _randn(g, 4, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    return (x, weight, _randn(g, 4) if bias else None, [stride, stride], [padding, padding]), {}
+
+
+def _conv2d_backward_args(algo: int, need: list[bool]):
+    g = _gen("conv2d backward", algo, need)
+    x = _randn(g, 2, 5, 7, 6).contiguous(memory_format=torch.channels_last)
+    weight = _randn(g, 4, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    grad_out = _randn(g, 2, 4, 4, 3)  # stride 2, padding 1; contiguous: the backward reads it channels_last
+    return (grad_out, x, weight, [2, 2], [1, 1], torch.tensor([algo]), need), {}
+
+
+CASES += [
+    Case("conv2d_cpp", "b2 c5->4 7x6 3x3 + bias", lambda: _conv2d_forward_args(True, 1, 1), NO_AUTOGRAD),
+    Case("conv2d_cpp", "stride 2, no bias", lambda: _conv2d_forward_args(False, 2, 1), NO_AUTOGRAD),
+    Case("conv2d_backward_cpp", "oneDNN, all gradients", lambda: _conv2d_backward_args(0, [True] * 3), NO_AUTOGRAD),
+    Case("conv2d_backward_cpp", "im2col + GEMM, weight gradient only",
+         lambda: _conv2d_backward_args(1, [False, True, False]), NO_AUTOGRAD),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # genblock's Triton convolutions (mgm_fast.ops._triton.genblock)
 
 
@@ -511,6 +548,7 @@ def test_every_backend_op_is_a_custom_op_of_the_namespace():
         "ntxent_rows_cpp", "ntxent_rows_cuda", "ntxent_rows_triton", "noisy_cpp", "noisy_triton", "hinge_d_triton",
         "hinge_g_triton", "simclr_views_cpp",
         "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp", "batch_norm_cpp", "batch_norm_backward_cpp",
+        "conv2d_cpp", "conv2d_backward_cpp",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
 
@@ -640,6 +678,26 @@ def test_batch_norm_compiles_and_matches_eager(relu):
         compiled = run(_compiled(batch_norm.batch_norm_train))
     eager = run(batch_norm.batch_norm_train)
     for a, b in zip((compiled[0], *compiled[1], *compiled[2]), (eager[0], *eager[1], *eager[2])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("algo", ["conv", "gemm"])
+def test_conv2d_compiles_and_matches_eager(monkeypatch, algo):
+    """Traced, the cpp backend is a Python autograd.Function around the custom ops; eagerly ATen's
+    own op for the algorithm: the same values and gradients."""
+    monkeypatch.setenv("MGM_FAST_CONV2D_ALGO", algo)
+    (x, weight, bias, *_), _ = _conv2d_forward_args(True, 2, 1)
+
+    def run(fn):
+        leaves = _leaves(x, weight, bias)
+        out = fn(*leaves, (2, 2), (1, 1), impl="cpp")
+        return out.detach(), torch.autograd.grad(out.square().sum(), leaves)
+
+    with _no_graph_breaks():
+        compiled = run(_compiled(conv2d.conv2d))
+    eager = run(conv2d.conv2d)
+    for a, b in zip((compiled[0], *compiled[1]), (eager[0], *eager[1])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -1,0 +1,86 @@
+"""Forward + backward of every plain convolution of the multi-task, refinement and discriminator
+networks (mgm_fast.ops.conv2d): the ``cpp`` backend (oneDNN or im2col + GEMM, the faster of the
+two timed once per shape) vs the ``reference`` backend (``F.conv2d``: oneDNN for every shape).
+
+Each timed step runs the op on the shapes (input, weight, stride, padding) of every ``Conv2d`` and
+``SNConv2d`` call of one forward of the three networks (channels_last, as the fast engine runs
+them) and the backward of their sum of squares. The algorithms are chosen (timed) before the
+timed rounds.
+
+``pytest benchmarks/test_bench_conv2d.py --benchmark-group-by=group``
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import pytest
+import torch
+
+from mgm_fast import _native
+from mgm_fast.config import preset
+from mgm_fast.models import MultiTaskNet, RefinementNet
+from mgm_fast.models.gan import Discriminator
+from mgm_fast.models.layers import Conv2d, SNConv2d
+from mgm_fast.ops.conv2d import chosen_algorithms, conv2d
+
+BATCH = 8
+
+
+@functools.cache
+def _calls(size: str) -> list[tuple]:
+    """(input shape, weight shape, bias, stride, padding) of every plain convolution call of one
+    forward of the three networks at batch BATCH."""
+    cfg = preset(size).model
+    calls = []
+
+    def record(module, args):
+        calls.append((tuple(args[0].shape), (module.out_channels, module.in_channels, *module.kernel_size),
+                      module.bias is not None, tuple(module.stride), tuple(module.padding)))  # fmt: skip
+
+    torch.manual_seed(0)
+    mtl, refine, disc = MultiTaskNet(cfg), RefinementNet(cfg), Discriminator(cfg)
+    for net in (mtl, refine, disc):
+        for layer in net.modules():
+            if isinstance(layer, (Conv2d, SNConv2d)):
+                layer.register_forward_pre_hook(record)
+    with torch.no_grad():
+        images = torch.randn(BATCH, 3, cfg.image_size, cfg.image_size)
+        refine(**mtl.decode(mtl.features(images)))
+        disc(images, torch.zeros(BATCH, dtype=torch.long))
+    return calls
+
+
+def _inputs(size: str):
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for shape, weight_shape, bias, stride, padding in _calls(size):
+        x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(weight_shape, generator=gen) * 0.1).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(weight_shape[0], generator=gen) if bias else None
+        out.append((x.requires_grad_(), w.requires_grad_(), None if b is None else b.requires_grad_(), stride, padding))
+    return out
+
+
+def _step(impl, calls):
+    loss = 0.0
+    for x, w, b, stride, padding in calls:
+        loss = loss + conv2d(x, w, b, stride, padding, impl=impl).square().sum()
+    return torch.autograd.grad(loss, [t for call in calls for t in call[:3] if t is not None])
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_bench_conv2d_fwd_bwd_cpu(benchmark, impl):
+    if impl == "cpp" and _native.cpp_reason() is not None:
+        pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
+    calls = _inputs("tiny")
+    _step(impl, calls)  # the cpp backend times each new shape's algorithms here, outside the rounds
+    kernels = collections.Counter(f"{w.shape[2]}x{w.shape[3]}" for _, w, *_ in calls)
+    benchmark.group = (f"plain conv2d fwd+bwd cpu tiny (MTL + refinement + D), batch {BATCH}: {len(calls)} calls ("
+                       + ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())) + ")")  # fmt: skip
+    gemm = sum(row[-1] == "gemm" for row in chosen_algorithms()) if impl == "cpp" else 0
+    benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), calls=len(calls),
+                                gemm_shapes=gemm, baseline=impl == "reference")  # fmt: skip
+    grads = benchmark(_step, impl, calls)
+    assert all(torch.isfinite(g).all() for g in grads)

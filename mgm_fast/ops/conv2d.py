@@ -1,0 +1,274 @@
+"""Plain 2-d convolution (groups 1, dilation 1) with the algorithm chosen per shape on the CPU.
+
+``conv2d(input, weight, bias, stride, padding, *, impl)`` is ``F.conv2d(input, weight, bias,
+stride, padding)``.
+
+Shapes and dtypes: ``input`` (N, C, H, W) floating; ``weight`` (Cout, C, kh, kw); ``bias`` (Cout,)
+or None; ``stride`` and ``padding`` an int or a pair (height, width). The output is
+(N, Cout, Ho, Wo) with ``Ho = (H + 2 ph - kh) // sh + 1`` (likewise Wo), in the input's dtype.
+
+Backends (``impl=``):
+
+* ``reference`` -- ``F.conv2d`` with torch's autograd (oneDNN for float32 on the CPU, cuDNN on
+  CUDA): any device, dtype and layout.
+* ``cpp`` -- float32 CPU input and weight, both channels_last (csrc/bindings/conv2d.cpp): the same
+  convolution by one of two ATen algorithms, oneDNN (``conv``: torch's own choice) or im2col + GEMM
+  (``gemm``: ``aten._slow_conv2d_forward`` / ``_slow_conv2d_backward``), picked per shape by a cost
+  model fitted to timings of both (deterministic: every process, rank and machine picks the same).
+  oneDNN pays about 200 us per forward + backward before any arithmetic, which on the tiny preset's
+  small maps and narrow layers is more than the whole GEMM path; on large maps oneDNN is up to 5x
+  faster. Both compute the same sums, so results differ by float32 rounding (the self-tests hold
+  them to the 2x-error rule). ``MGM_FAST_CONV2D_ALGO=conv|gemm`` forces one algorithm;
+  ``MGM_FAST_CONV2D_ALGO=timed`` times both once per shape instead (process-wide cache; what the
+  model is fitted to). Eagerly, the extension names the algorithm of a call and the op runs it as
+  ATen's own op, with ATen's autograd: no extra autograd node, nothing of the op in the backward.
+  Traced by ``torch.compile``, an ``autograd.Function`` around the custom ops
+  ``mgm_fast::conv2d_cpp`` and ``mgm_fast::conv2d_backward_cpp`` (the forward returns the
+  algorithm it ran, and its backward runs the same one; once differentiable).
+
+``auto`` takes ``cpp`` for the inputs it supports when the extension is built, ``reference``
+otherwise (NCHW, other dtypes, GPUs, where cuDNN has its own per-shape choice:
+``cudnn.benchmark``). The networks' convolutions call the op through
+:class:`mgm_fast.models.layers.Conv2d` and :class:`~mgm_fast.models.layers.SNConv2d` with
+``ModelConfig.conv_impl``. Checkpoints record the timed choices (:func:`chosen_algorithms`) and a
+resumed run takes them back (:func:`restore_algorithms`), so a timed run computes with the
+algorithms of the run it continues.
+
+Argument errors are ``ValueError`` naming the tensor: a 4-d floating input, a (Cout, C, kh, kw)
+weight matching the input's channels, a (Cout,) bias, a kernel no larger than the padded input.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mgm_fast import _native
+from mgm_fast.ops._dispatch import (
+    ANY_DEVICE,
+    Inputs,
+    cpp_backend,
+    define_op,
+    native_function,
+    reference_backend,
+)
+from mgm_fast.ops._library import once_differentiable, or_placeholder, placeholder, qualname
+from mgm_fast.ops._selftest import Case
+from mgm_fast.ops._selftest import Inputs as CaseInputs
+
+__all__ = ["OP", "chosen_algorithms", "conv2d", "conv2d_reference", "restore_algorithms"]
+
+_NAME = "conv2d"
+
+
+def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    if type(v) is tuple and len(v) == 2:  # a layer's stride and padding: nothing to convert
+        return v
+    if isinstance(v, int):
+        return (v, v)
+    if len(v) != 2:
+        raise ValueError(f"conv2d: stride and padding must be an int or a pair, got {v!r}")
+    return (int(v[0]), int(v[1]))
+
+
+def conv2d_reference(input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int] = (1, 1),
+                     padding: tuple[int, int] = (0, 0)) -> Tensor:  # fmt: skip
+    """The op's plain-PyTorch twin: ``F.conv2d`` with torch's autograd."""
+    return F.conv2d(input, weight, bias, stride, padding)
+
+
+def _out_size(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
+    return tuple((input.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in range(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp: eagerly, the algorithm from the extension run as ATen's op; traced, the custom ops
+# mgm_fast::conv2d_cpp (forward, and the algorithm it ran) and mgm_fast::conv2d_backward_cpp in
+# an autograd.Function
+
+_GEMM = 1
+"""The extension's number of the im2col + GEMM algorithm (0 is oneDNN's, ATen's convolution)."""
+_SLOW_CONV2D = torch.ops.aten._slow_conv2d_forward.default
+
+
+@torch.library.custom_op(qualname("conv2d_cpp"), mutates_args=())
+def _cpp_forward_op(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
+                    padding: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(out (channels_last), algorithm): the algorithm an int64 CPU tensor of one value."""
+    return native_function("conv2d_forward_{device}", "cpu")(input, weight, bias, list(stride), list(padding))
+
+
+@_cpp_forward_op.register_fake
+def _(input, weight, bias, stride, padding):
+    ho, wo = _out_size(input, weight, stride, padding)
+    out = input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
+    return out, torch.empty(1, dtype=torch.long)
+
+
+@torch.library.custom_op(qualname("conv2d_backward_cpp"), mutates_args=())
+def _cpp_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                     algo: Tensor, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(grad input (channels_last), grad weight (the weight's layout), grad bias) by the forward's
+    algorithm; a placeholder where ``need`` is false."""
+    grads = native_function("conv2d_backward_{device}", "cpu")(
+        grad_out, input, weight, list(stride), list(padding), algo, list(need))
+    return tuple(or_placeholder(d, like) for d, like in zip(grads, (input, weight, weight)))
+
+
+@_cpp_backward_op.register_fake
+def _(grad_out, input, weight, stride, padding, algo, need):
+    grad_input = torch.empty_like(input, memory_format=torch.channels_last) if need[0] else placeholder(input)
+    grad_weight = torch.empty_like(weight) if need[1] else placeholder(weight)
+    grad_bias = weight.new_empty(weight.shape[0]) if need[2] else placeholder(weight)
+    return grad_input, grad_weight, grad_bias
+
+
+once_differentiable(_cpp_backward_op, "conv2d (cpp backend)")
+
+
+class _Conv2dCpp(torch.autograd.Function):
+    """The traced form of the cpp backend: the custom ops with Python autograd."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding):
+        out, algo = _cpp_forward_op(input, weight, bias, stride, padding)
+        ctx.save_for_backward(input, weight, algo)
+        ctx.geometry = (stride, padding)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, algo = ctx.saved_tensors
+        need = [bool(n) for n in ctx.needs_input_grad[:3]]
+        grads = _cpp_backward_op(grad_out, input, weight, *ctx.geometry, algo, need)
+        return (*(d if n else None for d, n in zip(grads, need)), None, None)
+
+
+@functools.cache
+def _algo_of_call():
+    """The extension's ``conv2d_algo_cpu``, looked up once (an op called hundreds of times a step)."""
+    return native_function("conv2d_algo_{device}", "cpu")
+
+
+def _cpp(input, weight, bias, stride=(1, 1), padding=(0, 0)):
+    stride, padding = _pair(stride), _pair(padding)
+    if torch.compiler.is_compiling():
+        return _Conv2dCpp.apply(input, weight, bias, list(stride), list(padding))
+    if _algo_of_call()(input, weight, bias, stride, padding) == _GEMM:
+        return _SLOW_CONV2D(input, weight, weight.shape[2:], bias, stride, padding)
+    return F.conv2d(input, weight, bias, stride, padding)
+
+
+def _cpp_reasons(inputs: Inputs) -> list[str]:
+    if not inputs["input"].is_contiguous(memory_format=torch.channels_last):
+        return ["input must be channels_last (the algorithms are timed for that layout)"]
+    if not inputs["weight"].is_contiguous(memory_format=torch.channels_last):
+        return ["weight must be channels_last like the input (ATen's im2col + GEMM backward needs one layout)"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _check(input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+           padding: tuple[int, int]) -> None:  # fmt: skip
+    """Argument errors naming the tensor (shapes and dtypes only: nothing is read on the host)."""
+    if input.dim() != 4 or not input.is_floating_point():
+        raise ValueError(f"conv2d: input must be a floating (N, C, H, W) tensor, got {input.dtype} "
+                         f"{tuple(input.shape)}")  # fmt: skip
+    if weight.dim() != 4 or weight.shape[1] != input.shape[1]:
+        raise ValueError(f"conv2d: weight must be (Cout, {input.shape[1]}, kh, kw) for an input of "
+                         f"{input.shape[1]} channels, got {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv2d: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d: stride must be positive and padding non-negative, got {stride} and {padding}")
+    for d in range(2):
+        if input.shape[2 + d] + 2 * padding[d] < weight.shape[2 + d]:
+            raise ValueError(f"conv2d: the padded input {tuple(input.shape)} (padding {padding}) is smaller than "
+                             f"the kernel {tuple(weight.shape)}")  # fmt: skip
+
+
+def _selection_key(input, weight, bias, stride=(1, 1), padding=(0, 0)):
+    """What the argument check and the backends' checks read from a call: shapes, stride,
+    padding, devices, dtypes and the layouts."""
+    return (input.shape, weight.shape, None if bias is None else (bias.shape, bias.dtype), stride, padding,
+            input.device, weight.device, input.dtype, weight.dtype,
+            input.is_contiguous(memory_format=torch.channels_last),
+            weight.is_contiguous(memory_format=torch.channels_last))  # fmt: skip
+
+
+OP = define_op(_NAME, "2-d convolution; CPU: oneDNN or im2col + GEMM per shape", [
+    reference_backend(conv2d_reference, devices=ANY_DEVICE),
+    cpp_backend(_cpp, extra_check=_cpp_reasons),
+], priority=("cpp", "reference"), selection_key=_selection_key, check=_check)  # fmt: skip
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] = 0, *, impl: str = "auto") -> Tensor:  # fmt: skip
+    """``F.conv2d(input, weight, bias, stride, padding)`` (groups 1, dilation 1; see the module
+    docstring).
+
+    Args:
+        input: (N, C, H, W) floating; gradients flow into it.
+        weight: (Cout, C, kh, kw); bias: (Cout,) or None.
+        stride, padding: an int or a (height, width) pair.
+        impl: "auto" | "reference" | "cpp".
+    """
+    return OP(input, weight, bias, _pair(stride), _pair(padding), impl=impl)  # OP runs _check
+
+
+# ---------------------------------------------------------------------------------------------
+# the cpp backend's algorithms per shape, on record
+
+
+def chosen_algorithms() -> list[list]:
+    """The algorithms the cpp backend timed (``MGM_FAST_CONV2D_ALGO=timed``) or was given so far in
+    this process, one row ``[n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, chosen]`` per shape (what a
+    checkpoint records, so that a resumed run computes with the same algorithms; the cost model's
+    picks are a function of the shape and need no record); [] without the extension."""
+    if _native.cpp_reason() is not None:
+        return []
+    return [[*row[:11], row[12]] for row in _native.extension().conv2d_algos_cpu()]
+
+
+def restore_algorithms(rows: list) -> None:
+    """Take the rows of :func:`chosen_algorithms` (e.g. from a checkpoint) as the choices for
+    their shapes, instead of the cost model's or a new timing. A forced ``MGM_FAST_CONV2D_ALGO``
+    still wins.
+    Nothing to do without rows or without the extension (no cpp convolution runs then)."""
+    if rows and _native.cpp_reason() is None:
+        _native.extension().conv2d_algos_set_cpu([tuple(row) for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test cases (mgm_fast.ops._selftest)
+
+
+def _case(name: str, size: str, shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
+          padding: int, bias: bool) -> Case:  # fmt: skip
+    def build(gen: torch.Generator) -> CaseInputs:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        w = torch.randn(cout, shape[1], kernel, kernel, generator=gen, dtype=torch.float64) / (shape[1] * kernel)
+        b = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+        return CaseInputs(args=(x, w, b, (stride, stride), (padding, padding)), grad=(0, 1, 2) if bias else (0, 1),
+                          channels_last=(0, 1))  # fmt: skip
+
+    return Case(_NAME, name, size, build)
+
+
+def _selftest_cases() -> list[Case]:
+    return [
+        _case("b3 c5->7 9x11 3x3 s1 p1 + bias", "small", (3, 5, 9, 11), 7, 3, 1, 1, True),
+        _case("b2 c8->3 10x10 5x5 s2 p2", "small", (2, 8, 10, 10), 3, 5, 2, 2, False),
+        _case("b2 c6->4 7x7 1x1 s2 p0 + bias", "small", (2, 6, 7, 7), 4, 1, 2, 0, True),
+        _case("tiny encoder b8 c24->24 8x8 3x3", "small", (8, 24, 8, 8), 24, 3, 1, 1, False),
+        _case("paper encoder b32 c64->64 32x32 3x3", "paper", (32, 64, 32, 32), 64, 3, 1, 1, False),
+    ]
+
+
+OP.selftest_cases = _selftest_cases
