@@ -1,11 +1,10 @@
 """Forward + backward of every plain convolution of the multi-task, refinement and discriminator
-networks (mgm_fast.ops.conv2d): the ``cpp`` backend (oneDNN or im2col + GEMM, the faster of the
-two timed once per shape) vs the ``reference`` backend (``F.conv2d``: oneDNN for every shape).
+networks (mgm_fast.ops.conv2d): the ``cpp`` backend (oneDNN or im2col + GEMM per shape, by its
+cost model) vs the ``reference`` backend (``F.conv2d``: oneDNN for every shape).
 
 Each timed step runs the op on the shapes (input, weight, stride, padding) of every ``Conv2d`` and
 ``SNConv2d`` call of one forward of the three networks (channels_last, as the fast engine runs
-them) and the backward of their sum of squares. The algorithms are chosen (timed) before the
-timed rounds.
+them) and the backward of their sum of squares.
 
 ``pytest benchmarks/test_bench_conv2d.py --benchmark-group-by=group``
 """
@@ -23,7 +22,7 @@ from mgm_fast.config import preset
 from mgm_fast.models import MultiTaskNet, RefinementNet
 from mgm_fast.models.gan import Discriminator
 from mgm_fast.models.layers import Conv2d, SNConv2d
-from mgm_fast.ops.conv2d import chosen_algorithms, conv2d
+from mgm_fast.ops.conv2d import conv2d
 
 BATCH = 8
 
@@ -75,12 +74,14 @@ def test_bench_conv2d_fwd_bwd_cpu(benchmark, impl):
     if impl == "cpp" and _native.cpp_reason() is not None:
         pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
     calls = _inputs("tiny")
-    _step(impl, calls)  # the cpp backend times each new shape's algorithms here, outside the rounds
+    _step(impl, calls)  # a first step outside the rounds (oneDNN creates its primitives)
     kernels = collections.Counter(f"{w.shape[2]}x{w.shape[3]}" for _, w, *_ in calls)
     benchmark.group = (f"plain conv2d fwd+bwd cpu tiny (MTL + refinement + D), batch {BATCH}: {len(calls)} calls ("
                        + ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())) + ")")  # fmt: skip
-    gemm = sum(row[-1] == "gemm" for row in chosen_algorithms()) if impl == "cpp" else 0
+    # calls the cpp backend runs by im2col + GEMM (its cost model's picks; the rest run oneDNN)
+    algo = _native.extension().conv2d_algo_cpu if impl == "cpp" else None
+    gemm = sum(algo(x, w, b, list(s), list(p)) == 1 for x, w, b, s, p in calls) if algo else 0
     benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), calls=len(calls),
-                                gemm_shapes=gemm, baseline=impl == "reference")  # fmt: skip
+                                gemm_calls=gemm, baseline=impl == "reference")  # fmt: skip
     grads = benchmark(_step, impl, calls)
     assert all(torch.isfinite(g).all() for g in grads)
