@@ -507,9 +507,9 @@ class Conv2d(nn.Conv2d):
     the op :func:`~mgm_fast.ops.conv2d.conv2d` with an ``impl`` other than "reference"
     (:func:`use_conv_impl`; on the CPU, channels_last: the algorithm chosen per shape) in eager
     steps. Compiled networks keep ``F.conv2d``: through the op's custom ops a compiled tiny MGM
-    step measured 5 % slower (417 vs 396 ms on 2 Xeon cores), the custom ops' dispatch costing
-    more than the faster algorithms save. Groups 1, dilation 1 and zero padding only (what the
-    networks use)."""
+    step was 5 % slower (417 vs 396 ms on 2 Xeon cores, one ad-hoc run each, not a committed
+    benchmark), the custom ops' dispatch costing more than the faster algorithms save. Groups 1,
+    dilation 1 and zero padding only (what the networks use)."""
 
     impl: str = "reference"
     """The backend (``ModelConfig.conv_impl``; a plain attribute)."""

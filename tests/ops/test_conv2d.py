@@ -5,6 +5,9 @@ argument errors, and the networks' convolution layers with the op."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +126,30 @@ def test_auto_is_a_cost_model_of_the_shape(algo):
         got = ext.conv2d_algo_cpu(x, w, None, [stride, stride], [padding, padding])
         assert ("gemm" if got == 1 else "conv") == want, (shape, cout, kernel)
     assert ext.conv2d_algos_cpu() == [] and chosen_algorithms() == []
+
+
+TIMINGS = Path(__file__).resolve().parents[2] / "benchmarks/results/cpu-2core-xeon/conv2d/algo_timings.json"
+
+
+def test_cost_model_reproduces_its_fit(algo):
+    """The model's picks against the timings it was fitted to (both algorithms timed per shape on
+    the 2-core Xeon): the faster one for 85 of 87 shapes, and the picks' total time within 0.5 %
+    of the best picks' (oneDNN for all is 32 % over)."""
+    algo("auto")
+    ext = _native.extension()
+    ext.conv2d_algos_clear_cpu()
+    rows = json.loads(TIMINGS.read_text())["rows"]
+    right, picked, best = 0, 0.0, 0.0
+    for n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, seconds in rows:
+        x = torch.empty(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty(cout, cin, kh, kw).contiguous(memory_format=torch.channels_last)
+        pick = "gemm" if ext.conv2d_algo_cpu(x, weight, None, [sh, sw], [ph, pw]) == 1 else "conv"
+        fastest = min(seconds, key=seconds.get)
+        right += pick == fastest
+        picked += seconds.get(pick, seconds["conv"])
+        best += seconds[fastest]
+    assert len(rows) == 87 and right >= 85, right
+    assert picked <= 1.005 * best, (picked, best)
 
 
 def test_timed_mode_times_once_records_a_valid_choice_and_restores_it(algo):
