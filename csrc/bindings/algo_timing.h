@@ -1,12 +1,17 @@
-// One-time timing of interchangeable algorithms: the bindings whose op has several ways to compute
-// the same values (the GenBlock's convolutions, the plain conv2d op) time the candidates on the
-// first call of a shape and keep the fastest in a process-wide cache.
+// Choosing among interchangeable algorithms: the bindings whose op has several ways to compute the
+// same values (the GenBlock's convolutions, the plain conv2d op) time the candidates of a shape
+// once (time_fastest) and keep the choice in a process-wide cache (ChoiceCache), which a
+// checkpoint's record can also fill.
 #pragma once
+
+#include <ATen/Parallel.h>
 
 #include <chrono>
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,10 +23,12 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-/// The fastest candidate and every candidate's time in seconds, by name.
-struct TimedChoice {
+/// A chosen algorithm, every timed candidate's time in seconds by name (empty when the choice was
+/// not timed: a single candidate, or a recorded choice), and ATen's thread count when it was made.
+struct AlgoChoice {
   int64_t algo;
   std::map<std::string, double> seconds;
+  int threads;
 };
 
 /// Times each candidate's `run(algo)` (one forward + backward of the computation) and returns the
@@ -29,8 +36,8 @@ struct TimedChoice {
 /// second one unless the first already took 3x the best so far; a candidate's time is its faster
 /// run. `name(algo)` names a candidate in the returned times. `candidates` must not be empty.
 template <class Name, class Run>
-TimedChoice time_fastest(const std::vector<int64_t>& candidates, Name name, Run run) {
-  TimedChoice choice{candidates.front(), {}};
+AlgoChoice time_fastest(const std::vector<int64_t>& candidates, Name name, Run run) {
+  AlgoChoice choice{candidates.front(), {}, at::get_num_threads()};
   double best = std::numeric_limits<double>::infinity();
   for (int64_t a : candidates) {
     auto t0 = std::chrono::steady_clock::now();
@@ -49,6 +56,46 @@ TimedChoice time_fastest(const std::vector<int64_t>& candidates, Name name, Run 
   }
   return choice;
 }
+
+/// The process-wide choices per shape (Key: ordered by operator<), safe to use from any thread.
+template <class Key>
+class ChoiceCache {
+ public:
+  /// The algorithm chosen for `key`, if any.
+  std::optional<int64_t> find(const Key& key) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = choices_.find(key);
+    return it == choices_.end() ? std::nullopt : std::optional<int64_t>(it->second.algo);
+  }
+
+  /// Stores `choice` unless a concurrent first call of the shape stored one first; returns the
+  /// stored algorithm (every call of a shape keeps the first choice).
+  int64_t insert(const Key& key, AlgoChoice choice) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return choices_.emplace(key, std::move(choice)).first->second.algo;
+  }
+
+  /// Replaces the choices of these shapes (a checkpoint's record wins over earlier choices).
+  void assign(std::map<Key, AlgoChoice> choices) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [key, choice] : choices) choices_[key] = std::move(choice);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    choices_.clear();
+  }
+
+  /// A copy of every choice, in key order.
+  std::map<Key, AlgoChoice> entries() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return choices_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::map<Key, AlgoChoice> choices_;
+};
 
 }  // namespace bindings
 }  // namespace mgm_fast

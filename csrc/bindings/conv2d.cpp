@@ -36,7 +36,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -153,15 +152,8 @@ struct Key {
   bool operator<(const Key& o) const { return tie() < o.tie(); }
 };
 
-struct Choice {
-  Algo algo;
-  std::map<std::string, double> seconds;  // per timed candidate: best forward + backward
-  int threads;                            // ATen's thread count when it was chosen
-};
-
-std::mutex g_mutex;
-std::map<Key, Choice>& cache() {
-  static std::map<Key, Choice> c;
+ChoiceCache<Key>& cache() {
+  static ChoiceCache<Key> c;
   return c;
 }
 
@@ -233,20 +225,19 @@ Algo modelled_choice(const at::Tensor& input, const at::Tensor& weight, const Ge
 
 /// Times the candidates of this call's shape on constant stand-ins (the time does not depend on
 /// the values, and the global random stream stays untouched) with the call's weight and bias.
-Choice time_shape(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+AlgoChoice time_shape(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const Geometry& g, std::array<int64_t, 2> out_hw) {
   if (cols_of(input, weight, out_hw) * static_cast<int64_t>(sizeof(float)) > kGemmMaxColsBytes) {
-    return {Algo::kConv, {}, at::get_num_threads()};
+    return {static_cast<int64_t>(Algo::kConv), {}, at::get_num_threads()};
   }
   const at::TensorOptions cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = at::full(input.sizes(), 0.5, cl);
   const at::Tensor grad = at::full({input.size(0), weight.size(0), out_hw[0], out_hw[1]}, 0.25, cl);
   const std::vector<int64_t> candidates{static_cast<int64_t>(Algo::kConv), static_cast<int64_t>(Algo::kGemm)};
-  TimedChoice timed = time_fastest(candidates, algo_name, [&](int64_t a) {
+  return time_fastest(candidates, algo_name, [&](int64_t a) {
     forward_with(static_cast<Algo>(a), x, weight, bias, g);
     backward_with(static_cast<Algo>(a), grad, x, weight, g, {true, true, bias.has_value()});
   });
-  return {static_cast<Algo>(timed.algo), std::move(timed.seconds), at::get_num_threads()};
 }
 
 /// The algorithm of a call: forced; else the cache's (timed earlier in this process, or restored
@@ -257,27 +248,19 @@ Algo choose(const at::Tensor& input, const at::Tensor& weight, const std::option
   const Mode m = mode();
   if (m.forced) return *m.forced;
   const Key key = key_of(input, weight, g);
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    const auto it = cache().find(key);
-    if (it != cache().end()) return it->second.algo;
-  }
+  if (const auto cached = cache().find(key)) return static_cast<Algo>(*cached);
   if (!m.timed) return modelled_choice(input, weight, g, out_hw);
-  Choice choice = time_shape(input, weight, bias, g, out_hw);
-  std::lock_guard<std::mutex> lock(g_mutex);
-  // a concurrent first call of the shape may have stored its choice first: every call keeps that
-  return cache().emplace(key, std::move(choice)).first->second.algo;
+  return static_cast<Algo>(cache().insert(key, time_shape(input, weight, bias, g, out_hw)));
 }
 
 using AlgoRow = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                            int64_t, int, std::string, std::map<std::string, double>>;
 
 std::vector<AlgoRow> algos() {
-  std::lock_guard<std::mutex> lock(g_mutex);
   std::vector<AlgoRow> rows;
-  for (const auto& [k, c] : cache()) {
+  for (const auto& [k, c] : cache().entries()) {
     rows.emplace_back(k.n, k.cin, k.h, k.w, k.cout, k.kh, k.kw, k.sh, k.sw, k.ph, k.pw, c.threads,
-                      algo_name(static_cast<int64_t>(c.algo)), c.seconds);
+                      algo_name(c.algo), c.seconds);
   }
   return rows;
 }
@@ -289,20 +272,16 @@ using ChoiceRow = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_
 /// checkpoint: the cache takes these choices as if auto had made them (a resumed run computes with
 /// the algorithms of the run it continues, whatever this process's timing would pick).
 void set_algos(const std::vector<ChoiceRow>& rows) {
-  std::map<Key, Choice> parsed;
+  std::map<Key, AlgoChoice> parsed;
   for (const auto& [n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, chosen] : rows) {
     const auto algo = algo_named(chosen.c_str());
     TORCH_CHECK_VALUE(algo.has_value(), kOp, "unknown algorithm '", chosen, "' (conv or gemm)");
-    parsed[Key{n, cin, h, w, cout, kh, kw, sh, sw, ph, pw}] = Choice{*algo, {}, 0};
+    parsed[Key{n, cin, h, w, cout, kh, kw, sh, sw, ph, pw}] = AlgoChoice{static_cast<int64_t>(*algo), {}, 0};
   }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  for (auto& [key, choice] : parsed) cache()[key] = std::move(choice);
+  cache().assign(std::move(parsed));
 }
 
-void clear_algos() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  cache().clear();
-}
+void clear_algos() { cache().clear(); }
 
 // ---------------------------------------------------------------------------------------------
 // entry points

@@ -24,7 +24,6 @@
 #include <cstring>
 #include <iterator>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -498,15 +497,8 @@ struct AlgoKey {
   bool operator<(const AlgoKey& o) const { return tie() < o.tie(); }
 };
 
-struct AlgoChoice {
-  int64_t algo;
-  std::map<std::string, double> seconds;  // per timed candidate: best forward + backward
-  int threads;                            // ATen's thread count when it was chosen
-};
-
-std::mutex g_algo_mutex;
-std::map<AlgoKey, AlgoChoice>& algo_cache() {
-  static std::map<AlgoKey, AlgoChoice> cache;
+ChoiceCache<AlgoKey>& algo_cache() {
+  static ChoiceCache<AlgoKey> cache;
   return cache;
 }
 
@@ -525,11 +517,10 @@ std::optional<int64_t> forced_algo(int piece) {
   return std::nullopt;
 }
 
-/// The fastest of the piece's candidates (algo_timing.h), with the thread count it was timed at.
+/// The fastest of the piece's candidates (algo_timing.h).
 template <class Run>
 AlgoChoice time_candidates(int piece, const std::vector<int64_t>& candidates, Run run) {
-  TimedChoice timed = time_fastest(candidates, [piece](int64_t a) { return algo_name(piece, a); }, run);
-  return {timed.algo, std::move(timed.seconds), at::get_num_threads()};
+  return time_fastest(candidates, [piece](int64_t a) { return algo_name(piece, a); }, run);
 }
 
 /// The conv1 (nearest x2 + conv3x3) candidates of x (n, cin, h, w) and their timing runs: on a
@@ -588,15 +579,8 @@ int64_t choose_algo(int piece, const at::Tensor& x, int64_t cout, Time time) {
   const int64_t up = piece == 0 ? 1 : 2;
   const AlgoKey key{piece, x.size(0), piece == 0 ? x.size(1) : cout, cout, up * x.size(2),
                     up * x.size(3), x.scalar_type()};
-  {
-    std::lock_guard<std::mutex> lock(g_algo_mutex);
-    const auto it = algo_cache().find(key);
-    if (it != algo_cache().end()) return it->second.algo;
-  }
-  const AlgoChoice choice = time();
-  std::lock_guard<std::mutex> lock(g_algo_mutex);
-  // a concurrent first call of the shape may have stored its choice first: every call keeps that
-  return algo_cache().emplace(key, choice).first->second.algo;
+  if (const auto cached = algo_cache().find(key)) return *cached;
+  return algo_cache().insert(key, time());
 }
 
 /// The saved algorithms: an int64 tensor (conv1 algorithm, conv2 algorithm).
@@ -628,9 +612,8 @@ using AlgoRow = std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int6
                            int, std::string, std::map<std::string, double>>;
 
 std::vector<AlgoRow> block_algos() {
-  std::lock_guard<std::mutex> lock(g_algo_mutex);
   std::vector<AlgoRow> rows;
-  for (const auto& [k, c] : algo_cache()) {
+  for (const auto& [k, c] : algo_cache().entries()) {
     rows.emplace_back(kPieces[k.piece].name, k.n, k.cin, k.cout, k.h, k.w,
                       std::string(c10::toString(k.dtype)), c.threads, algo_name(k.piece, c.algo),
                       c.seconds);
@@ -638,10 +621,7 @@ std::vector<AlgoRow> block_algos() {
   return rows;
 }
 
-void clear_block_algos() {
-  std::lock_guard<std::mutex> lock(g_algo_mutex);
-  algo_cache().clear();
-}
+void clear_block_algos() { algo_cache().clear(); }
 
 /// Rows (conv, n, cin, cout, h, w, dtype, chosen) of an earlier block_algos(), e.g. from a
 /// checkpoint: the cache takes these choices as if auto had made them (a resumed run computes with
@@ -669,8 +649,7 @@ void set_block_algos(const std::vector<AlgoChoiceRow>& rows) {
     TORCH_CHECK_VALUE(algo.has_value(), "genblock (cpp backend): unknown ", conv, " algorithm '", chosen, "'");
     parsed[AlgoKey{piece, n, cin, cout, h, w, *dtype}] = AlgoChoice{*algo, {}, 0};
   }
-  std::lock_guard<std::mutex> lock(g_algo_mutex);
-  for (auto& [key, choice] : parsed) algo_cache()[key] = std::move(choice);
+  algo_cache().assign(std::move(parsed));
 }
 
 // Inputs of the CPU entry points must be CPU tensors (the Python side dispatches by device).
