@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+
+from mgm_fast.models.layers import add_relu
 
 RANK_SEED_STRIDE = 7919
 """Ranks r > 0 reseed with ``seed + RANK_SEED_STRIDE * r``, so their draws differ from rank 0's."""
@@ -258,10 +259,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
         """BatchNorm of ``x``, plus ``residual``, then ``F.relu`` with ``relu`` (the signature of
         the networks' :class:`~mgm_fast.models.layers.BatchNorm2d`, which it replaces)."""
-        out = self._normalize(x)
-        if residual is not None:
-            out = out + residual
-        return F.relu(out) if relu else out
+        return add_relu(self._normalize(x), relu, residual)
 
     def _normalize(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)

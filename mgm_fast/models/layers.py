@@ -359,10 +359,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         """BatchNorm of ``input``, plus ``residual``, then ``F.relu`` with ``relu`` (the op fuses
         the three)."""
         if torch.compiler.is_compiling():  # a compiled graph fuses the increments itself
-            return _add_relu(super().forward(input), relu, residual)
+            return add_relu(super().forward(input), relu, residual)
         calls = self._counted_calls
         if calls is None or not (self.training and self.track_running_stats) or self.momentum is None:
-            return _add_relu(super().forward(input), relu, residual)
+            return add_relu(super().forward(input), relu, residual)
         self._check_input_dim(input)
         F._verify_batch_size(input.size())
         calls.append(self.num_batches_tracked)
@@ -371,11 +371,11 @@ class BatchNorm2d(nn.BatchNorm2d):
                                     self.momentum, self.eps, relu, residual, impl=self.impl)  # fmt: skip
         # The op F.batch_norm reaches in training (same backend choice: cuDNN, MIOpen or native),
         # without the empty "reserve" tensor its composite wrapper dispatches on every call.
-        return _add_relu(_BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
+        return add_relu(_BATCH_NORM_WITH_UPDATE(input, self.weight, self.bias, self.running_mean, self.running_var,
                                                  self.momentum, self.eps)[0], relu, residual)  # fmt: skip
 
 
-def _add_relu(x: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+def add_relu(x: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
     """``x + residual`` (when given), then ``F.relu`` with ``relu``."""
     if residual is not None:
         x = x + residual
