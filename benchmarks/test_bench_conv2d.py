@@ -85,3 +85,26 @@ def test_bench_conv2d_fwd_bwd_cpu(benchmark, impl):
                                 gemm_calls=gemm, baseline=impl == "reference")  # fmt: skip
     grads = benchmark(_step, impl, calls)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("impl", ["F.conv2d", "cpp"])
+def test_bench_conv2d_call_overhead_cpu(benchmark, monkeypatch, impl):
+    """The op's host cost per call: a forward of a degenerate convolution (batch 2, 4 channels,
+    4x4, 1x1) under no_grad, with the cpp backend forced to oneDNN, the algorithm ``F.conv2d``
+    runs, so the difference is the op's argument check, backend selection and algorithm lookup."""
+    if impl == "cpp" and _native.cpp_reason() is not None:
+        pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
+    monkeypatch.setenv("MGM_FAST_CONV2D_ALGO", "conv")
+    x = torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 1, 1).contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.no_grad():
+            if impl == "cpp":
+                return conv2d(x, w, None, 1, 0, impl="cpp")
+            return torch.nn.functional.conv2d(x, w, None, 1, 0)
+
+    benchmark.group = "conv2d call overhead cpu: forward, 2x4x4x4 1x1, oneDNN either way"
+    benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), baseline=impl == "F.conv2d")
+    out = benchmark(call)
+    assert out.shape == (2, 4, 4, 4)
