@@ -12,7 +12,7 @@ backends that can run here (``cpp`` on the CPU; ``cuda`` and ``triton`` on a GPU
   (distinct storages), the CPU stand-in for peak memory.
 * CPU, paper shapes (batch 8; only when benchmarking, ``-k paper``): the paper's GenBlocks and
   the paper generator. Besides ``reference`` and ``cpp`` (its default, ``auto``: the conv
-  algorithms timed once per shape, csrc/bindings/genblock.cpp), the block rows force each pair of
+  algorithms a cost model of the shape picks, csrc/bindings/genblock.cpp), the block rows force each pair of
   algorithms of the block's two convs, ``cpp[<conv1>+<conv2>]`` (MGM_FAST_GENBLOCK_ALGO /
   MGM_FAST_GENBLOCK_CONV2_ALGO); ``cpp[phase+conv]`` is the fixed choice of earlier versions.
   ``extra_info["algorithms"]``: what ``cpp`` chose.
@@ -185,9 +185,11 @@ def _paper_cpu_row(benchmark, monkeypatch, impl: str) -> str:
 
 
 def _chosen_algorithms(n: int, shapes) -> dict:
-    """What auto chose for the (cin, cout, input size) blocks at batch n: {block: (conv1, conv2)}."""
-    rows = {(r[0], r[1], r[2], r[3], r[4]): r[8] for r in _native.extension().genblock_algos_cpu() if r[6] == "Float"}
-    return {f"{cin}->{cout} @{res}": (rows.get(("conv1", n, cin, cout, res)), rows.get(("conv2", n, cout, cout, 2 * res)))
+    """What auto picks for the (cin, cout, input size) float32 blocks at batch n:
+    {block: (conv1, conv2)}."""
+    ext = _native.extension()
+    return {f"{cin}->{cout} @{res}": (ext.genblock_algo_cpu("conv1", n, cin, cout, res, res),
+                                      ext.genblock_algo_cpu("conv2", n, cout, cout, 2 * res, 2 * res))
             for cin, cout, res in shapes}  # fmt: skip
 
 
@@ -201,7 +203,7 @@ def test_bench_genblock_block_cpu_paper(benchmark, monkeypatch, cin, cout, res, 
     x = (torch.randn(n, cin, res, res, generator=gen) * 1.5).requires_grad_(True)
     y = torch.randint(0, PAPER.model.num_scenes, (n,), generator=gen)
     step = _module_step(block, (x, y))
-    step()  # warms every row; auto times its candidates here, once per shape
+    step()  # warms every row
     benchmark.group = f"genblock fwd+bwd cpu paper b{n} {cin}->{cout} @{res}->{2 * res}"
     benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference")
     if impl == "cpp":

@@ -92,16 +92,18 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, method, stop
     assert json.loads((straight / "eval.json").read_text()) == json.loads((interrupted / "eval.json").read_text())
 
 
-def test_resume_takes_the_genblock_algorithms_of_the_checkpoint(tmp_path):
-    """The checkpoint records the cpp GenBlock's convolution algorithm per shape, and a resumed
-    run computes with those instead of timing again (a new timing may pick another algorithm,
-    which rounds differently)."""
+def test_resume_takes_the_genblock_algorithms_of_the_checkpoint(tmp_path, monkeypatch):
+    """With the timed mode, the checkpoint records the cpp GenBlock's convolution algorithm per
+    shape, and a resumed run computes with those instead of timing again (a new timing may pick
+    another algorithm, which rounds differently). auto's cost model needs no record."""
     from mgm_fast import _native
     from mgm_fast.engine.checkpoint import CheckpointManager
     from mgm_fast.ops import genblock
 
     if _native.cpp_reason() is not None:
         pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
+    monkeypatch.setenv("MGM_FAST_GENBLOCK_ALGO", "timed")
+    monkeypatch.setenv("MGM_FAST_GENBLOCK_CONV2_ALGO", "timed")
     out = tmp_path / "run"
     _native.extension().genblock_algos_clear_cpu()
     assert train.main(["--data", "synthetic:40", "--steps", "4", "--quiet", "--out", str(out), "--ckpt-every", "0",

@@ -1,7 +1,8 @@
 // Choosing among interchangeable algorithms: the bindings whose op has several ways to compute the
-// same values (the GenBlock's convolutions, the plain conv2d op) time the candidates of a shape
-// once (time_fastest) and keep the choice in a process-wide cache (ChoiceCache), which a
-// checkpoint's record can also fill.
+// same values (the GenBlock's convolutions, the plain conv2d op) pick one per shape by a cost model
+// fitted to timings (CostModel: deterministic, the same pick in every process), or, in their
+// `timed` mode, time the candidates of a shape once (time_fastest) and keep the choice in a
+// process-wide cache (ChoiceCache), which a checkpoint's record can also fill.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -22,6 +23,18 @@ namespace bindings {
 inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+/// An algorithm's modelled microseconds of one forward + backward, linear in the elements a call
+/// touches: a fixed cost per call, the input, the output, the im2col columns, the multiply-adds
+/// and the weight. The coefficients are fitted (non-negative least squares on relative error) by
+/// mgm_fast/algocost.py to timings of the `timed` mode committed under benchmarks/results/.
+struct CostModel {
+  double fixed, per_input, per_output, per_col, per_mac, per_weight;
+  double operator()(double input, double output, double cols, double macs, double weight) const {
+    return fixed + per_input * input + per_output * output + per_col * cols + per_mac * macs +
+           per_weight * weight;
+  }
+};
 
 /// A chosen algorithm, every timed candidate's time in seconds by name (empty when the choice was
 /// not timed: a single candidate, or a recorded choice), and ATen's thread count when it was made.

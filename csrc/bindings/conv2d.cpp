@@ -190,10 +190,8 @@ int64_t cols_of(const at::Tensor& input, const at::Tensor& weight, std::array<in
   return input.size(0) * input.size(1) * weight.size(2) * weight.size(3) * out_hw[0] * out_hw[1];
 }
 
-/// auto's cost model: microseconds of a forward + backward (all three gradients) by each
-/// algorithm, linear in the sizes a call touches -- a fixed cost per call, the input, the output,
-/// the im2col columns, the multiply-adds, the weight -- with coefficients fitted (non-negative
-/// least squares on relative error) to the timings of `timed` for 87 shapes on a 2-core Intel
+/// auto's cost model (CostModel, algo_timing.h): microseconds of a forward + backward (all three
+/// gradients) by each algorithm, fitted to the timings of `timed` for 87 shapes on a 2-core Intel
 /// Xeon (AVX-512, 2 threads): the tiny preset's convolutions at batch 8, those of the host-floor
 /// size at batch 2, and 14 more (batch 2-32, 1-256 channels, 2x2-32x32 maps). It picks the faster
 /// algorithm for 85 of them, and its picks cost 0.24 % more than the best ones (oneDNN for all:
@@ -201,12 +199,6 @@ int64_t cols_of(const at::Tensor& input, const at::Tensor& weight, std::array<in
 /// reorders in three calls) and 0.1 ns per column element; im2col + GEMM 20 us and 1.25 ns per
 /// column element (it writes and reads the columns). The model is deterministic: every process,
 /// rank and machine picks the same algorithm for a shape, so fresh runs with a seed repeat.
-struct CostModel {
-  double fixed, per_input, per_output, per_col, per_mac, per_weight;
-  double operator()(double input, double output, double cols, double macs, double weight) const {
-    return fixed + per_input * input + per_output * output + per_col * cols + per_mac * macs + per_weight * weight;
-  }
-};
 constexpr CostModel kConvCost{197.0, 1.53e-3, 1.69e-3, 1.15e-4, 1.10e-5, 3.22e-3};
 constexpr CostModel kGemmCost{19.8, 1.32e-3, 2.17e-3, 1.25e-3, 1.01e-5, 1.21e-3};
 

@@ -7,14 +7,21 @@
 // Both convs of a block have several algorithms (genblock_impl.h): conv1, nearest x2 + conv3x3,
 // gi::UpConvAlgo phase | gemm | upsample; conv2, conv3x3 at the output size, gi::ConvAlgo
 // conv | gemm. The environment variables MGM_FAST_GENBLOCK_ALGO (conv1) and
-// MGM_FAST_GENBLOCK_CONV2_ALGO (conv2) force one per call; unset, empty or "auto", the first call
-// of a shape (n, cin, cout, h, w, dtype) times the candidates that can win there (forward +
-// backward on a stand-in input of that shape, see time_candidates) and a process-wide cache keeps
-// the fastest. The algorithms agree up to rounding, so the choice changes results by rounding at
-// most; the key leaves out the thread count, so a process keeps one algorithm per shape and its
-// results stay independent of the thread count (every algorithm is, but for oneDNN's and the
-// GEMMs' weight gradients). The forward returns the algorithms it used as one more saved tensor
-// and the backward takes it back, so a forward and its backward always run the same ones.
+// MGM_FAST_GENBLOCK_CONV2_ALGO (conv2) say how each is picked:
+//   auto (unset or empty too) -- a cost model of the shape (modelled_algo, fitted to timings of
+//     the timed mode): deterministic, the same algorithm for a shape in every process, rank and
+//     machine, so two fresh runs with one seed repeat bit for bit;
+//   timed -- the first call of a shape (n, cin, cout, h, w, dtype) times the candidates that can
+//     win there (forward + backward on a stand-in input of that shape, see time_candidates) and a
+//     process-wide cache keeps the fastest (what the cost model is fitted to; the timing of a near
+//     tie can flip between processes);
+//   an algorithm's name -- that algorithm for every call.
+// Choices restored from a checkpoint (genblock_algos_set_cpu) win over auto's and timed's. The
+// algorithms agree up to rounding, so the choice changes results by rounding at most; the choice
+// ignores the thread count, so a process keeps one algorithm per shape and its results stay
+// independent of the thread count (every algorithm is, but for oneDNN's and the GEMMs' weight
+// gradients). The forward returns the algorithms it used as one more saved tensor and the backward
+// takes it back, so a forward and its backward always run the same ones.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -457,11 +464,11 @@ constexpr UpConvAlgo kUpConvAlgos[] = {UpConvAlgo::kPhase, UpConvAlgo::kGemm,
                                        UpConvAlgo::kUpsample};
 constexpr ConvAlgo kConvAlgos[] = {ConvAlgo::kConv, ConvAlgo::kGemm};
 
-// auto's candidates besides the default (phase / conv): the gemm algorithms while their im2col
-// matrix stays within kGemmMaxColsBytes or kGemmMaxColsPerWeight times the conv's weight (they win
-// on small maps with many channels, where weights outweigh activations), the upsampled conv on
-// maps of at most kUpsampleMaxPixels input pixels (where the phase split's padding wastes the
-// most: 36% of its positions at 4x4, 21% at 8x8).
+// The candidates besides the default (phase / conv) of auto and timed: the gemm algorithms while
+// their im2col matrix stays within kGemmMaxColsBytes or kGemmMaxColsPerWeight times the conv's
+// weight (they win on small maps with many channels, where weights outweigh activations), the
+// upsampled conv on maps of at most kUpsampleMaxPixels input pixels (where the phase split's
+// padding wastes the most: 36% of its positions at 4x4, 21% at 8x8).
 constexpr int64_t kGemmMaxColsBytes = int64_t{64} << 20;
 constexpr int64_t kGemmMaxColsPerWeight = 4;
 constexpr int64_t kUpsampleMaxPixels = 64;
@@ -469,6 +476,82 @@ constexpr int64_t kUpsampleMaxPixels = 64;
 bool gemm_candidate(int64_t cols_numel, int64_t weight_numel, int64_t itemsize) {
   const int64_t limit = std::max(kGemmMaxColsBytes, kGemmMaxColsPerWeight * weight_numel * itemsize);
   return cols_numel * itemsize <= limit;
+}
+
+/// The conv1 candidates of a block input (n, cin, h, w) -> cout.
+std::vector<int64_t> up_conv_candidates(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w,
+                                        int64_t itemsize) {
+  std::vector<int64_t> candidates{static_cast<int64_t>(UpConvAlgo::kPhase)};
+  if (gemm_candidate(16 * n * h * w * cin, 9 * cin * cout, itemsize)) {
+    candidates.push_back(static_cast<int64_t>(UpConvAlgo::kGemm));
+  }
+  if (h * w <= kUpsampleMaxPixels) candidates.push_back(static_cast<int64_t>(UpConvAlgo::kUpsample));
+  return candidates;
+}
+
+/// The conv2 candidates of a block output (n, c, h, w).
+std::vector<int64_t> conv_candidates(int64_t n, int64_t c, int64_t h, int64_t w, int64_t itemsize) {
+  std::vector<int64_t> candidates{static_cast<int64_t>(ConvAlgo::kConv)};
+  if (gemm_candidate(9 * n * h * w * c, 9 * c * c, itemsize)) {
+    candidates.push_back(static_cast<int64_t>(ConvAlgo::kGemm));
+  }
+  return candidates;
+}
+
+/// auto's cost model (CostModel, algo_timing.h): microseconds of a forward + backward of each
+/// algorithm, fitted by mgm_fast/algocost.py to the timed mode's timings of 76 convs (46 block
+/// shapes: the tiny preset's blocks at batch 8, the host-floor size's at batch 2, the paper
+/// preset's at batch 4 and 8, and 30 more, batch 2-32, 8-1024 channels, 4x4-64x64 maps) on a
+/// 2-core Intel Xeon (AVX-512, 2 threads), committed as
+/// benchmarks/results/cpu-2core-xeon/genblock/algo_timings.json. It picks the fastest candidate
+/// for 74 of them (the other two are near ties, within 7 %), and its picks cost 1.2 % more than
+/// the best ones. Sizes (modelled_micros) count the columns each algorithm reads: phase a 2x2 conv
+/// with 4 cout outputs over the (h+1) x (w+1) padded map, gemm 4 taps per phase on the h x w map,
+/// upsample the 3x3 conv of the 2h x 2w map.
+constexpr CostModel kUpConvCost[] = {
+    {195.8, 1.176e-3, 9.564e-4, 0.0, 7.535e-5, 6.781e-3},  // phase
+    {28.9, 8.946e-3, 1.746e-3, 0.0, 2.268e-5, 1.739e-3},   // gemm
+    {305.0, 1.465e-2, 0.0, 0.0, 1.889e-5, 3.505e-3}};      // upsample
+constexpr CostModel kConv3Cost[] = {
+    {163.7, 2.389e-3, 0.0, 0.0, 1.698e-5, 3.916e-3},  // conv
+    {13.99, 1.117e-2, 0.0, 0.0, 2.076e-5, 0.0}};      // gemm
+
+/// The modelled microseconds of a conv of the block: piece 0, conv1 of the block input
+/// (n, cin, h, w) -> cout; piece 1, conv2 of the block output (n, cin = cout, h, w).
+double modelled_micros(int piece, int64_t algo, int64_t n, int64_t cin, int64_t cout, int64_t h,
+                       int64_t w) {
+  const double nd = static_cast<double>(n), ci = static_cast<double>(cin);
+  const double co = static_cast<double>(cout), hd = static_cast<double>(h), wd = static_cast<double>(w);
+  const double input = nd * ci * hd * wd, weight = 9.0 * ci * co;
+  if (piece == 1) {
+    const double cols = 9.0 * nd * hd * wd * ci;
+    return kConv3Cost[algo](input, nd * co * hd * wd, cols, cols * co, weight);
+  }
+  double cols = 0.0;
+  switch (static_cast<UpConvAlgo>(algo)) {
+    case UpConvAlgo::kPhase: cols = 4.0 * nd * (hd + 1.0) * (wd + 1.0) * ci; break;
+    case UpConvAlgo::kGemm: cols = 16.0 * nd * hd * wd * ci; break;
+    case UpConvAlgo::kUpsample: cols = 36.0 * nd * hd * wd * ci; break;
+  }
+  return kUpConvCost[algo](input, 4.0 * nd * co * hd * wd, cols, cols * co, weight);
+}
+
+/// auto's pick for a conv of the block (shapes as modelled_micros): the candidate of least
+/// modelled time (the first of a tie).
+int64_t modelled_algo(int piece, int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w,
+                      int64_t itemsize) {
+  const std::vector<int64_t> candidates = piece == 0 ? up_conv_candidates(n, cin, cout, h, w, itemsize)
+                                                     : conv_candidates(n, cout, h, w, itemsize);
+  int64_t best = candidates.front();
+  double best_micros = modelled_micros(piece, best, n, cin, cout, h, w);
+  for (const int64_t a : candidates) {
+    const double micros = modelled_micros(piece, a, n, cin, cout, h, w);
+    if (micros < best_micros) {
+      best = a;
+      best_micros = micros;
+    }
+  }
+  return best;
 }
 
 /// A conv of the block: its name (in genblock_algos_cpu) and its environment variable.
@@ -502,19 +585,25 @@ ChoiceCache<AlgoKey>& algo_cache() {
   return cache;
 }
 
-/// The algorithm the piece's environment variable forces, or nullopt for auto (unset, empty or
-/// "auto").
-std::optional<int64_t> forced_algo(int piece) {
+/// How a piece's algorithm is picked: its environment variable's algorithm (forced), the timed
+/// mode, or auto's cost model (neither).
+struct PieceMode {
+  bool timed;
+  std::optional<int64_t> forced;
+};
+
+PieceMode piece_mode(int piece) {
   const PieceInfo& p = kPieces[piece];
   const char* v = std::getenv(p.env);
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return std::nullopt;
-  std::string names = "auto";
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return {false, std::nullopt};
+  if (std::strcmp(v, "timed") == 0) return {true, std::nullopt};
+  std::string names = "auto, timed";
   for (int64_t a = 0; a < algo_count(piece); ++a) {
-    if (std::strcmp(v, algo_name(piece, a)) == 0) return a;
+    if (std::strcmp(v, algo_name(piece, a)) == 0) return {false, a};
     names += std::string(", ") + algo_name(piece, a);
   }
   TORCH_CHECK_VALUE(false, "genblock (cpp backend): ", p.env, "=", v, " is not one of ", names);
-  return std::nullopt;
+  return {false, std::nullopt};
 }
 
 /// The fastest of the piece's candidates (algo_timing.h).
@@ -529,13 +618,7 @@ AlgoChoice time_candidates(int piece, const std::vector<int64_t>& candidates, Ru
 /// stand-in too (unit gamma, scale and rstd, zero mean and coefficients).
 AlgoChoice time_up_conv(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1) {
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = w1.size(0);
-  std::vector<int64_t> candidates{static_cast<int64_t>(UpConvAlgo::kPhase)};
-  if (gemm_candidate(16 * n * h * w * cin, w1.numel(), x.element_size())) {
-    candidates.push_back(static_cast<int64_t>(UpConvAlgo::kGemm));
-  }
-  if (h * w <= kUpsampleMaxPixels) {
-    candidates.push_back(static_cast<int64_t>(UpConvAlgo::kUpsample));
-  }
+  const std::vector<int64_t> candidates = up_conv_candidates(n, cin, cout, h, w, x.element_size());
   if (candidates.size() == 1) return {candidates.front(), {}, at::get_num_threads()};
   const at::Tensor act =
       at::full({n, cin, h, w}, 0.5, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -558,10 +641,7 @@ AlgoChoice time_up_conv(const at::Tensor& x, const at::Tensor& w1, const at::Ten
 /// stand-in activation and gradient, the block's w2).
 AlgoChoice time_conv(const at::Tensor& x, const at::Tensor& w2) {
   const int64_t n = x.size(0), c = w2.size(0), h = 2 * x.size(2), w = 2 * x.size(3);
-  std::vector<int64_t> candidates{static_cast<int64_t>(ConvAlgo::kConv)};
-  if (gemm_candidate(9 * n * h * w * c, w2.numel(), x.element_size())) {
-    candidates.push_back(static_cast<int64_t>(ConvAlgo::kGemm));
-  }
+  const std::vector<int64_t> candidates = conv_candidates(n, c, h, w, x.element_size());
   if (candidates.size() == 1) return {candidates.front(), {}, at::get_num_threads()};
   const at::TensorOptions cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   const at::Tensor act = at::full({n, c, h, w}, 0.5, cl), g = at::full({n, c, h, w}, 0.25, cl);
@@ -572,14 +652,18 @@ AlgoChoice time_conv(const at::Tensor& x, const at::Tensor& w2) {
   });
 }
 
-/// The algorithm of one conv of a block call on x (n, cin, h, w): forced, cached, or timed now.
+/// The algorithm of one conv of a block call on x (n, cin, h, w): forced; else the cache's (timed
+/// earlier in this process, or restored from a checkpoint); else timed now (timed) or the cost
+/// model's (auto, not cached: it is a function of the shape).
 template <class Time>
 int64_t choose_algo(int piece, const at::Tensor& x, int64_t cout, Time time) {
-  if (const auto forced = forced_algo(piece)) return *forced;
+  const PieceMode m = piece_mode(piece);
+  if (m.forced) return *m.forced;
   const int64_t up = piece == 0 ? 1 : 2;
   const AlgoKey key{piece, x.size(0), piece == 0 ? x.size(1) : cout, cout, up * x.size(2),
                     up * x.size(3), x.scalar_type()};
   if (const auto cached = algo_cache().find(key)) return *cached;
+  if (!m.timed) return modelled_algo(piece, key.n, key.cin, key.cout, key.h, key.w, x.element_size());
   return algo_cache().insert(key, time());
 }
 
@@ -629,27 +713,51 @@ void clear_block_algos() { algo_cache().clear(); }
 using AlgoChoiceRow = std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t, std::string,
                                  std::string>;
 
+int piece_named(const std::string& conv) {
+  for (int p = 0; p < 2; ++p) {
+    if (conv == kPieces[p].name) return p;
+  }
+  TORCH_CHECK_VALUE(false, "genblock (cpp backend): unknown conv '", conv, "' (conv1 or conv2)");
+  return -1;
+}
+
+at::ScalarType dtype_named(const std::string& name) {
+  for (const at::ScalarType t : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    if (name == c10::toString(t)) return t;
+  }
+  TORCH_CHECK_VALUE(false, "genblock (cpp backend): unknown dtype '", name, "'");
+  return at::kFloat;
+}
+
 void set_block_algos(const std::vector<AlgoChoiceRow>& rows) {
   std::map<AlgoKey, AlgoChoice> parsed;
   for (const auto& [conv, n, cin, cout, h, w, dtype_name, chosen] : rows) {
-    int piece = -1;
-    for (int p = 0; p < 2; ++p) {
-      if (conv == kPieces[p].name) piece = p;
-    }
-    TORCH_CHECK_VALUE(piece >= 0, "genblock (cpp backend): unknown conv '", conv, "' (conv1 or conv2)");
-    std::optional<at::ScalarType> dtype;
-    for (const at::ScalarType t : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
-      if (dtype_name == c10::toString(t)) dtype = t;
-    }
-    TORCH_CHECK_VALUE(dtype.has_value(), "genblock (cpp backend): unknown dtype '", dtype_name, "'");
+    const int piece = piece_named(conv);
+    const at::ScalarType dtype = dtype_named(dtype_name);
     std::optional<int64_t> algo;
     for (int64_t a = 0; a < algo_count(piece); ++a) {
       if (chosen == algo_name(piece, a)) algo = a;
     }
     TORCH_CHECK_VALUE(algo.has_value(), "genblock (cpp backend): unknown ", conv, " algorithm '", chosen, "'");
-    parsed[AlgoKey{piece, n, cin, cout, h, w, *dtype}] = AlgoChoice{*algo, {}, 0};
+    parsed[AlgoKey{piece, n, cin, cout, h, w, dtype}] = AlgoChoice{*algo, {}, 0};
   }
   algo_cache().assign(std::move(parsed));
+}
+
+/// The algorithm a block call would use for a conv of the shape (conv, n, cin, cout, h, w, dtype
+/// as genblock_algos_cpu names them), by name: forced, restored or timed earlier, or auto's model;
+/// None when the timed mode has not timed the shape yet.
+std::optional<std::string> block_algo(const std::string& conv, int64_t n, int64_t cin, int64_t cout,
+                                      int64_t h, int64_t w, const std::string& dtype_name) {
+  const int piece = piece_named(conv);
+  const at::ScalarType dtype = dtype_named(dtype_name);
+  const PieceMode m = piece_mode(piece);
+  if (m.forced) return algo_name(piece, *m.forced);
+  if (const auto cached = algo_cache().find(AlgoKey{piece, n, cin, cout, h, w, dtype})) {
+    return algo_name(piece, *cached);
+  }
+  if (m.timed) return std::nullopt;
+  return algo_name(piece, modelled_algo(piece, n, cin, cout, h, w, c10::elementSize(dtype)));
 }
 
 // Inputs of the CPU entry points must be CPU tensors (the Python side dispatches by device).
@@ -755,17 +863,24 @@ void register_genblock(pybind11::module_& m) {
         py::arg("x_channels_last"),
         "Fused GenBlock backward on the CPU (x: the channels_last xs the forward returned; algo: "
         "the algorithms it saved): [dx, dembed1, dw1, db1, dembed2, dw2, db2, dw0, db0].");
+  m.def("genblock_algo_cpu", &block_algo, py::arg("conv"), py::arg("n"), py::arg("cin"),
+        py::arg("cout"), py::arg("h"), py::arg("w"), py::arg("dtype") = "Float",
+        "The algorithm a block call would use for the conv (conv1 or conv2) of this shape (as "
+        "genblock_algos_cpu names it: h, w the conv's input size): forced, restored or timed "
+        "earlier, or auto's cost model; None when MGM_FAST_GENBLOCK_ALGO / "
+        "MGM_FAST_GENBLOCK_CONV2_ALGO is timed and the shape was not timed yet.");
   m.def("genblock_algos_cpu", &block_algos,
-        "The conv algorithms auto chose so far (MGM_FAST_GENBLOCK_ALGO / "
-        "MGM_FAST_GENBLOCK_CONV2_ALGO unset or auto): rows (conv, n, cin, cout, h, w, dtype, threads, chosen, {algorithm: best "
+        "The conv algorithms the timed mode chose (MGM_FAST_GENBLOCK_ALGO / "
+        "MGM_FAST_GENBLOCK_CONV2_ALGO=timed) or a checkpoint restored so far: rows (conv, n, cin, cout, h, w, dtype, threads, chosen, {algorithm: best "
         "forward+backward seconds of the timed candidates}); h, w: the conv's input size; threads: "
         "ATen's thread count when it was chosen (the choice holds for any count).");
   m.def("genblock_algos_set_cpu", &set_block_algos, py::arg("rows"),
         "Takes the choices of rows (conv, n, cin, cout, h, w, dtype, chosen) -- the first six and "
-        "the chosen algorithm's name as genblock_algos_cpu lists them -- as auto's for those "
-        "shapes (a resumed run uses the algorithms of the run it continues); threads 0, no times.");
+        "the chosen algorithm's name as genblock_algos_cpu lists them -- as the choices for those "
+        "shapes, over auto's model and timed's timing (a resumed run uses the algorithms of the "
+        "run it continues); threads 0, no times.");
   m.def("genblock_algos_clear_cpu", &clear_block_algos,
-        "Forgets the algorithms auto chose (the next call of each shape chooses again).");
+        "Forgets the timed and restored choices (the next call of each shape chooses again).");
 }
 
 }  // namespace bindings

@@ -973,18 +973,20 @@ def cbn_relu_conv3x3(
 
 
 def chosen_algorithms() -> list[list]:
-    """The convolution algorithms the cpp backend's ``auto`` chose so far in this process, one row
+    """The convolution algorithms the cpp backend timed (``MGM_FAST_GENBLOCK_ALGO`` /
+    ``MGM_FAST_GENBLOCK_CONV2_ALGO=timed``) or was given so far in this process, one row
     ``[conv, n, cin, cout, h, w, dtype, chosen]`` per shape (what a checkpoint records, so that
-    a resumed run computes with the same algorithms); [] without the extension."""
+    a resumed run computes with the same algorithms; the default cost model's picks are a
+    function of the shape and need no record); [] without the extension."""
     if _native.cpp_reason() is not None:
         return []
     return [[*row[:7], row[8]] for row in _native.extension().genblock_algos_cpu()]
 
 
 def restore_algorithms(rows: list) -> None:
-    """Take the rows of :func:`chosen_algorithms` (e.g. from a checkpoint) as ``auto``'s choices
-    for their shapes, instead of timing them again. A forced ``MGM_FAST_GENBLOCK_ALGO`` still
-    wins. Nothing to do without rows or without the extension (no cpp GenBlock runs then)."""
+    """Take the rows of :func:`chosen_algorithms` (e.g. from a checkpoint) as the choices for
+    their shapes, instead of the cost model's or a new timing. A forced ``MGM_FAST_GENBLOCK_ALGO``
+    still wins. Nothing to do without rows or without the extension (no cpp GenBlock runs then)."""
     if rows and _native.cpp_reason() is None:
         _native.extension().genblock_algos_set_cpu([tuple(row) for row in rows])
 

@@ -7,14 +7,18 @@ low-resolution grid), ``gemm`` (one GEMM per phase on the unpadded grid), ``upsa
 MGM_FAST_GENBLOCK_ALGO / MGM_FAST_GENBLOCK_CONV2_ALGO and checked against the reference (values,
 every gradient, the running statistics; float64 to 1e-10, float32 by the 2x-error rule of
 tests/ops/test_genblock.py), on small odd shapes with 4x4 and odd-sized inputs, NCHW and
-channels_last, training and eval. ``auto`` (the default) times the candidates once per shape and
-caches the fastest (per shape and dtype, for any thread count): the tests check that it records a
-valid choice, keeps it, and that a forward and its backward always use the same algorithms.
+channels_last, training and eval. ``auto`` (the default) is a cost model of the shape: nothing is
+timed or cached, and its picks are checked on clear-cut shapes and against the committed timings it
+was fitted to. ``timed`` times the candidates once per shape and caches the fastest (per shape and
+dtype, for any thread count): the tests check that it records a valid choice and keeps it. A
+forward and its backward always use the same algorithms; a checkpoint's choices win.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +63,7 @@ def _ext():
 
 
 def _chosen(n, cin, cout, h, w, dtype=torch.float32) -> dict[str, str]:
-    """conv -> algorithm that auto cached for a block call on (n, cin, h, w) -> cout."""
+    """conv -> algorithm that was timed or restored for a block call on (n, cin, h, w) -> cout."""
     want = {"conv1": (n, cin, cout, h, w), "conv2": (n, cout, cout, 2 * h, 2 * w)}
     dt = {torch.float32: "Float", torch.float64: "Double"}[dtype]
     return {row[0]: row[8] for row in _ext().genblock_algos_cpu() if tuple(row[1:6]) == want[row[0]] and row[6] == dt}
@@ -110,8 +114,8 @@ def test_forced_algorithms_gradcheck_fp64(algos, conv1, conv2):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_auto_times_once_records_a_valid_choice_and_matches_reference(algos):
-    algos(None, "auto")
+def test_timed_mode_times_once_records_a_valid_choice_and_matches_reference(algos):
+    algos("timed", "timed")
     _ext().genblock_algos_clear_cpu()
     shape = (3, 8, 6, 4, 4)
     a = block_inputs(*shape)
@@ -135,10 +139,10 @@ def test_auto_times_once_records_a_valid_choice_and_matches_reference(algos):
         assert torch.equal(again[1][k], got[1][k]), k
 
 
-def test_auto_without_candidates_keeps_phase_and_conv_untimed(algos):
-    algos("auto", "auto")
+def test_without_candidates_phase_and_conv_are_kept_untimed(algos):
+    algos("timed", "timed")
     _ext().genblock_algos_clear_cpu()
-    # 16x16 -> 32x32 maps at batch 1100 (few channels: cheap): both im2col matrices exceed auto's
+    # 16x16 -> 32x32 maps at batch 1100 (few channels: cheap): both im2col matrices exceed the
     # limit for the gemm algorithms (64 MiB, or 4x the weight) and the map is too large for the
     # upsampled conv
     a = block_inputs(1100, 4, 4, 16, 16, classes=2)
@@ -147,12 +151,74 @@ def test_auto_without_candidates_keeps_phase_and_conv_untimed(algos):
     rows = {row[0]: row for row in _ext().genblock_algos_cpu()}
     assert rows["conv1"][8] == "phase" and rows["conv1"][9] == {}
     assert rows["conv2"][8] == "conv" and rows["conv2"][9] == {}
+    algos("auto", "auto")  # the cost model picks among the same candidates
+    _ext().genblock_algos_clear_cpu()
+    assert _ext().genblock_algo_cpu("conv1", 1100, 4, 4, 16, 16) == "phase"
+    assert _ext().genblock_algo_cpu("conv2", 1100, 4, 4, 32, 32) == "conv"
 
 
-def test_auto_keeps_its_choice_for_any_thread_count(algos):
-    """The choice is per shape and dtype, not per thread count: results stay bit-identical across
-    thread counts (weight gradients aside: oneDNN and the GEMMs may block them differently)."""
-    algos("auto", "auto")
+# (conv, n, cin, cout, h, w) -> auto's algorithm, on shapes where it is at least 1.7x faster than
+# each other candidate on the machine the model was fitted on (h, w: the conv's input size)
+CLEAR_CUT = [
+    (("conv1", 8, 1024, 1024, 4, 4), "gemm"),
+    (("conv1", 32, 16, 16, 32, 32), "phase"),
+    (("conv1", 2, 8, 8, 4, 4), "gemm"),
+    (("conv2", 8, 1024, 1024, 8, 8), "gemm"),
+    (("conv2", 32, 32, 32, 32, 32), "conv"),
+    (("conv2", 2, 8, 8, 8, 8), "gemm"),
+]
+
+
+def test_auto_is_a_cost_model_of_the_shape(algos):
+    """auto's pick is a function of the shape: nothing is timed or cached (every process and rank
+    picks the same), a block call runs the modelled algorithms, and they are the fastest on
+    clear-cut shapes."""
+    algos(None, "auto")
+    _ext().genblock_algos_clear_cpu()
+    for shape, want in CLEAR_CUT:
+        assert _ext().genblock_algo_cpu(*shape) == want, shape
+    a = block_inputs(3, 8, 6, 4, 4)
+    b = clone(a)
+    b["x"].requires_grad_(True)
+    out = gb.genblock(**b, impl="cpp")
+    assert _ext().genblock_algos_cpu() == [] and gb.chosen_algorithms() == []
+    modelled = [_ext().genblock_algo_cpu("conv1", 3, 8, 6, 4, 4), _ext().genblock_algo_cpu("conv2", 3, 6, 6, 8, 8)]
+    assert _saved_algos(out) == [CONV1.index(modelled[0]), CONV2.index(modelled[1])]
+    algos("timed", None)  # the timed mode has nothing for the shape yet
+    assert _ext().genblock_algo_cpu("conv1", 3, 8, 6, 4, 4) is None
+    assert _ext().genblock_algo_cpu("conv2", 3, 6, 6, 8, 8) == modelled[1]
+    algos("upsample", None)
+    assert _ext().genblock_algo_cpu("conv1", 3, 8, 6, 4, 4) == "upsample"
+    with pytest.raises(ValueError, match="unknown conv 'conv3'"):
+        _ext().genblock_algo_cpu("conv3", 3, 8, 6, 4, 4)
+
+
+TIMINGS = Path(__file__).resolve().parents[2] / "benchmarks/results/cpu-2core-xeon/genblock/algo_timings.json"
+
+
+def test_cost_model_reproduces_its_fit(algos):
+    """The model's picks against the timings it was fitted to (every candidate timed per shape on
+    the 2-core Xeon): the fastest for 74 of 76 convs (the other two are near ties), and the picks'
+    total time within 1.5 % of the best picks'."""
+    algos(None, None)
+    _ext().genblock_algos_clear_cpu()
+    rows = json.loads(TIMINGS.read_text())["rows"]
+    right, picked, best = 0, 0.0, 0.0
+    for *shape, dtype, seconds in rows:
+        pick = _ext().genblock_algo_cpu(*shape, dtype)
+        fastest = min(seconds, key=seconds.get)
+        right += pick == fastest
+        picked += seconds[pick]
+        best += seconds[fastest]
+    assert len(rows) == 76 and right >= 74, right
+    assert picked <= 1.015 * best, (picked, best)
+
+
+def test_timed_choice_holds_for_any_thread_count(algos):
+    """The timed choice is per shape and dtype, not per thread count: results stay bit-identical
+    across thread counts (weight gradients aside: oneDNN and the GEMMs may block them
+    differently)."""
+    algos("timed", "timed")
     _ext().genblock_algos_clear_cpu()
     a = block_inputs(3, 8, 6, 12, 10)
     threads = torch.get_num_threads()
@@ -201,22 +267,24 @@ def test_backward_runs_the_algorithms_its_forward_recorded(algos, first, then):
 def test_bad_algorithm_name_is_an_error_naming_the_choices(algos):
     a = block_inputs(2, 3, 4, 2, 2)
     algos("winograd", None)
-    with pytest.raises(ValueError, match=f"{ENV1}=winograd is not one of auto, phase, gemm, upsample"):
+    with pytest.raises(ValueError, match=f"{ENV1}=winograd is not one of auto, timed, phase, gemm, upsample"):
         gb.genblock(**a, impl="cpp")
     algos(None, "fft")
-    with pytest.raises(ValueError, match=f"{ENV2}=fft is not one of auto, conv, gemm"):
+    with pytest.raises(ValueError, match=f"{ENV2}=fft is not one of auto, timed, conv, gemm"):
         gb.genblock(**a, impl="cpp")
 
 
 @pytest.mark.parametrize(("conv1", "conv2"), [("upsample", "gemm"), ("gemm", "conv")])
-def test_restored_choices_are_used_instead_of_a_new_timing(algos, conv1, conv2):
-    """chosen_algorithms() rows put back with restore_algorithms() (a resumed run) are auto's
-    choices for their shapes: no timing, and the same numbers as forcing those algorithms."""
+@pytest.mark.parametrize("mode", ["auto", "timed"])
+def test_restored_choices_win_over_the_model_and_a_new_timing(algos, conv1, conv2, mode):
+    """chosen_algorithms() rows put back with restore_algorithms() (a resumed run) are the
+    choices for their shapes in either mode: no timing, and the same numbers as forcing those
+    algorithms."""
     shape = (2, 6, 5, 4, 4)
     a = block_inputs(*shape)
     algos(conv1, conv2)
     forced = run(gb.genblock, a, BLOCK_GRADS, "cpp")
-    algos(None, "auto")
+    algos(mode, mode)
     _ext().genblock_algos_clear_cpu()
     n, cin, cout, h, w = shape
     gb.restore_algorithms([["conv1", n, cin, cout, h, w, "Float", conv1],
