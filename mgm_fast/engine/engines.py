@@ -47,13 +47,10 @@ COMPILE_MODES = ("off", "default", "cudagraphs")
 """How a run's networks execute: eager, torch.compile (inductor), or torch.compile with CUDA
 graph replay (``mode="reduce-overhead"``, CUDA only)."""
 
-INGREDIENTS = ("loader", "views", "readback", "autograd", "adam", "loss_impl", "noise_impl", "genblock_impl",
-               "attention_impl", "spectral_norm_impl", "batch_norm_impl", "conv_impl", "precision", "channels_last")
-
-
-@dataclass(frozen=True)
-class Engine:
-    """The execution ingredients of a training run.
+@dataclass(frozen=True, kw_only=True)
+class Ingredients:
+    """The execution ingredients of a training run, the fields :class:`Engine` chooses and
+    :class:`Execution` records (one list for both).
 
     Attributes:
         loader: ``make_loader`` kind ("auto" | "memory" | "dali" | "torch").
@@ -73,7 +70,8 @@ class Engine:
         spectral_norm_impl: ``ModelConfig.spectral_norm_impl``.
         batch_norm_impl: ``ModelConfig.batch_norm_impl``.
         conv_impl: ``ModelConfig.conv_impl``.
-        precision: "fp32" | "bf16" | "fp16", or None: bf16 on CUDA, fp32 elsewhere.
+        precision: "fp32" | "bf16" | "fp16", or None (an engine's only): bf16 on CUDA, fp32
+            elsewhere.
         channels_last: channels_last memory format on every device.
         cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms once per shape and
             keep the fastest (shapes are fixed per run). Not an ablation ingredient: every
@@ -81,12 +79,12 @@ class Engine:
         compile: how the networks run (:data:`COMPILE_MODES`): "off" (eager), "default"
             (``torch.compile``, inductor) or "cudagraphs" (``torch.compile`` with
             ``mode="reduce-overhead"``: inductor, and each compiled graph replayed as a CUDA
-            graph, one launch instead of one per kernel; CUDA only); None: "cudagraphs" on CUDA,
-            "off" elsewhere (on the CPU compiling gains little at the tiny preset and costs
-            minutes of compilation per run: docs/performance.md). Not an ablation ingredient.
+            graph, one launch instead of one per kernel; CUDA only); None (an engine's only):
+            "cudagraphs" on CUDA, "off" elsewhere (on the CPU compiling gains little at the tiny
+            preset and costs minutes of compilation per run: docs/performance.md). Not an
+            ablation ingredient.
     """
 
-    name: str
     loader: str
     views: str
     readback: str
@@ -103,6 +101,18 @@ class Engine:
     channels_last: bool
     cudnn_benchmark: bool
     compile: str | None
+
+
+INGREDIENTS = tuple(f.name for f in dataclasses.fields(Ingredients) if f.name not in ("cudnn_benchmark", "compile"))
+"""The ablation ingredients: every field of :class:`Ingredients` but cudnn_benchmark and compile."""
+
+
+@dataclass(frozen=True)
+class Engine(Ingredients):
+    """A named choice of every ingredient (:class:`Ingredients`); ``Engine(name, loader=...,
+    ...)``."""
+
+    name: str
 
     def resolved_precision(self, device: torch.device) -> str:
         if self.precision is not None:
@@ -140,60 +150,37 @@ class Engine:
             raise ValueError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
         if compile == "cudagraphs" and device.type != "cuda":
             raise ValueError(f"compile mode 'cudagraphs' replays CUDA graphs and needs a CUDA device, not {device}")
-        return Execution(
-            engine=self.name,
-            loader=self.loader if loader is None else loader,
-            views=self.views if views is None else views,
-            readback=self.readback,
-            autograd=self.autograd,
-            adam=cfg.optim.implementation,
-            loss_impl=cfg.schedule.loss_impl,
-            noise_impl=cfg.schedule.noise_impl,
-            genblock_impl=cfg.model.genblock_impl,
-            attention_impl=cfg.model.attention_impl,
-            spectral_norm_impl=cfg.model.spectral_norm_impl,
-            batch_norm_impl=cfg.model.batch_norm_impl,
+        ingredients = {f.name: getattr(self, f.name) for f in dataclasses.fields(Ingredients)}
+        ingredients.update(
+            adam=cfg.optim.implementation, loss_impl=cfg.schedule.loss_impl, noise_impl=cfg.schedule.noise_impl,
+            genblock_impl=cfg.model.genblock_impl, attention_impl=cfg.model.attention_impl,
+            spectral_norm_impl=cfg.model.spectral_norm_impl, batch_norm_impl=cfg.model.batch_norm_impl,
             conv_impl=cfg.model.conv_impl,
             precision=self.resolved_precision(device) if precision is None else precision,
-            channels_last=self.channels_last if channels_last is None else channels_last,
-            cudnn_benchmark=self.cudnn_benchmark and device.type == "cuda",
-            compile=compile,
-        )
+            cudnn_benchmark=self.cudnn_benchmark and device.type == "cuda", compile=compile,
+        )  # fmt: skip
+        for name, explicit in (("loader", loader), ("views", views), ("channels_last", channels_last)):
+            if explicit is not None:
+                ingredients[name] = explicit
+        return Execution(engine=self.name, **ingredients)
 
 
 @dataclass(frozen=True)
-class Execution:
-    """How one run executes: its engine's ingredients (the fields of :class:`Engine`, same names
-    and values) after the explicit command-line options, resolved for the run's device.
+class Execution(Ingredients):
+    """How one run executes: its engine's ingredients (:class:`Ingredients`) after the explicit
+    command-line options, resolved for the run's device; ``engine`` is the engine's name.
 
     Built once per run by ``mgm_fast.train.resolve_run`` (a resumed run reads it back from its
     ``config.yaml``) and kept on the run object; the loaders, networks and step context are
     built from it, and ``config.yaml`` holds every field at its top level.
 
-    Attributes beyond the engine's: ``engine`` (its name), ``precision`` resolved ("fp32",
-    "bf16" or "fp16", never None), ``cudnn_benchmark`` (True only on CUDA), ``compile``
-    resolved ("off", "default" or "cudagraphs", never None). ``adam``, ``loss_impl``, ``noise_impl``,
-    ``genblock_impl``, ``attention_impl``, ``spectral_norm_impl``, ``batch_norm_impl`` and ``conv_impl`` repeat the run
-    config's fields of those names, for the record; the networks and the schedule read them from the config.
+    Resolved: ``precision`` ("fp32", "bf16" or "fp16", never None), ``cudnn_benchmark`` (True
+    only on CUDA), ``compile`` ("off", "default" or "cudagraphs", never None). ``adam``,
+    ``loss_impl``, ``noise_impl`` and the ``*_impl`` backends repeat the run config's fields of
+    those names, for the record; the networks and the schedule read them from the config.
     """
 
     engine: str
-    loader: str
-    views: str
-    readback: str
-    autograd: str
-    adam: str
-    loss_impl: str
-    noise_impl: str
-    genblock_impl: str
-    attention_impl: str
-    spectral_norm_impl: str
-    batch_norm_impl: str
-    conv_impl: str
-    precision: str
-    channels_last: bool
-    cudnn_benchmark: bool
-    compile: str
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
