@@ -14,6 +14,9 @@ channels_last kernel is slow (8 and 24 channels), given the forward's statistics
 ``batch_norm_backward`` on the channels_last tensors (the baseline), torch's on the same values in
 NCHW (what the reference engine runs), and the cpp kernel on the channels_last tensors.
 
+A last group times the op's host cost per call at a degenerate size, its argument check and
+backend selection run every call or remembered per kind of call (``FusedOp.selection_key``).
+
 ``pytest benchmarks/test_bench_batch_norm.py --benchmark-group-by=group``
 """
 
@@ -28,7 +31,7 @@ from mgm_fast import _native
 from mgm_fast.config import preset
 from mgm_fast.models import MultiTaskNet, RefinementNet
 from mgm_fast.models.layers import BatchNorm2d
-from mgm_fast.ops.batch_norm import _cpp_backward_op, batch_norm_train
+from mgm_fast.ops.batch_norm import OP, _cpp_backward_op, batch_norm_train
 
 BATCH = 8
 
@@ -121,3 +124,27 @@ def test_bench_batch_norm_backward_cpu(benchmark, impl, shape):
     benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), baseline=impl == "reference-channels-last")
     grads = benchmark(backward)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("selection", ["checked each call", "remembered"])
+def test_bench_batch_norm_call_overhead_cpu(benchmark, monkeypatch, selection):
+    """The op's host cost per call at a degenerate size (batch 2, 4 channels, 4x4, channels_last,
+    forward under no_grad, the cpp backend either way): the argument check and backend selection
+    run on every call (``checked each call``, the op without a selection key) or once per kind of
+    call (``remembered``, FusedOp.selection_key)."""
+    if _native.cpp_reason() is not None:
+        pytest.skip(f"C++ extension unavailable: {_native.cpp_reason()}")
+    if selection != "remembered":
+        monkeypatch.setattr(OP, "selection_key", None)
+    x = torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    weight, bias, mean, var = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
+
+    def call():
+        with torch.no_grad():
+            return batch_norm_train(x, weight, bias, mean, var, 0.1, 1e-5, relu=True)
+
+    benchmark.group = "batch norm call overhead cpu: forward, 2x4x4x4, cpp either way"
+    benchmark.extra_info.update(selection=selection, threads=torch.get_num_threads(),
+                                baseline=selection != "remembered")  # fmt: skip
+    out = benchmark(call)
+    assert out.shape == (2, 4, 4, 4)

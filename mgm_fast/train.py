@@ -221,8 +221,7 @@ def verify_backends(run: Run) -> None:
     warning, or stops the run under --strict-backends. Writes backends.json."""
     dtypes = [torch.float32, *{"bf16": [torch.bfloat16], "fp16": [torch.float16]}.get(run.execution.precision, [])]
     for op in REGISTRY.values():  # this run's own verdicts and record (several runs may share a process)
-        op.exclusions.clear()
-        op.resolutions.clear()
+        op.reset_run_record()
     try:
         run.verdicts = verify_for_run(run.device, tuple(dtypes), strict=run.args.strict_backends,
                                       log=lambda text: print(text, file=sys.stderr, flush=True))

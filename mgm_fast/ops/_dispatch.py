@@ -274,6 +274,14 @@ class FusedOp:
         self._selected.clear()
         return backend
 
+    def reset_run_record(self) -> None:
+        """Forget what this process recorded for a run: the exclusions, the resolutions and the
+        remembered selections (a new run in the same process verifies and records afresh; a
+        remembered selection would otherwise skip recording its resolution)."""
+        self.exclusions.clear()
+        self.resolutions.clear()
+        self._selected.clear()
+
     def exclude(self, backend: str, reason: str) -> None:
         """Never run ``backend`` again in this process (auto skips it, forcing it raises)."""
         self.exclusions[backend] = reason

@@ -166,7 +166,7 @@ def _cpp_reasons(inputs: Inputs) -> list[str]:
 # dispatch
 
 
-def _check(input, weight, bias, running_mean, running_var, residual) -> None:
+def _check(input, weight, bias, running_mean, running_var, momentum, eps, relu=False, residual=None) -> None:
     """Argument errors naming the tensor (shapes and dtypes only: nothing is read on the host)."""
     if input.dim() != 4 or not input.is_floating_point():
         raise ValueError(f"batch_norm: input must be a floating (N, C, H, W) tensor, got {input.dtype} "
@@ -183,10 +183,21 @@ def _check(input, weight, bias, running_mean, running_var, residual) -> None:
                          f"{tuple(residual.shape)}")  # fmt: skip
 
 
+def _tensor_key(t: Tensor | None):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _selection_key(input, weight, bias, running_mean, running_var, momentum, eps, relu=False, residual=None):
+    """What the argument check and the backends' checks read from a call: every tensor's shape,
+    dtype and device, and the input's layout (FusedOp.selection_key)."""
+    return (_tensor_key(input), input.is_contiguous(memory_format=torch.channels_last), _tensor_key(weight),
+            _tensor_key(bias), _tensor_key(running_mean), _tensor_key(running_var), _tensor_key(residual))  # fmt: skip
+
+
 OP = define_op(_NAME, "training-mode batch norm (+ residual, ReLU); channels_last CPU kernels", [
     reference_backend(batch_norm_reference, devices=ANY_DEVICE),
     cpp_backend(_cpp, extra_check=_cpp_reasons),
-], priority=("cpp", "reference"))  # fmt: skip
+], priority=("cpp", "reference"), selection_key=_selection_key, check=_check)  # fmt: skip
 
 
 def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
@@ -205,8 +216,7 @@ def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, 
             into it.
         impl: "auto" | "reference" | "cpp".
     """
-    _check(input, weight, bias, running_mean, running_var, residual)
-    return OP(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual, impl=impl)
+    return OP(input, weight, bias, running_mean, running_var, momentum, eps, relu, residual, impl=impl)  # OP checks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,26 @@ def test_auto_takes_cpp_for_channels_last_float32_only(monkeypatch):
 
 
 @needs_cpp
+def test_calls_remember_their_selection_per_kind_and_check_bad_arguments_every_time(monkeypatch):
+    """Eager calls check and select once per kind of call (shapes, dtypes, devices, the input's
+    layout), then reuse it; the memo follows the layout, and a bad call raises every time."""
+    OP.reset_run_record()
+    cl, weight, bias, _ = _inputs((2, 8, 4, 4))
+    checks = []
+    real_check = OP.check
+    monkeypatch.setattr(OP, "check", lambda *a, **k: (checks.append(1), real_check(*a, **k)))
+    for _ in range(3):
+        batch_norm_train(cl, weight, bias, torch.zeros(8), torch.ones(8), 0.1, 1e-5)
+    batch_norm_train(cl.contiguous(), weight, bias, torch.zeros(8), torch.ones(8), 0.1, 1e-5)
+    assert len(checks) == 2
+    assert sorted(b.name for b in OP._selected.values()) == ["cpp", "reference"]
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"running_mean must be \(8,\)"):
+            batch_norm_train(cl, weight, bias, torch.zeros(7), torch.ones(8), 0.1, 1e-5)
+    OP.reset_run_record()
+
+
+@needs_cpp
 def test_forced_cpp_refuses_what_it_cannot_run():
     x, weight, bias, _ = _inputs((2, 8, 4, 4), channels_last=False)
     with pytest.raises(BackendUnavailable, match="channels_last"):

@@ -113,3 +113,21 @@ def test_native_function_is_picked_by_device():
     if _native.extension() is None:
         pytest.skip("C++ extension not built")
     assert native_function("multitask_loss_{device}", "cpu") is _native.extension().multitask_loss_cpu
+
+
+def test_a_remembered_selection_is_forgotten_with_the_run_record():
+    """With a selection_key, eager calls remember their selection; reset_run_record (a new run
+    in the same process) forgets it with the exclusions and resolutions, so the next call
+    selects again and records its resolution for the new run."""
+    op = _op()
+    op.selection_key = lambda x: (x.shape, x.dtype, x.device)
+    checked = []
+    op.check = checked.append
+    op(torch.ones(2))
+    op(torch.ones(2))
+    assert len(checked) == 1 and op.resolutions["cpu float32"]["backend"] == "cpp"
+    op.exclude("cpp", "failed its self-test here")
+    op.reset_run_record()
+    assert op.resolutions == {} and op.exclusions == {}
+    op(torch.ones(2))
+    assert len(checked) == 2 and op.resolutions["cpu float32"]["backend"] == "cpp"
