@@ -55,10 +55,38 @@ struct Blocks {
   }
 };
 
+// The reductions below run their whole tiles at the common tile widths -- lcm(C, 16) = 16 for
+// C = 1, 2, 4, 8, 16; 32 for 32; 48 for 3, 6, 12, 24, 48; 64 for 64 -- with the width known at
+// compile time, through local accumulators the compiler keeps in vector registers (summing into
+// acc[] in memory chains every tile on a store and a reload). Each sum is still taken tile after
+// tile from zero and then added to acc[] (zero at a block's start), so the bits are those of the
+// plain loops, which run the other widths and a block's last, partial tile. The elementwise passes
+// (normalize, input_grad) do the same with their tiled per-channel vectors.
+
+// Whole kL-float tiles of n: acc[j] += x[j]; returns the floats done.
+template <int64_t kL>
+MGM_FAST_INLINE int64_t sum_tiles(const float* __restrict x, int64_t n, float* __restrict acc) {
+  float a[kL] = {};
+  int64_t e = 0;
+  for (; e + kL <= n; e += kL) {
+#pragma omp simd
+    for (int64_t j = 0; j < kL; ++j) a[j] += x[e + j];
+  }
+  for (int64_t j = 0; j < kL; ++j) acc[j] += a[j];
+  return e;
+}
+
 // acc[j] += x[j] over n floats from a tile start (j: the position in the tile; the last tile
 // may be partial).
 MGM_FAST_ISA_BODY void sum_body(const float* x, int64_t n, int64_t lanes, float* acc) {
   int64_t e = 0;
+  switch (lanes) {
+    case 16: e = sum_tiles<16>(x, n, acc); break;
+    case 32: e = sum_tiles<32>(x, n, acc); break;
+    case 48: e = sum_tiles<48>(x, n, acc); break;
+    case 64: e = sum_tiles<64>(x, n, acc); break;
+    default: break;
+  }
   for (; e + lanes <= n; e += lanes) {
     const float* v = x + e;
     for (int64_t j = 0; j < lanes; ++j) acc[j] += v[j];
@@ -67,9 +95,34 @@ MGM_FAST_ISA_BODY void sum_body(const float* x, int64_t n, int64_t lanes, float*
 }
 constexpr auto& lane_sums = MGM_FAST_ISA_DISPATCH(sum_body);
 
+// Whole kL-float tiles of n: acc[j] += (x[j] - mean_t[j])^2; returns the floats done.
+template <int64_t kL>
+MGM_FAST_INLINE int64_t squares_tiles(const float* __restrict x, int64_t n, const float* __restrict mean_t,
+                                      float* __restrict acc) {
+  float m[kL], a[kL] = {};
+  for (int64_t j = 0; j < kL; ++j) m[j] = mean_t[j];
+  int64_t e = 0;
+  for (; e + kL <= n; e += kL) {
+#pragma omp simd
+    for (int64_t j = 0; j < kL; ++j) {
+      const float d = x[e + j] - m[j];
+      a[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; j < kL; ++j) acc[j] += a[j];
+  return e;
+}
+
 // acc[j] += (x[j] - mean_t[j])^2.
 MGM_FAST_ISA_BODY void squares_body(const float* x, int64_t n, int64_t lanes, const float* mean_t, float* acc) {
   int64_t e = 0;
+  switch (lanes) {
+    case 16: e = squares_tiles<16>(x, n, mean_t, acc); break;
+    case 32: e = squares_tiles<32>(x, n, mean_t, acc); break;
+    case 48: e = squares_tiles<48>(x, n, mean_t, acc); break;
+    case 64: e = squares_tiles<64>(x, n, mean_t, acc); break;
+    default: break;
+  }
   for (; e + lanes <= n; e += lanes) {
     const float* v = x + e;
     for (int64_t j = 0; j < lanes; ++j) {
@@ -94,10 +147,37 @@ MGM_FAST_INLINE float normalized(const float* x, const float* residual, int64_t 
   return kRelu ? std::max(r, 0.0f) : r;
 }
 
+// Whole kL-float tiles of n through normalized() with the tiled vectors in registers (as the
+// reductions above; the same arithmetic per element); returns the floats done.
+template <int64_t kL, bool kRelu, bool kResidual>
+MGM_FAST_INLINE int64_t normalize_tiles(const float* __restrict x, const float* __restrict residual, int64_t n,
+                                        const float* __restrict mean_t, const float* __restrict scale_t,
+                                        const float* __restrict shift_t, float* __restrict y) {
+  float m[kL], sc[kL], sh[kL];
+  for (int64_t j = 0; j < kL; ++j) {
+    m[j] = mean_t[j];
+    sc[j] = scale_t[j];
+    sh[j] = shift_t[j];
+  }
+  int64_t e = 0;
+  for (; e + kL <= n; e += kL) {
+#pragma omp simd
+    for (int64_t j = 0; j < kL; ++j) y[e + j] = normalized<kRelu, kResidual>(x, residual, e + j, j, m, sc, sh);
+  }
+  return e;
+}
+
 template <bool kRelu, bool kResidual>
 MGM_FAST_ISA_BODY void normalize_body(const float* x, const float* residual, int64_t n, int64_t lanes,
                                       const float* mean_t, const float* scale_t, const float* shift_t, float* y) {
   int64_t e = 0;
+  switch (lanes) {
+    case 16: e = normalize_tiles<16, kRelu, kResidual>(x, residual, n, mean_t, scale_t, shift_t, y); break;
+    case 32: e = normalize_tiles<32, kRelu, kResidual>(x, residual, n, mean_t, scale_t, shift_t, y); break;
+    case 48: e = normalize_tiles<48, kRelu, kResidual>(x, residual, n, mean_t, scale_t, shift_t, y); break;
+    case 64: e = normalize_tiles<64, kRelu, kResidual>(x, residual, n, mean_t, scale_t, shift_t, y); break;
+    default: break;
+  }
   for (; e + lanes <= n; e += lanes) {
     for (int64_t j = 0; j < lanes; ++j)
       y[e + j] = normalized<kRelu, kResidual>(x, residual, e + j, j, mean_t, scale_t, shift_t);
@@ -116,11 +196,42 @@ MGM_FAST_INLINE float masked(const float* dy, const float* out, int64_t i) {
   return kRelu ? (out[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
 }
 
+// Whole kL-float tiles of n: acc_dy[j] += g[j], acc_dot[j] += g[j] (x[j] - mean_t[j]), g the
+// masked gradient; returns the floats done.
+template <int64_t kL, bool kRelu>
+MGM_FAST_INLINE int64_t grad_sums_tiles(const float* __restrict dy, const float* __restrict x,
+                                        const float* __restrict out, int64_t n, const float* __restrict mean_t,
+                                        float* __restrict acc_dy, float* __restrict acc_dot) {
+  float m[kL], a_dy[kL] = {}, a_dot[kL] = {};
+  for (int64_t j = 0; j < kL; ++j) m[j] = mean_t[j];
+  int64_t e = 0;
+  for (; e + kL <= n; e += kL) {
+#pragma omp simd
+    for (int64_t j = 0; j < kL; ++j) {
+      const float g = masked<kRelu>(dy, out, e + j);
+      a_dy[j] += g;
+      a_dot[j] += g * (x[e + j] - m[j]);
+    }
+  }
+  for (int64_t j = 0; j < kL; ++j) {
+    acc_dy[j] += a_dy[j];
+    acc_dot[j] += a_dot[j];
+  }
+  return e;
+}
+
 // acc_dy[j] += g[j], acc_dot[j] += g[j] (x[j] - mean_t[j]), g the masked gradient.
 template <bool kRelu>
 MGM_FAST_ISA_BODY void grad_sums_body(const float* dy, const float* x, const float* out, int64_t n, int64_t lanes,
                                       const float* mean_t, float* acc_dy, float* acc_dot) {
   int64_t e = 0;
+  switch (lanes) {
+    case 16: e = grad_sums_tiles<16, kRelu>(dy, x, out, n, mean_t, acc_dy, acc_dot); break;
+    case 32: e = grad_sums_tiles<32, kRelu>(dy, x, out, n, mean_t, acc_dy, acc_dot); break;
+    case 48: e = grad_sums_tiles<48, kRelu>(dy, x, out, n, mean_t, acc_dy, acc_dot); break;
+    case 64: e = grad_sums_tiles<64, kRelu>(dy, x, out, n, mean_t, acc_dy, acc_dot); break;
+    default: break;
+  }
   for (; e + lanes <= n; e += lanes) {
     for (int64_t j = 0; j < lanes; ++j) {
       const float g = masked<kRelu>(dy, out, e + j);
@@ -139,11 +250,48 @@ constexpr auto& grad_sums_relu = MGM_FAST_ISA_DISPATCH(grad_sums_body<true>);
 
 // dx[j] = (g[j] - mean_dy_t[j]) scale_t[j] - (x[j] - mean_t[j]) proj_t[j], and with kResidual
 // also dres[j] = g[j].
+template <int64_t kL, bool kRelu, bool kResidual>
+MGM_FAST_INLINE int64_t input_grad_tiles(const float* __restrict dy, const float* __restrict x,
+                                         const float* __restrict out, int64_t n, const float* __restrict mean_t,
+                                         const float* __restrict mean_dy_t, const float* __restrict scale_t,
+                                         const float* __restrict proj_t, float* __restrict dx,
+                                         float* __restrict dres) {
+  float m[kL], md[kL], sc[kL], pr[kL];
+  for (int64_t j = 0; j < kL; ++j) {
+    m[j] = mean_t[j];
+    md[j] = mean_dy_t[j];
+    sc[j] = scale_t[j];
+    pr[j] = proj_t[j];
+  }
+  int64_t e = 0;
+  for (; e + kL <= n; e += kL) {
+#pragma omp simd
+    for (int64_t j = 0; j < kL; ++j) {
+      const float g = masked<kRelu>(dy, out, e + j);
+      dx[e + j] = (g - md[j]) * sc[j] - (x[e + j] - m[j]) * pr[j];
+      if (kResidual) dres[e + j] = g;
+    }
+  }
+  return e;
+}
+
 template <bool kRelu, bool kResidual>
 MGM_FAST_ISA_BODY void input_grad_body(const float* dy, const float* x, const float* out, int64_t n, int64_t lanes,
                                        const float* mean_t, const float* mean_dy_t, const float* scale_t,
                                        const float* proj_t, float* dx, float* dres) {
   int64_t e = 0;
+  switch (lanes) {
+#define MGM_FAST_BN_INPUT_GRAD_TILES(kL)                                                              \
+  case kL:                                                                                          \
+    e = input_grad_tiles<kL, kRelu, kResidual>(dy, x, out, n, mean_t, mean_dy_t, scale_t, proj_t, dx, dres); \
+    break;
+    MGM_FAST_BN_INPUT_GRAD_TILES(16)
+    MGM_FAST_BN_INPUT_GRAD_TILES(32)
+    MGM_FAST_BN_INPUT_GRAD_TILES(48)
+    MGM_FAST_BN_INPUT_GRAD_TILES(64)
+#undef MGM_FAST_BN_INPUT_GRAD_TILES
+    default: break;
+  }
   for (; e + lanes <= n; e += lanes) {
     for (int64_t j = 0; j < lanes; ++j) {
       const float g = masked<kRelu>(dy, out, e + j);
