@@ -83,7 +83,7 @@ def features(op: str, row: list, algo: str) -> np.ndarray:
 def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int = 500) -> np.ndarray:
     """argmin ||a x - b|| subject to x >= 0 (Lawson and Hanson's active-set method); a (m, k),
     b (m,) float64 -> x (k,)."""
-    m, k = a.shape
+    k = a.shape[1]
     x = np.zeros(k)
     passive = np.zeros(k, dtype=bool)
     for _ in range(max_iter):

@@ -119,7 +119,7 @@ def test_cli_fit_prints_coefficients_and_rejects_other_files(tmp_path, capsys):
     assert "conv2d conv: {197, 0.001528" in out and "fastest picked for 85 of 87 shapes" in out
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"columns": ["n"], "rows": []}))
-    with pytest.raises(SystemExit, match="bad.json: 'columns' is neither"):
+    with pytest.raises(SystemExit, match=r"bad\.json: 'columns' is neither"):
         algocost.main(["fit", str(bad)])
     with pytest.raises(SystemExit):
         algocost.main(["collect", "conv2d", "--out", str(tmp_path / "t.json")])

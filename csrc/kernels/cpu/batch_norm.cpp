@@ -63,6 +63,12 @@ struct Blocks {
 // plain loops, which run the other widths and a block's last, partial tile. The elementwise passes
 // (normalize, input_grad) do the same with their tiled per-channel vectors.
 
+// dst[j] = src[j] for a tile of kL floats (a tiled per-channel vector into registers).
+template <int64_t kL>
+MGM_FAST_INLINE void load_tile(const float* __restrict src, float* __restrict dst) {
+  for (int64_t j = 0; j < kL; ++j) dst[j] = src[j];
+}
+
 // Whole kL-float tiles of n: acc[j] += x[j]; returns the floats done.
 template <int64_t kL>
 MGM_FAST_INLINE int64_t sum_tiles(const float* __restrict x, int64_t n, float* __restrict acc) {
@@ -100,7 +106,7 @@ template <int64_t kL>
 MGM_FAST_INLINE int64_t squares_tiles(const float* __restrict x, int64_t n, const float* __restrict mean_t,
                                       float* __restrict acc) {
   float m[kL], a[kL] = {};
-  for (int64_t j = 0; j < kL; ++j) m[j] = mean_t[j];
+  load_tile<kL>(mean_t, m);
   int64_t e = 0;
   for (; e + kL <= n; e += kL) {
 #pragma omp simd
@@ -154,11 +160,9 @@ MGM_FAST_INLINE int64_t normalize_tiles(const float* __restrict x, const float* 
                                         const float* __restrict mean_t, const float* __restrict scale_t,
                                         const float* __restrict shift_t, float* __restrict y) {
   float m[kL], sc[kL], sh[kL];
-  for (int64_t j = 0; j < kL; ++j) {
-    m[j] = mean_t[j];
-    sc[j] = scale_t[j];
-    sh[j] = shift_t[j];
-  }
+  load_tile<kL>(mean_t, m);
+  load_tile<kL>(scale_t, sc);
+  load_tile<kL>(shift_t, sh);
   int64_t e = 0;
   for (; e + kL <= n; e += kL) {
 #pragma omp simd
@@ -203,7 +207,7 @@ MGM_FAST_INLINE int64_t grad_sums_tiles(const float* __restrict dy, const float*
                                         const float* __restrict out, int64_t n, const float* __restrict mean_t,
                                         float* __restrict acc_dy, float* __restrict acc_dot) {
   float m[kL], a_dy[kL] = {}, a_dot[kL] = {};
-  for (int64_t j = 0; j < kL; ++j) m[j] = mean_t[j];
+  load_tile<kL>(mean_t, m);
   int64_t e = 0;
   for (; e + kL <= n; e += kL) {
 #pragma omp simd
@@ -257,12 +261,10 @@ MGM_FAST_INLINE int64_t input_grad_tiles(const float* __restrict dy, const float
                                          const float* __restrict proj_t, float* __restrict dx,
                                          float* __restrict dres) {
   float m[kL], md[kL], sc[kL], pr[kL];
-  for (int64_t j = 0; j < kL; ++j) {
-    m[j] = mean_t[j];
-    md[j] = mean_dy_t[j];
-    sc[j] = scale_t[j];
-    pr[j] = proj_t[j];
-  }
+  load_tile<kL>(mean_t, m);
+  load_tile<kL>(mean_dy_t, md);
+  load_tile<kL>(scale_t, sc);
+  load_tile<kL>(proj_t, pr);
   int64_t e = 0;
   for (; e + kL <= n; e += kL) {
 #pragma omp simd
@@ -280,16 +282,12 @@ MGM_FAST_ISA_BODY void input_grad_body(const float* dy, const float* x, const fl
                                        const float* mean_t, const float* mean_dy_t, const float* scale_t,
                                        const float* proj_t, float* dx, float* dres) {
   int64_t e = 0;
+  const float* t[4] = {mean_t, mean_dy_t, scale_t, proj_t};
   switch (lanes) {
-#define MGM_FAST_BN_INPUT_GRAD_TILES(kL)                                                              \
-  case kL:                                                                                          \
-    e = input_grad_tiles<kL, kRelu, kResidual>(dy, x, out, n, mean_t, mean_dy_t, scale_t, proj_t, dx, dres); \
-    break;
-    MGM_FAST_BN_INPUT_GRAD_TILES(16)
-    MGM_FAST_BN_INPUT_GRAD_TILES(32)
-    MGM_FAST_BN_INPUT_GRAD_TILES(48)
-    MGM_FAST_BN_INPUT_GRAD_TILES(64)
-#undef MGM_FAST_BN_INPUT_GRAD_TILES
+    case 16: e = input_grad_tiles<16, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
+    case 32: e = input_grad_tiles<32, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
+    case 48: e = input_grad_tiles<48, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
+    case 64: e = input_grad_tiles<64, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
     default: break;
   }
   for (; e + lanes <= n; e += lanes) {
