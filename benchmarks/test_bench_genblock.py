@@ -36,27 +36,16 @@ import torch
 from mgm_fast import _native
 from mgm_fast.benchtools import peak_memory
 from mgm_fast.config import preset
-from mgm_fast.models.gan import GenBlock, Generator
+from mgm_fast.models.gan import GenBlock, Generator, generator_blocks
 from mgm_fast.ops import REGISTRY
 
 TINY = preset("tiny")
 TINY_BATCH = TINY.schedule.batch_size
 
 
-def _paper_blocks():
-    """(cin, cout, input resolution) of the paper generator's GenBlocks: 1024->1024 @4,
-    1024->512 @8, 512->256 @16, 256->128 @32, 128->64 @64."""
-    model = preset("paper").model
-    ch = [m * model.g_conv_dim for m in model.g_mults]
-    return [(ch[k], ch[k + 1], 4 * 2**k) for k in range(len(ch) - 1)]
-
-
-PAPER_BLOCKS = _paper_blocks()
-
-
-def _tiny_blocks():
-    ch = [m * TINY.model.g_conv_dim for m in TINY.model.g_mults]
-    return [(ch[k], ch[k + 1], 4 * 2**k) for k in range(len(ch) - 1)]
+PAPER_BLOCKS = generator_blocks(preset("paper").model)
+"""(cin, cout, input resolution) of the paper generator's GenBlocks: 1024->1024 @4, 1024->512 @8,
+512->256 @16, 256->128 @32, 128->64 @64."""
 
 
 def _skip_unavailable(benchmark, impl: str, device: str) -> None:
@@ -124,7 +113,7 @@ def _generator(cfg, impl, device="cpu", dtype=torch.float32):
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp", "compile"])
-@pytest.mark.parametrize(("cin", "cout", "res"), _tiny_blocks(), ids=lambda v: str(v))
+@pytest.mark.parametrize(("cin", "cout", "res"), generator_blocks(TINY.model), ids=lambda v: str(v))
 def test_bench_genblock_block_cpu(benchmark, cin, cout, res, impl):
     _skip_unavailable(benchmark, impl, "cpu")
     block = _block(cin, cout, impl)

@@ -165,16 +165,11 @@ GENBLOCK_GRID = [(32, 32, 4), (32, 32, 16), (64, 32, 8), (256, 128, 4), (256, 12
 """(cin, cout, input resolution) of the extra GenBlock shapes, each at batch 2, 8 and 32."""
 
 
-def generator_blocks(model) -> list[tuple[int, int, int]]:
-    """(cin, cout, input resolution) of each GenBlock of a ModelConfig's generator."""
-    ch = [m * model.g_conv_dim for m in model.g_mults]
-    return [(ch[k], ch[k + 1], 4 * 2**k) for k in range(len(ch) - 1)]
-
-
 def default_genblock_shapes() -> list[tuple[int, int, int, int]]:
     """(n, cin, cout, res) block shapes: the tiny preset's generator at batch 8, the host floor's
     at batch 2, the paper preset's at batch 4 and 8, and GENBLOCK_GRID at batch 2, 8 and 32."""
     from mgm_fast.config import ModelConfig, preset
+    from mgm_fast.models.gan import generator_blocks
     from mgm_fast.stepcost import FLOOR_BATCH, FLOOR_SET
 
     floor = {k.split("=")[0].split(".")[1]: k.split("=")[1] for k in FLOOR_SET}

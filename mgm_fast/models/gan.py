@@ -155,6 +155,13 @@ class GenBlock(nn.Module):
         return f"impl={self.impl!r}"
 
 
+def generator_blocks(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """(in channels, out channels, input resolution) of each GenBlock of the generator of ``cfg``,
+    in order: C_k = g_mults[k] * g_conv_dim, block k+1 upsamples C_k -> C_{k+1} from 4 * 2^k."""
+    ch = [m * cfg.g_conv_dim for m in cfg.g_mults]
+    return [(ch[k], ch[k + 1], 4 * 2**k) for k in range(len(ch) - 1)]
+
+
 class Generator(nn.Module):
     """Class-conditional SAGAN generator G(z, y).
 
@@ -173,20 +180,18 @@ class Generator(nn.Module):
         impl = cfg.genblock_impl if impl is None else impl
         self.impl = impl
         self.spectral_norm_impl = cfg.spectral_norm_impl
-        ch = [m * cfg.g_conv_dim for m in cfg.g_mults]
+        blocks = generator_blocks(cfg)
         self.z_dim = cfg.z_dim
-        self.base_channels = ch[0]
-        self.snlinear0 = SNLinear(cfg.z_dim, ch[0] * 4 * 4)
-        self.num_blocks = len(ch) - 1
+        self.base_channels = blocks[0][0]
+        self.snlinear0 = SNLinear(cfg.z_dim, self.base_channels * 4 * 4)
+        self.num_blocks = len(blocks)
         self.attn_after: int | None = None
-        res = 4
         # Registration order follows the forward order (self_attn between its neighbours), as
         # in the released state dict.
-        for k in range(1, self.num_blocks + 1):
-            res *= 2
-            setattr(self, f"block{k}", GenBlock(ch[k - 1], ch[k], cfg.num_scenes, impl=impl))
-            if res == cfg.attn_resolution:
-                self.self_attn = SelfAttention(ch[k], cfg.attention_impl)
+        for k, (cin, cout, res) in enumerate(blocks, start=1):
+            setattr(self, f"block{k}", GenBlock(cin, cout, cfg.num_scenes, impl=impl))
+            if 2 * res == cfg.attn_resolution:
+                self.self_attn = SelfAttention(cout, cfg.attention_impl)
                 self.attn_after = k
         if self.attn_after is None:
             valid = [4 * 2**k for k in range(1, self.num_blocks + 1)]
@@ -194,8 +199,9 @@ class Generator(nn.Module):
                 f"model.attn_resolution={cfg.attn_resolution} is not a generator block output "
                 f"resolution for image_size {cfg.image_size}; choose one of {valid}"
             )
-        self.bn = nn.BatchNorm2d(ch[-1], eps=1e-5, momentum=1e-4)
-        self.snconv2d1 = SNConv2d(ch[-1], 3, 3, padding=1)
+        last = blocks[-1][1]
+        self.bn = nn.BatchNorm2d(last, eps=1e-5, momentum=1e-4)
+        self.snconv2d1 = SNConv2d(last, 3, 3, padding=1)
         init_gan_(self)
         use_conv_impl(self, cfg.conv_impl)
 
