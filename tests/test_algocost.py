@@ -124,3 +124,16 @@ def test_cli_fit_prints_coefficients_and_rejects_other_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         algocost.main(["collect", "conv2d", "--out", str(tmp_path / "t.json")])
     assert "conv2d needs --shapes-from" in capsys.readouterr().err
+
+
+def test_shapes_from_a_timings_file_are_what_its_rows_time():
+    """``collect --shapes-from``: conv2d re-times each row's shape; genblock re-runs the block of
+    each row (a conv1 row is its block's input; a conv2 row (n, c, c, 2h, 2w) the output of a
+    block (n, c, c, h))."""
+    rows = json.loads(TIMINGS["conv2d"].read_text())["rows"]
+    assert algocost._shapes_from(TIMINGS["conv2d"], "conv2d") == sorted({tuple(r[:11]) for r in rows})
+    blocks = algocost._shapes_from(TIMINGS["genblock"], "genblock")
+    rows = json.loads(TIMINGS["genblock"].read_text())["rows"]
+    for conv, n, cin, cout, h, _w, *_ in rows:
+        assert ((n, cin, cout, h) if conv == "conv1" else (n, cout, cout, h // 2)) in blocks
+    assert (8, 1024, 1024, 4) in blocks and (8, 1024, 1024, 4) in algocost.default_genblock_shapes()

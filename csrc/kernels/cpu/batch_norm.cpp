@@ -282,12 +282,19 @@ MGM_FAST_ISA_BODY void input_grad_body(const float* dy, const float* x, const fl
                                        const float* mean_t, const float* mean_dy_t, const float* scale_t,
                                        const float* proj_t, float* dx, float* dres) {
   int64_t e = 0;
-  const float* t[4] = {mean_t, mean_dy_t, scale_t, proj_t};
   switch (lanes) {
-    case 16: e = input_grad_tiles<16, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
-    case 32: e = input_grad_tiles<32, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
-    case 48: e = input_grad_tiles<48, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
-    case 64: e = input_grad_tiles<64, kRelu, kResidual>(dy, x, out, n, t[0], t[1], t[2], t[3], dx, dres); break;
+    case 16:
+      e = input_grad_tiles<16, kRelu, kResidual>(dy, x, out, n, mean_t, mean_dy_t, scale_t, proj_t, dx, dres);
+      break;
+    case 32:
+      e = input_grad_tiles<32, kRelu, kResidual>(dy, x, out, n, mean_t, mean_dy_t, scale_t, proj_t, dx, dres);
+      break;
+    case 48:
+      e = input_grad_tiles<48, kRelu, kResidual>(dy, x, out, n, mean_t, mean_dy_t, scale_t, proj_t, dx, dres);
+      break;
+    case 64:
+      e = input_grad_tiles<64, kRelu, kResidual>(dy, x, out, n, mean_t, mean_dy_t, scale_t, proj_t, dx, dres);
+      break;
     default: break;
   }
   for (; e + lanes <= n; e += lanes) {
