@@ -17,19 +17,15 @@
 // compute the same sums, so the choice changes results by float32 rounding at most.
 //
 // conv2d_algo_cpu(input, weight, bias, stride, padding) -> 0 (conv) or 1 (gemm): the algorithm of a
-//   call, which the eager path then runs as ATen's own op (at::convolution or
-//   at::_slow_conv2d_forward) with ATen's autograd: no extra node, no Python in the backward.
-// conv2d_forward_cpu(input, weight, bias, stride, padding) -> (out, algo): the forward alone; algo
-//   is an int64 tensor of one value, the algorithm it ran, for the backward to run the same one.
-// conv2d_backward_cpu(grad_out, input, weight, stride, padding, algo, output_mask)
-//   -> (grad_input, grad_weight, grad_bias), each None when output_mask (3 entries) leaves it out.
+//   call, which the op then runs as ATen's own op (at::convolution or at::_slow_conv2d_forward)
+//   with ATen's autograd: no extra node, no Python in the backward. Traced by torch.compile, the
+//   op asks for the algorithm of stand-in tensors of the call's shapes while it traces, and the
+//   graph holds that ATen op.
 // conv2d_algos_cpu() -> rows (n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, threads, chosen,
 //   {algorithm: seconds}) of the cache (timed choices, restored ones); conv2d_algos_set_cpu(rows
 //   without threads and times): choices that win over auto's and timed's; conv2d_algos_clear_cpu().
 // input: (N, C, H, W) float32 CPU, channels_last; weight (Cout, C, kh, kw) float32, channels_last;
-// bias (Cout,) or None. Outputs are channels_last; weight gradients have the weight's memory format. The
-// forward and backward ones are the custom ops mgm_fast::conv2d_cpp and
-// mgm_fast::conv2d_backward_cpp under torch.compile (mgm_fast/ops/conv2d.py).
+// bias (Cout,) or None.
 #include <torch/extension.h>
 
 #include <array>
@@ -278,56 +274,8 @@ void clear_algos() { cache().clear(); }
 // ---------------------------------------------------------------------------------------------
 // entry points
 
-std::pair<at::Tensor, Algo> forward_impl(const at::Tensor& input, const at::Tensor& weight,
-                                         const std::optional<at::Tensor>& bias, const Geometry& g) {
-  const auto out_hw = check_call(input, weight, bias, g);
-  const Algo algo = choose(input, weight, bias, g, out_hw);
-  return {forward_with(algo, input, weight, bias, g), algo};
-}
-
-Algo algo_of(const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == at::kLong, kOp,
-                    "the saved algorithm must be a CPU int64 tensor of one value");
-  const int64_t a = t.contiguous().data_ptr<int64_t>()[0];
-  TORCH_CHECK_VALUE(a == 0 || a == 1, kOp, "unknown saved algorithm ", a);
-  return static_cast<Algo>(a);
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                               const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                                               std::vector<int64_t> padding) {
-  pybind11::gil_scoped_release no_gil;
-  auto [out, algo] = forward_impl(input, weight, bias, geometry_of(stride, padding));
-  at::Tensor algo_t = at::empty({1}, at::TensorOptions().dtype(at::kLong));
-  algo_t.data_ptr<int64_t>()[0] = static_cast<int64_t>(algo);
-  return {out, algo_t};
-}
-
-using OptionalGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
-
-std::optional<at::Tensor> if_defined(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
-OptionalGrads backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                           std::vector<int64_t> stride, std::vector<int64_t> padding, const at::Tensor& algo,
-                           const std::vector<bool>& output_mask) {
-  TORCH_CHECK_VALUE(output_mask.size() == 3, kOp, "output_mask needs 3 entries, got ", output_mask.size());
-  const Geometry g = geometry_of(stride, padding);
-  const auto out_hw = check_call(input, weight, std::nullopt, g);
-  check_float_cpu(grad_out, "grad_out");
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == input.size(0) && grad_out.size(1) == weight.size(0) &&
-                        grad_out.size(2) == out_hw[0] && grad_out.size(3) == out_hw[1],
-                    kOp, "grad_out ", grad_out.sizes(), " is not shaped like the output (", input.size(0), ", ",
-                    weight.size(0), ", ", out_hw[0], ", ", out_hw[1], ")");
-  const Algo a = algo_of(algo);
-  pybind11::gil_scoped_release no_gil;
-  auto [gi, gw, gb] = backward_with(a, grad_out, input, weight, g, {output_mask[0], output_mask[1], output_mask[2]});
-  return {if_defined(gi), if_defined(gw), if_defined(gb)};
-}
-
-/// The algorithm for a call (forced, cached, or timed now), after the call's checks: the eager
-/// path runs it through ATen's own op and autograd.
+/// The algorithm for a call (forced, cached, or timed now), after the call's checks: the op runs
+/// it through ATen's own op and autograd (eagerly, and in the graphs torch.compile traces).
 int64_t algo_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                  std::vector<int64_t> stride, std::vector<int64_t> padding) {
   const Geometry g = geometry_of(stride, padding);
@@ -342,12 +290,6 @@ void register_conv2d(pybind11::module_& m) {
   using pybind11::arg;
   m.def("conv2d_algo_cpu", &algo_cpu, arg("input"), arg("weight"), arg("bias"), arg("stride"), arg("padding"),
         "The algorithm (0: conv, 1: gemm) for a conv2d call of these tensors: forced, chosen before, or timed now.");
-  m.def("conv2d_forward_cpu", &forward_cpu, arg("input"), arg("weight"), arg("bias"), arg("stride"), arg("padding"),
-        "Forward of conv2d: (out, algo), algo an int64 tensor holding the algorithm it ran.");
-  m.def("conv2d_backward_cpu", &backward_cpu, arg("grad_out"), arg("input"), arg("weight"), arg("stride"),
-        arg("padding"), arg("algo"), arg("output_mask"),
-        "Backward of conv2d by the forward's algorithm: (grad_input, grad_weight, grad_bias), each None when "
-        "output_mask leaves it out.");
   m.def("conv2d_algos_cpu", &algos,
         "The algorithms chosen so far: rows (n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, threads, chosen, "
         "{algorithm: seconds}).");

@@ -135,7 +135,7 @@ class SNConv2d(SpectralNormLayer):
     attribute)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.impl == "reference" or torch.compiler.is_compiling():  # see Conv2d
+        if self.impl == "reference":
             return F.conv2d(x, self.sn_weight(), self.bias, self.stride, self.padding)
         return conv2d(x, self.sn_weight(), self.bias, self.stride, self.padding, impl=self.impl)
 
@@ -505,11 +505,9 @@ class SelfAttention(nn.Module):
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, state dict, initialisation and arithmetic) whose forward is
     the op :func:`~mgm_fast.ops.conv2d.conv2d` with an ``impl`` other than "reference"
-    (:func:`use_conv_impl`; on the CPU, channels_last: the algorithm chosen per shape) in eager
-    steps. Compiled networks keep ``F.conv2d``: through the op's custom ops a compiled tiny MGM
-    step was 5 % slower (417 vs 396 ms on 2 Xeon cores, one ad-hoc run each, not a committed
-    benchmark), the custom ops' dispatch costing more than the faster algorithms save. Groups 1,
-    dilation 1 and zero padding only (what the networks use)."""
+    (:func:`use_conv_impl`; on the CPU, channels_last: the algorithm chosen per shape), eager or
+    compiled (a compiled graph holds the ATen op of the algorithm chosen while it was traced).
+    Groups 1, dilation 1 and zero padding only (what the networks use)."""
 
     impl: str = "reference"
     """The backend (``ModelConfig.conv_impl``; a plain attribute)."""
@@ -519,7 +517,7 @@ class Conv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.impl == "reference" or torch.compiler.is_compiling():
+        if self.impl == "reference":
             return super().forward(input)
         return conv2d(input, self.weight, self.bias, self.stride, self.padding, impl=self.impl)
 

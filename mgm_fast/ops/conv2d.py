@@ -20,11 +20,14 @@ Backends (``impl=``):
   faster. Both compute the same sums, so results differ by float32 rounding (the self-tests hold
   them to the 2x-error rule). ``MGM_FAST_CONV2D_ALGO=conv|gemm`` forces one algorithm;
   ``MGM_FAST_CONV2D_ALGO=timed`` times both once per shape instead (process-wide cache; what the
-  model is fitted to). Eagerly, the extension names the algorithm of a call and the op runs it as
-  ATen's own op, with ATen's autograd: no extra autograd node, nothing of the op in the backward.
-  Traced by ``torch.compile``, an ``autograd.Function`` around the custom ops
-  ``mgm_fast::conv2d_cpp`` and ``mgm_fast::conv2d_backward_cpp`` (the forward returns the
-  algorithm it ran, and its backward runs the same one; once differentiable).
+  model is fitted to). The extension names the algorithm of a call and the op runs it as ATen's
+  own op, with ATen's autograd: no extra autograd node, nothing of the op in the backward. Traced
+  by ``torch.compile``, the op asks the extension for the algorithm of stand-in tensors of the
+  call's shapes while it traces (a constant of the graph: the same choice as an eager call of
+  those shapes) and the graph holds that ATen op, which AOTAutograd differentiates and inductor
+  calls like any other. (Custom ops around the extension, forward and backward, were slower: with
+  them, and BatchNorm's, in the compiled networks a tiny MGM step took 499 instead of 436 ms in an
+  interleaved A/B, their Python dispatch costing more than the algorithms save.)
 
 ``auto`` takes ``cpp`` for the inputs it supports when the extension is built, ``reference``
 otherwise (NCHW, other dtypes, GPUs, where cuDNN has its own per-shape choice:
@@ -55,7 +58,6 @@ from mgm_fast.ops._dispatch import (
     native_function,
     reference_backend,
 )
-from mgm_fast.ops._library import once_differentiable, or_placeholder, placeholder, qualname
 from mgm_fast.ops._selftest import Case
 from mgm_fast.ops._selftest import Inputs as CaseInputs
 
@@ -80,71 +82,12 @@ def conv2d_reference(input: Tensor, weight: Tensor, bias: Tensor | None, stride:
     return F.conv2d(input, weight, bias, stride, padding)
 
 
-def _out_size(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
-    return tuple((input.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in range(2))
-
-
 # ---------------------------------------------------------------------------------------------
-# cpp: eagerly, the algorithm from the extension run as ATen's op; traced, the custom ops
-# mgm_fast::conv2d_cpp (forward, and the algorithm it ran) and mgm_fast::conv2d_backward_cpp in
-# an autograd.Function
+# cpp: the algorithm from the extension, run as ATen's op (eagerly and in traced graphs)
 
 _GEMM = 1
 """The extension's number of the im2col + GEMM algorithm (0 is oneDNN's, ATen's convolution)."""
 _SLOW_CONV2D = torch.ops.aten._slow_conv2d_forward.default
-
-
-@torch.library.custom_op(qualname("conv2d_cpp"), mutates_args=())
-def _cpp_forward_op(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
-                    padding: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(out (channels_last), algorithm): the algorithm an int64 CPU tensor of one value."""
-    return native_function("conv2d_forward_{device}", "cpu")(input, weight, bias, list(stride), list(padding))
-
-
-@_cpp_forward_op.register_fake
-def _(input, weight, bias, stride, padding):
-    ho, wo = _out_size(input, weight, stride, padding)
-    out = input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
-    return out, torch.empty(1, dtype=torch.long)
-
-
-@torch.library.custom_op(qualname("conv2d_backward_cpp"), mutates_args=())
-def _cpp_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                     algo: Tensor, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(grad input (channels_last), grad weight (the weight's layout), grad bias) by the forward's
-    algorithm; a placeholder where ``need`` is false."""
-    grads = native_function("conv2d_backward_{device}", "cpu")(
-        grad_out, input, weight, list(stride), list(padding), algo, list(need))
-    return tuple(or_placeholder(d, like) for d, like in zip(grads, (input, weight, weight)))
-
-
-@_cpp_backward_op.register_fake
-def _(grad_out, input, weight, stride, padding, algo, need):
-    grad_input = torch.empty_like(input, memory_format=torch.channels_last) if need[0] else placeholder(input)
-    grad_weight = torch.empty_like(weight) if need[1] else placeholder(weight)
-    grad_bias = weight.new_empty(weight.shape[0]) if need[2] else placeholder(weight)
-    return grad_input, grad_weight, grad_bias
-
-
-once_differentiable(_cpp_backward_op, "conv2d (cpp backend)")
-
-
-class _Conv2dCpp(torch.autograd.Function):
-    """The traced form of the cpp backend: the custom ops with Python autograd."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding):
-        out, algo = _cpp_forward_op(input, weight, bias, stride, padding)
-        ctx.save_for_backward(input, weight, algo)
-        ctx.geometry = (stride, padding)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        input, weight, algo = ctx.saved_tensors
-        need = [bool(n) for n in ctx.needs_input_grad[:3]]
-        grads = _cpp_backward_op(grad_out, input, weight, *ctx.geometry, algo, need)
-        return (*(d if n else None for d, n in zip(grads, need)), None, None)
 
 
 @functools.cache
@@ -153,11 +96,25 @@ def _algo_of_call():
     return native_function("conv2d_algo_{device}", "cpu")
 
 
+@torch.compiler.assume_constant_result
+def _traced_algo(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], bias: bool, stride: tuple[int, int],
+                 padding: tuple[int, int]) -> int:  # fmt: skip
+    """The algorithm the extension picks for a call of these shapes, asked with zero-filled
+    channels_last float32 stand-ins (what the cpp backend takes; the cost model reads shapes only,
+    and ``MGM_FAST_CONV2D_ALGO=timed`` times the shape once per process, as an eager call would).
+    Run eagerly while dynamo traces: its result is a constant of the graph."""
+    input = torch.zeros(input_shape).contiguous(memory_format=torch.channels_last)
+    weight = torch.zeros(weight_shape).contiguous(memory_format=torch.channels_last)
+    return int(_algo_of_call()(input, weight, torch.zeros(weight_shape[0]) if bias else None, stride, padding))
+
+
 def _cpp(input, weight, bias, stride=(1, 1), padding=(0, 0)):
     stride, padding = _pair(stride), _pair(padding)
     if torch.compiler.is_compiling():
-        return _Conv2dCpp.apply(input, weight, bias, list(stride), list(padding))
-    if _algo_of_call()(input, weight, bias, stride, padding) == _GEMM:
+        algo = _traced_algo(tuple(input.shape), tuple(weight.shape), bias is not None, stride, padding)
+    else:
+        algo = _algo_of_call()(input, weight, bias, stride, padding)
+    if algo == _GEMM:
         return _SLOW_CONV2D(input, weight, weight.shape[2:], bias, stride, padding)
     return F.conv2d(input, weight, bias, stride, padding)
 

@@ -57,12 +57,11 @@ encoder in MGM: 3 multi_opt + 4 encoder_opt steps; in MGM-light 3 + 2)."""
 
 
 def _prepare(method: str, compiled: bool, tmp_path, device: str = "cpu", mode: str = "default"):
-    # Both runs on torch's BatchNorm and convolutions: compiled networks keep nn.BatchNorm2d and
-    # F.conv2d, while the eager fast engine's BatchNorm backward on the CPU is the extension's and
-    # its convolutions may take im2col + GEMM (other rounding; tests/ops/test_batch_norm.py,
-    # tests/ops/test_conv2d.py).
+    # Both runs on torch's BatchNorm: compiled networks keep nn.BatchNorm2d, while the eager fast
+    # engine's BatchNorm on the CPU is the extension's (other rounding; tests/ops/test_batch_norm.py).
+    # Both take the convolution op, which picks the same ATen algorithm per shape either way.
     extra = [*SMALL, "--precision", "fp32", "--compile", mode if compiled else "off",
-             "--set", "model.batch_norm_impl=reference", "--set", "model.conv_impl=reference"]
+             "--set", "model.batch_norm_impl=reference"]
     return stepcost.prepare(method, "fast", device, "tiny", BATCH, extra, out=tmp_path / f"{method}-{compiled}")
 
 
@@ -133,6 +132,23 @@ def _run(method_steps: list[tuple[str, str]], tmp_path, exact: bool, device: str
         _both(ctx_c, ctx_e, step_name, batches_c, batches_e)
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert _graphs() == graphs, f"{name}: recompiled after the first step ({graphs} -> {_graphs()} graphs)"
+        if device == "cpu":  # the compiled graphs run the convolution algorithms eager steps run
+            rng = torch.get_rng_state()
+            algos_c = _convolution_algorithms(_step, ctx_c, step_name, batches_c)
+            torch.set_rng_state(rng)
+            algos_e = _convolution_algorithms(_step, ctx_e, step_name, batches_e)
+            assert algos_c == algos_e and algos_e["aten::_slow_conv2d_forward"] > 0, (name, algos_c, algos_e)
+            assert _graphs() == graphs
+
+
+def _convolution_algorithms(step, *args) -> dict[str, int]:
+    """How many oneDNN and im2col + GEMM convolution forwards ``step(*args)`` runs (torch's
+    profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(*args)
+    names = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward")
+    counts = {e.key: e.count for e in prof.key_averages() if e.key in names}
+    return {name: counts.get(name, 0) for name in names}
 
 
 def _both(ctx_c, ctx_e, step_name, batches_c, batches_e):

@@ -262,25 +262,38 @@ def test_argument_errors_name_the_tensor():
             conv2d(x[:, :, :1, :1], w, None)
 
 
-@needs_cpp
-def test_traced_form_matches_eager_and_is_once_differentiable(algo):
-    """The custom ops behind torch.compile: the forward's algorithm goes to its backward."""
-    from mgm_fast.ops.conv2d import _Conv2dCpp
+def test_traced_call_times_and_restores_like_an_eager_one(algo):
+    """torch.compile asks for the algorithm while it traces: in timed mode the shape is timed then
+    (and recorded, as an eager call's choice is); a restored choice is the one the graph runs."""
+    ext = _native.extension()
+    x, w, b = _inputs((2, 8, 6, 6), 8, 3, True)
+    key = [2, 8, 6, 6, 8, 3, 3, 1, 1, 1, 1]
 
-    for name in ("conv", "gemm"):
-        algo(name)
-        x, w, b = _inputs((2, 4, 6, 6), 5, 3, True)
+    def compiled_grad_fn():
+        torch._dynamo.reset()
+        fn = torch.compile(lambda *a: conv2d(*a, 1, 1, impl="cpp"), fullgraph=True, backend="aot_eager",
+                           dynamic=False)  # fmt: skip
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        out = _Conv2dCpp.apply(*leaves, [1, 1], [1, 1])
-        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
-        want_out, want_grads = _run("reference", x, w, b, 1, 1)
-        ref = [t.clone().requires_grad_() for t in (x, w, b)]
-        want_grads = torch.autograd.grad(F.conv2d(*ref, 1, 1).square().sum(), ref)
-        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-        for g, want in zip(grads, want_grads):
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            grads[1].sum().backward()
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        return out.detach(), grads
+
+    algo("timed")
+    ext.conv2d_algos_clear_cpu()
+    compiled_grad_fn()
+    assert [row[:11] for row in chosen_algorithms()] == [key]
+    for chosen in ("conv", "gemm"):
+        ext.conv2d_algos_clear_cpu()
+        restore_algorithms([[*key, chosen]])
+        out, grads = compiled_grad_fn()
+        algo(chosen)  # the eager call of the same algorithm: the same bits
+        want = [t.clone().requires_grad_() for t in (x, w, b)]
+        want_out = conv2d(*want, 1, 1, impl="cpp")
+        want_grads = torch.autograd.grad(want_out.square().sum(), want)
+        assert torch.equal(out, want_out.detach()) and all(map(torch.equal, grads, want_grads))
+        algo("timed")
+    ext.conv2d_algos_clear_cpu()
+    torch._dynamo.reset()
 
 
 def test_layers_are_nn_conv2d_and_take_the_op(algo, monkeypatch):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
 
 import mgm_fast.ops  # noqa: F401  (registers every op)
@@ -449,23 +450,6 @@ def _conv2d_forward_args(bias: bool, stride: int, padding: int):
     return (x, weight, _randn(g, 4) if bias else None, [stride, stride], [padding, padding]), {}
 
 
-def _conv2d_backward_args(algo: int, need: list[bool]):
-    g = _gen("conv2d backward", algo, need)
-    x = _randn(g, 2, 5, 7, 6).contiguous(memory_format=torch.channels_last)
-    weight = _randn(g, 4, 5, 3, 3).contiguous(memory_format=torch.channels_last)
-    grad_out = _randn(g, 2, 4, 4, 3)  # stride 2, padding 1; contiguous: the backward reads it channels_last
-    return (grad_out, x, weight, [2, 2], [1, 1], torch.tensor([algo]), need), {}
-
-
-CASES += [
-    Case("conv2d_cpp", "b2 c5->4 7x6 3x3 + bias", lambda: _conv2d_forward_args(True, 1, 1), NO_AUTOGRAD),
-    Case("conv2d_cpp", "stride 2, no bias", lambda: _conv2d_forward_args(False, 2, 1), NO_AUTOGRAD),
-    Case("conv2d_backward_cpp", "oneDNN, all gradients", lambda: _conv2d_backward_args(0, [True] * 3), NO_AUTOGRAD),
-    Case("conv2d_backward_cpp", "im2col + GEMM, weight gradient only",
-         lambda: _conv2d_backward_args(1, [False, True, False]), NO_AUTOGRAD),
-]  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------
 # genblock's Triton convolutions (mgm_fast.ops._triton.genblock)
 
@@ -548,7 +532,6 @@ def test_every_backend_op_is_a_custom_op_of_the_namespace():
         "ntxent_rows_cpp", "ntxent_rows_cuda", "ntxent_rows_triton", "noisy_cpp", "noisy_triton", "hinge_d_triton",
         "hinge_g_triton", "simclr_views_cpp",
         "spectral_norm_power_iteration_cpp", "spectral_norm_weight_grad_cpp", "batch_norm_cpp", "batch_norm_backward_cpp",
-        "conv2d_cpp", "conv2d_backward_cpp",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
 
@@ -682,21 +665,30 @@ def test_batch_norm_compiles_and_matches_eager(relu):
 
 
 @needs_cpp
-@pytest.mark.parametrize("algo", ["conv", "gemm"])
+@pytest.mark.parametrize("algo", ["conv", "gemm", "auto"])
 def test_conv2d_compiles_and_matches_eager(monkeypatch, algo):
-    """Traced, the cpp backend is a Python autograd.Function around the custom ops; eagerly ATen's
-    own op for the algorithm: the same values and gradients."""
-    monkeypatch.setenv("MGM_FAST_CONV2D_ALGO", algo)
+    """Traced, the cpp backend puts the ATen op of the algorithm it picks for the shapes into the
+    graph (no custom op): the same op as an eager call, so the same values and gradients."""
+    monkeypatch.setenv("MGM_FAST_CONV2D_ALGO", "" if algo == "auto" else algo)
     (x, weight, bias, *_), _ = _conv2d_forward_args(True, 2, 1)
+    graphs = []
+
+    def backend(gm, example_inputs):  # the graph dynamo traced, then aot_eager
+        graphs.append(str(gm.graph))
+        return lookup_backend("aot_eager")(gm, example_inputs)
 
     def run(fn):
         leaves = _leaves(x, weight, bias)
         out = fn(*leaves, (2, 2), (1, 1), impl="cpp")
-        return out.detach(), torch.autograd.grad(out.square().sum(), leaves)
+        return out.detach(), torch.autograd.grad(out.square().sum(), leaves), out.grad_fn
 
     with _no_graph_breaks():
-        compiled = run(_compiled(conv2d.conv2d))
+        compiled = run(torch.compile(conv2d.conv2d, fullgraph=True, backend=backend, dynamic=False))
     eager = run(conv2d.conv2d)
+    eager_gemm = type(eager[2]).__name__ == "SlowConv2DBackward0"
+    assert eager_gemm == (algo == "gemm") or algo == "auto"
+    assert len(graphs) == 1 and ("_slow_conv2d_forward" in graphs[0]) == eager_gemm, graphs
+    assert "mgm_fast" not in graphs[0]
     for a, b in zip((compiled[0], *compiled[1]), (eager[0], *eager[1])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
