@@ -3,8 +3,9 @@
 Every fused backend other than ``reference`` runs its kernels behind ``torch.library`` custom ops
 of the namespace ``mgm_fast`` (``torch.ops.mgm_fast.<op>_<backend>`` and, where it has one, its
 ``..._backward``). (The conv2d op's cpp backend runs no kernel of its own: it picks one of two
-ATen convolutions per shape, and a traced graph holds that ATen op; :mod:`mgm_fast.ops.conv2d`.) Each op registers its own custom ops in its module, next to the backend that
-calls them (the Triton ones in ``mgm_fast.ops._triton.<op>``, next to their kernels). Every
+ATen convolutions per shape, and a traced graph holds that ATen op; :mod:`mgm_fast.ops.conv2d`.)
+Each op registers its own custom ops in its module, next to the backend that calls them (the
+Triton ones in ``mgm_fast.ops._triton.<op>``, next to their kernels). Every
 custom op has a fake (meta) kernel giving the exact shapes, dtypes, strides and devices of its
 outputs, so that ``torch.compile`` (dynamo, AOTAutograd, inductor) traces through a fused op as
 one opaque graph node instead of breaking the graph, and ``torch.library.opcheck`` can test the

@@ -26,8 +26,9 @@ Backends (``impl=``):
   call's shapes while it traces (a constant of the graph: the same choice as an eager call of
   those shapes) and the graph holds that ATen op, which AOTAutograd differentiates and inductor
   calls like any other. (Custom ops around the extension, forward and backward, were slower: with
-  them, and BatchNorm's, in the compiled networks a tiny MGM step took 499 instead of 436 ms in an
-  interleaved A/B, their Python dispatch costing more than the algorithms save.)
+  them, and BatchNorm's, in the compiled networks a tiny MGM step took 499 instead of 436 ms on a
+  2-core Xeon, in an ad-hoc interleaved A/B within one process (docs/ops.md), their Python
+  dispatch costing more than the algorithms save.)
 
 ``auto`` takes ``cpp`` for the inputs it supports when the extension is built, ``reference``
 otherwise (NCHW, other dtypes, GPUs, where cuDNN has its own per-shape choice:
