@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -690,6 +691,42 @@ def test_conv2d_compiles_and_matches_eager(monkeypatch, algo):
         assert eager_gemm == (algo == "gemm")
     assert len(graphs) == 1 and ("_slow_conv2d_forward" in graphs[0]) == eager_gemm, graphs
     assert "mgm_fast" not in graphs[0]
+    for a, b in zip((compiled[0], *compiled[1]), (eager[0], *eager[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+_STRIDE_CHECK = re.compile(r"assert_size_stride\(\w+, \((\d+), (\d+), (\d+), (\d+)\), \((\d+), (\d+), (\d+), (\d+)\), "
+                           r"'torch\.ops\.aten\._slow_conv2d_backward")
+
+
+@needs_cpp
+def test_conv2d_gemm_backward_keeps_channels_last_under_inductor(monkeypatch):
+    """Inductor calls the GEMM convolution's backward with the traced (channels_last) strides, as
+    eager does, instead of its default for an ATen op in a backward graph: copies of the gradient,
+    input and weight to NCHW (and of the results back). Its code states the strides of the
+    backward's results; NCHW ones mean the copies are back."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    monkeypatch.setenv("MGM_FAST_CONV2D_ALGO", "gemm")
+    (x, weight, bias, *_), _ = _conv2d_forward_args(True, 1, 1)
+
+    def net(x, weight, bias):
+        return torch.relu(conv2d.conv2d(x, weight, bias, (1, 1), (1, 1), impl="cpp"))
+
+    def run(fn):
+        leaves = _leaves(x, weight, bias)
+        out = fn(*leaves)
+        return out.detach(), torch.autograd.grad(out.square().sum(), leaves)
+
+    with fresh_cache(), _no_graph_breaks():  # a cached graph would not show its code
+        compiled, code = run_and_get_code(run, torch.compile(net, fullgraph=True, dynamic=False))
+    eager = run(net)
+    checks = [tuple(map(int, m.groups())) for m in _STRIDE_CHECK.finditer("\n".join(code))]
+    assert len(checks) == 2, code  # grad input (2, 5, 7, 6) and grad weight (4, 5, 3, 3)
+    for check in checks:
+        size, stride = check[:4], check[4:]
+        expected = torch.empty(size).contiguous(memory_format=torch.channels_last).stride()
+        assert stride == expected, (size, stride)
     for a, b in zip((compiled[0], *compiled[1]), (eager[0], *eager[1])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
