@@ -62,7 +62,7 @@ from mgm_fast.ops._dispatch import (
 from mgm_fast.ops._selftest import Case
 from mgm_fast.ops._selftest import Inputs as CaseInputs
 
-__all__ = ["OP", "chosen_algorithms", "conv2d", "conv2d_reference", "restore_algorithms"]
+__all__ = ["GEMM_BACKWARD_CACHE_TAG", "OP", "chosen_algorithms", "conv2d", "conv2d_reference", "restore_algorithms"]
 
 _NAME = "conv2d"
 
@@ -121,14 +121,22 @@ def _keep_gemm_backward_layout_in_inductor() -> None:
     compiled GEMM backward about 1.5-2x slower than the eager one, 10 ms of a 265 ms step. The
     kernel takes any strides -- the eager op gives it channels_last tensors -- so the registered
     fallback keeps the traced ones. Runs once, while the first graph holding a GEMM convolution
-    is traced, before inductor lowers its backward. (Inductor's FX-graph cache does not key on
-    lowerings: a graph compiled and cached by a process without this registration is served with
-    its copies, same values, slower.)"""
+    is traced, before inductor lowers its backward. Torch's compile caches do not key on
+    lowerings, so the registration also adds :data:`GEMM_BACKWARD_CACHE_TAG` to
+    ``torch.compiler.config.cache_key_tag`` (keeping any tag already set): a graph cached with the
+    copies, by an earlier version or a process without this registration, is not served."""
     from torch._inductor import lowering
 
     op = torch.ops.aten._slow_conv2d_backward.output_mask
     if op not in lowering.lowerings:
         lowering.make_fallback(op, layout_constraint=lowering.constrain_to_fx_strides)
+    tag = torch.compiler.config.cache_key_tag
+    if GEMM_BACKWARD_CACHE_TAG not in tag.split(";"):
+        torch.compiler.config.cache_key_tag = f"{tag};{GEMM_BACKWARD_CACHE_TAG}" if tag else GEMM_BACKWARD_CACHE_TAG
+
+
+GEMM_BACKWARD_CACHE_TAG = "mgm_fast:slow_conv2d_backward-traced-strides"
+"""Part of torch's compile-cache keys once a compiled graph holds a GEMM convolution."""
 
 
 def _cpp(input, weight, bias, stride=(1, 1), padding=(0, 0)):

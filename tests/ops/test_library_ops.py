@@ -729,6 +729,8 @@ def test_conv2d_gemm_backward_keeps_channels_last_under_inductor(monkeypatch):
         assert stride == expected, (size, stride)
     for a, b in zip((compiled[0], *compiled[1]), (eager[0], *eager[1])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the compile caches key on the registration: graphs cached with the copies are not served
+    assert conv2d.GEMM_BACKWARD_CACHE_TAG in torch.compiler.config.cache_key_tag.split(";")
 
 
 @needs_cpp
