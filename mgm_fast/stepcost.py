@@ -281,15 +281,7 @@ def _finish(ctx) -> None:
 
 
 def _median_step_ms(step_fn, ctx, batches, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        args = next(batches)
-        t0 = time.perf_counter()
-        step_fn(ctx, *args)
-        _finish(ctx)  # the device's work is part of the step
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    return _interleaved_median_ms([(step_fn, ctx, batches)], steps)[0]
 
 
 def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: str = "tiny",
@@ -299,10 +291,19 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
     networks are torch.compiled (``--compile``) and dynamo's graph breaks and the graphs compiled
     during the counted step (recompiles: warm-up is over) are reported too. With ``timed_steps``
     the median wall time of that many further steps is ``extra["step_ms"]`` (steady state)."""
+    cost, live = _counted(method, engine, device, preset, batch, extra_args, warmup, compiled)
+    if timed_steps:
+        cost.extra["step_ms"] = _median_step_ms(*live, timed_steps)
+    return cost
+
+
+def _counted(method, engine, device, preset, batch, extra_args, warmup, compiled):
+    """(the :class:`StepCost` of one counted step, the live (step function, ctx, batches) to time
+    further steps with)."""
     extra = list(extra_args or []) + (["--compile"] if compiled else [])
     ctx, step_fn, batches = prepare(method, engine, device, preset, batch, extra)
     if compiled:
-        return _count_compiled_step(method, ctx, step_fn, batches, warmup, timed_steps)
+        return _count_compiled_step(method, ctx, step_fn, batches, warmup), (step_fn, ctx, batches)
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
     _finish(ctx)
@@ -311,7 +312,6 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
     with counter, sub_step_labels(counter):
         step_fn(ctx, *args)
     _finish(ctx)
-    extra = {"step_ms": _median_step_ms(step_fn, ctx, batches, timed_steps)} if timed_steps else {}
     flat = Counter()
     for c in counter.ops.values():
         flat.update(c)
@@ -323,11 +323,11 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
         ops_by_section={k: sum(v.values()) for k, v in counter.ops.items()},
         syncs_by_op=dict(syncs), syncs_by_section={k: dict(v) for k, v in counter.syncs.items()},
         top_ops=flat.most_common(12), mode_copies=sum(counter.mode_copies.values()),
-        nchw_convolutions=sum(counter.nchw_convolutions.values()), extra=extra,
-    )
+        nchw_convolutions=sum(counter.nchw_convolutions.values()),
+    ), (step_fn, ctx, batches)
 
 
-def _count_compiled_step(method, ctx, step_fn, batches, warmup: int, timed_steps: int) -> StepCost:
+def _count_compiled_step(method, ctx, step_fn, batches, warmup: int) -> StepCost:
     """Graph breaks (warm-up and counted step) and graphs compiled in the counted step (after the
     warm-up every graph should exist: a new one is a recompile). Dynamo does not compile under a
     TorchDispatchMode, so a compiled step's ops and syncs are not counted (None)."""
@@ -342,17 +342,24 @@ def _count_compiled_step(method, ctx, step_fn, batches, warmup: int, timed_steps
     step_fn(ctx, *next(batches))
     _finish(ctx)
     extra = {"graphs": counters["stats"].get("unique_graphs", 0)}
-    if timed_steps:
-        extra["step_ms"] = _median_step_ms(step_fn, ctx, batches, timed_steps)
     return StepCost(step=method, ops=None, syncs=None, ops_by_section={}, syncs_by_op={}, syncs_by_section={},
                     top_ops=[], graph_breaks=sum(counters["graph_break"].values()),
                     recompiles=extra["graphs"] - graphs, extra=extra)
 
 
-def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: int = 10, warmup: int = 3,
+FLOOR_STEPS = 10
+"""Timed steps of a host floor (after 3 warm-up steps)."""
+
+
+def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: int = FLOOR_STEPS, warmup: int = 3,
                compiled: bool = False) -> float:
     """Median wall time (ms) of one step of ``method`` at the degenerate size (FLOOR_SET, batch
     FLOOR_BATCH), each step finished by a read-back so that device work is included."""
+    return _median_step_ms(*_floor_step(method, engine, device, warmup, compiled), steps)
+
+
+def _floor_step(method, engine, device, warmup, compiled):
+    """The live (step function, ctx, batches) of ``method`` at the degenerate size, warmed up."""
     extra = [a for s in FLOOR_SET for a in ("--set", s)] + (["--compile"] if compiled else [])
     ctx, step_fn, batches = prepare(method, engine, device, "tiny", FLOOR_BATCH, extra)
     if compiled:
@@ -360,7 +367,23 @@ def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: in
     for _ in range(warmup):
         step_fn(ctx, *next(batches))
     _finish(ctx)
-    return _median_step_ms(step_fn, ctx, batches, steps)
+    return step_fn, ctx, batches
+
+
+def _interleaved_median_ms(live: list[tuple], steps: int) -> list[float]:
+    """Median step time (ms) of each live (step function, ctx, batches), timed round-robin: one
+    step of each in turn, ``steps`` rounds, so that the machine's drift over the minutes of a
+    report touches every row alike (timed one row after another, two rows of one engine differed
+    by up to 20 % on a shared 2-core machine)."""
+    times: list[list[float]] = [[] for _ in live]
+    for _ in range(steps):
+        for own, (step_fn, ctx, batches) in zip(times, live):
+            args = next(batches)
+            t0 = time.perf_counter()
+            step_fn(ctx, *args)
+            _finish(ctx)  # the device's work is part of the step
+            own.append(time.perf_counter() - t0)
+    return [1e3 * sorted(t)[len(t) // 2] for t in times]
 
 
 def parse_row(row: str) -> tuple[str, bool]:
@@ -374,16 +397,41 @@ def parse_row(row: str) -> tuple[str, bool]:
 def account(methods: list[str], rows: list[str], device: str = "cpu", preset: str = "tiny",
             batch: int | None = None, floor: bool = True, timed_steps: int = 0) -> dict[str, list[StepCost]]:
     """Per row (an engine, optionally ``+compile``): :func:`count_step` of each method, with the
-    host floor (``floor``) and the steady-state step time (``timed_steps``)."""
-    out = {}
-    for row in rows:
-        engine, compiled = parse_row(row)
-        out[row] = []
-        for method in methods:
-            cost = count_step(method, engine, device, preset, batch, compiled=compiled, timed_steps=timed_steps)
-            if floor:
-                cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
+    host floor (``floor``) and the steady-state step time (``timed_steps``).
+
+    With at most one compiled row, the rows' steps of a method are timed round-robin
+    (:func:`_interleaved_median_ms`): first every row's counted step, then their timed steps in
+    turn, then every row's floor, likewise (``extra["timing"] == "interleaved"``). Two compiled
+    rows cannot be alive at once -- each row resets dynamo's caches so that only its own networks
+    count against the recompile limit -- so with more the rows are timed one after another
+    (``"sequential"``)."""
+    parsed = [(row, *parse_row(row)) for row in rows]
+    out: dict[str, list[StepCost]] = {row: [] for row in rows}
+    if sum(compiled for _, _, compiled in parsed) > 1:
+        for row, engine, compiled in parsed:
+            for method in methods:
+                cost = count_step(method, engine, device, preset, batch, compiled=compiled, timed_steps=timed_steps)
+                if floor:
+                    cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
+                cost.extra["timing"] = "sequential"
+                out[row].append(cost)
+        return out
+    for method in methods:
+        costs, live = [], []
+        for row, engine, compiled in parsed:
+            cost, step = _counted(method, engine, device, preset, batch, None, 2, compiled)
+            cost.extra["timing"] = "interleaved"
             out[row].append(cost)
+            costs.append(cost)
+            live.append(step)
+        if timed_steps:
+            for cost, ms in zip(costs, _interleaved_median_ms(live, timed_steps)):
+                cost.extra["step_ms"] = ms
+        live.clear()  # the counted steps' networks go before the floor's are built
+        if floor:
+            live = [_floor_step(method, engine, device, 3, compiled) for _, engine, compiled in parsed]
+            for cost, ms in zip(costs, _interleaved_median_ms(live, FLOOR_STEPS)):
+                cost.host_floor_ms = ms
     return out
 
 
@@ -420,6 +468,13 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
               "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies. NCHW convs: "
               "convolutions whose input is not channels_last (the reference engine runs NCHW; in the fast engine "
               "each one would be a layout round trip)."]
+    timings = {c.extra.get("timing") for cs in costs.values() for c in cs} - {None}
+    if timings == {"interleaved"}:
+        lines.append("Host floor and step time: medians of steps timed round-robin across the rows (one step of "
+                     "each row in turn), so the machine's drift touches every row alike.")
+    elif timings:
+        lines.append("Host floor and step time: each row timed after the other (more than one compiled row), so "
+                     "compare rows with the machine's drift in mind.")
     return "\n".join(lines) + "\n"
 
 

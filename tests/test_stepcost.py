@@ -188,7 +188,31 @@ def test_cli_writes_a_report_and_json_per_row(tmp_path):
     assert "| reference | mt |" in text and "| fast | mt |" in text and "step time" in text
     rows = json.loads(js.read_text())["rows"]
     assert rows["fast"][0]["syncs"] == 0 and rows["reference"][0]["syncs"] >= 3
+    assert all(r[0]["extra"]["timing"] == "interleaved" for r in rows.values()) and "round-robin" in text
     with pytest.raises(SystemExit, match="unknown row"):
         stepcost.main(["--methods", "mt", "--engines", "fast+jit", "--no-floor"])
     with pytest.raises(SystemExit, match="unknown step"):
         stepcost.main(["--methods", "phase-b", "--no-floor"])
+
+
+def test_rows_are_timed_round_robin():
+    """Step times of the rows of one report come from steps taken in turn, one per row per round,
+    so that the machine's drift touches every row alike."""
+    import itertools
+
+    calls = []
+
+    class Ctx:
+        def __init__(self, name):
+            self.name = name
+
+        def pop_means(self):
+            return {}
+
+    def step(ctx, batch):
+        calls.append((ctx.name, batch))
+
+    live = [(step, Ctx(name), itertools.repeat((name + "-batch",))) for name in ("reference", "fast", "compiled")]
+    ms = stepcost._interleaved_median_ms(live, 3)
+    assert calls == [(n, n + "-batch") for n in ("reference", "fast", "compiled")] * 3
+    assert len(ms) == 3 and all(m >= 0 for m in ms)
