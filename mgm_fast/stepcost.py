@@ -373,8 +373,9 @@ def _floor_step(method, engine, device, warmup, compiled):
 def _interleaved_median_ms(live: list[tuple], steps: int) -> list[float]:
     """Median step time (ms) of each live (step function, ctx, batches), timed round-robin: one
     step of each in turn, ``steps`` rounds, so that the machine's drift over the minutes of a
-    report touches every row alike (timed one row after another, two rows of one engine differed
-    by up to 20 % on a shared 2-core machine)."""
+    report touches every row alike (timed one after another on a shared 2-core machine, one
+    compiled row of the end-to-end benchmark measured 1.70x and 2.23x the reference in two runs
+    of one commit)."""
     times: list[list[float]] = [[] for _ in live]
     for _ in range(steps):
         for own, (step_fn, ctx, batches) in zip(times, live):
@@ -413,14 +414,16 @@ def account(methods: list[str], rows: list[str], device: str = "cpu", preset: st
                 cost = count_step(method, engine, device, preset, batch, compiled=compiled, timed_steps=timed_steps)
                 if floor:
                     cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
-                cost.extra["timing"] = "sequential"
+                if floor or timed_steps:
+                    cost.extra["timing"] = "sequential"
                 out[row].append(cost)
         return out
     for method in methods:
         costs, live = [], []
         for row, engine, compiled in parsed:
-            cost, step = _counted(method, engine, device, preset, batch, None, 2, compiled)
-            cost.extra["timing"] = "interleaved"
+            cost, step = _counted(method, engine, device, preset, batch, None, warmup=2, compiled=compiled)
+            if floor or timed_steps:
+                cost.extra["timing"] = "interleaved"
             out[row].append(cost)
             costs.append(cost)
             live.append(step)
@@ -429,7 +432,7 @@ def account(methods: list[str], rows: list[str], device: str = "cpu", preset: st
                 cost.extra["step_ms"] = ms
         live.clear()  # the counted steps' networks go before the floor's are built
         if floor:
-            live = [_floor_step(method, engine, device, 3, compiled) for _, engine, compiled in parsed]
+            live = [_floor_step(method, engine, device, warmup=3, compiled=compiled) for _, engine, compiled in parsed]
             for cost, ms in zip(costs, _interleaved_median_ms(live, FLOOR_STEPS)):
                 cost.host_floor_ms = ms
     return out
