@@ -280,10 +280,6 @@ def _finish(ctx) -> None:
         float(sum(v.sum() for v in means.values()))
 
 
-def _median_step_ms(step_fn, ctx, batches, steps: int) -> float:
-    return _interleaved_median_ms([(step_fn, ctx, batches)], steps)[0]
-
-
 def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: str = "tiny",
                batch: int | None = None, extra_args: list[str] | None = None, warmup: int = 2,
                compiled: bool = False, timed_steps: int = 0) -> StepCost:
@@ -293,7 +289,7 @@ def count_step(method: str, engine: str = "fast", device: str = "cpu", preset: s
     the median wall time of that many further steps is ``extra["step_ms"]`` (steady state)."""
     cost, live = _counted(method, engine, device, preset, batch, extra_args, warmup, compiled)
     if timed_steps:
-        cost.extra["step_ms"] = _median_step_ms(*live, timed_steps)
+        cost.extra["step_ms"] = _interleaved_median_ms([live], timed_steps)[0]
     return cost
 
 
@@ -351,15 +347,10 @@ FLOOR_STEPS = 10
 """Timed steps of a host floor (after 3 warm-up steps)."""
 
 
-def host_floor(method: str, engine: str = "fast", device: str = "cpu", steps: int = FLOOR_STEPS, warmup: int = 3,
-               compiled: bool = False) -> float:
-    """Median wall time (ms) of one step of ``method`` at the degenerate size (FLOOR_SET, batch
-    FLOOR_BATCH), each step finished by a read-back so that device work is included."""
-    return _median_step_ms(*_floor_step(method, engine, device, warmup, compiled), steps)
-
-
 def _floor_step(method, engine, device, warmup, compiled):
-    """The live (step function, ctx, batches) of ``method`` at the degenerate size, warmed up."""
+    """The live (step function, ctx, batches) of ``method`` at the degenerate size (FLOOR_SET,
+    batch FLOOR_BATCH), warmed up: the host floor is the median of its timed steps, each finished
+    by a read-back so that device work is included."""
     extra = [a for s in FLOOR_SET for a in ("--set", s)] + (["--compile"] if compiled else [])
     ctx, step_fn, batches = prepare(method, engine, device, "tiny", FLOOR_BATCH, extra)
     if compiled:
@@ -407,34 +398,27 @@ def account(methods: list[str], rows: list[str], device: str = "cpu", preset: st
     count against the recompile limit -- so with more the rows are timed one after another
     (``"sequential"``)."""
     parsed = [(row, *parse_row(row)) for row in rows]
+    together = sum(compiled for _, _, compiled in parsed) <= 1
+    groups = [parsed] if together else [[one] for one in parsed]  # rows timed round-robin with each other
     out: dict[str, list[StepCost]] = {row: [] for row in rows}
-    if sum(compiled for _, _, compiled in parsed) > 1:
-        for row, engine, compiled in parsed:
-            for method in methods:
-                cost = count_step(method, engine, device, preset, batch, compiled=compiled, timed_steps=timed_steps)
-                if floor:
-                    cost.host_floor_ms = host_floor(method, engine, device, compiled=compiled)
+    for group in groups:
+        for method in methods:
+            costs, live = [], []
+            for row, engine, compiled in group:
+                cost, step = _counted(method, engine, device, preset, batch, None, warmup=2, compiled=compiled)
                 if floor or timed_steps:
-                    cost.extra["timing"] = "sequential"
+                    cost.extra["timing"] = "interleaved" if together else "sequential"
                 out[row].append(cost)
-        return out
-    for method in methods:
-        costs, live = [], []
-        for row, engine, compiled in parsed:
-            cost, step = _counted(method, engine, device, preset, batch, None, warmup=2, compiled=compiled)
-            if floor or timed_steps:
-                cost.extra["timing"] = "interleaved"
-            out[row].append(cost)
-            costs.append(cost)
-            live.append(step)
-        if timed_steps:
-            for cost, ms in zip(costs, _interleaved_median_ms(live, timed_steps)):
-                cost.extra["step_ms"] = ms
-        live.clear()  # the counted steps' networks go before the floor's are built
-        if floor:
-            live = [_floor_step(method, engine, device, warmup=3, compiled=compiled) for _, engine, compiled in parsed]
-            for cost, ms in zip(costs, _interleaved_median_ms(live, FLOOR_STEPS)):
-                cost.host_floor_ms = ms
+                costs.append(cost)
+                live.append(step)
+            if timed_steps:
+                for cost, ms in zip(costs, _interleaved_median_ms(live, timed_steps)):
+                    cost.extra["step_ms"] = ms
+            live.clear()  # the counted steps' networks go before the floor's are built
+            if floor:
+                live = [_floor_step(method, engine, device, warmup=3, compiled=compiled) for _, engine, compiled in group]
+                for cost, ms in zip(costs, _interleaved_median_ms(live, FLOOR_STEPS)):
+                    cost.host_floor_ms = ms
     return out
 
 
