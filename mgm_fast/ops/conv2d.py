@@ -118,7 +118,8 @@ def _keep_gemm_backward_layout_in_inductor() -> None:
     traced graph (channels_last here), as an eager backward does. Without a lowering of its own,
     an ATen op in a backward graph gets inductor's conservative implicit fallback, which copies
     every argument to NCHW first (and the gradients back): on the tiny MGM step that made the
-    compiled GEMM backward about 1.5-2x slower than the eager one, 10 ms of a 265 ms step. The
+    compiled GEMM backward about 1.5-2x slower than the eager one, 10 ms of a 265 ms step (2-core
+    Xeon, interleaved A/B within one process; docs/ops.md). The
     kernel takes any strides -- the eager op gives it channels_last tensors -- so the registered
     fallback keeps the traced ones. Runs once, while the first graph holding a GEMM convolution
     is traced, before inductor lowers its backward. Torch's compile caches do not key on
