@@ -18,7 +18,7 @@ Subcommands:
       Dense matmul TFLOP/s of this device (CUDA events or perf_counter, warm-up excluded,
       median): the denominator of MFU. Works on the CPU too (default size 1024) and says so.
   step-cost [--methods phase-a,mgm,mgm-light,mt] [--engine fast] [--compile] [--json FILE]
-      One step of each method counted on any device: ATen ops per sub-step, host read-backs,
+      One step of each method counted on any device: ATen ops per sub-step, host syncs,
       graph breaks and recompiles under --compile, and the host floor (median step time at a
       degenerate size). See mgm_fast/stepcost.py.
   triton-check [--require-compiled] [--out FILE]

@@ -17,7 +17,10 @@ included:
   (``aten._local_scalar_dense`` behind ``.item()``/``float(t)``/``bool(t)``, ``nonzero`` and
   other ops whose output size depends on values, copies of a non-CPU tensor to the CPU), plus
   ``Tensor.tolist()`` and ``Tensor.numpy()``, which read a CPU tensor without dispatching an op;
-  counted on every device, because on a GPU each one drains the stream;
+  and every blocking upload: a tensor made from host numbers (``aten.lift_fresh``, behind
+  ``torch.tensor``/``new_tensor``; on a GPU a copy that waits for every queued kernel, counted on
+  the CPU too, where it copies nothing) and a copy of a CPU tensor to another device without
+  ``non_blocking``. Counted on every device, because on a GPU each one drains the stream;
 * **NCHW convolutions** -- convolutions whose input is not channels_last (4-D inputs whose layout
   is unambiguous: more than one channel and more than one pixel). In a channels_last step each
   one is a layout round trip (the convolution converts its input, or runs the slower NCHW kernel);
@@ -75,6 +78,12 @@ SYNC_OPS = frozenset({
 """Ops that read device values on the host (or size their output by them): each one drains a
 CUDA stream."""
 
+UPLOAD_OPS = frozenset({"aten.lift_fresh", "aten.lift_fresh_copy"})
+"""Ops that make a tensor from host numbers (``torch.tensor``, ``Tensor.new_tensor``): on a GPU a
+blocking upload, which drains the stream like a read-back. Counted on every device: the same
+call that is free on the CPU stalls a GPU step (:func:`mgm_fast.ops._dispatch.device_constant`
+makes such constants once instead)."""
+
 FLOOR_SET = ("model.image_size=32", "model.stem_width=4", "model.encoder_widths=4,4,4,4",
              "model.decoder_widths=4,4,4,4,4", "model.clr_dim=4", "model.refine_stem_width=4",
              "model.refine_widths=4,4,4", "model.refine_hidden=4", "model.z_dim=4",
@@ -110,13 +119,21 @@ def is_nchw_convolution(input: torch.Tensor) -> bool:
             and not input.is_contiguous(memory_format=torch.channels_last))
 
 
-def _is_copy_to_host(func, args, kwargs) -> bool:
+def _is_blocking_copy(func, args, kwargs) -> bool:
+    """Whether the op is a copy between host and device that waits for the stream: any copy of a
+    device tensor to the CPU, and a copy of a CPU tensor to a device without ``non_blocking``."""
     name = str(func.overloadpacket)
     if name == "aten._to_copy":
         device = kwargs.get("device")
-        return device is not None and torch.device(device).type == "cpu" and args[0].device.type != "cpu"
+        if device is None or (torch.device(device).type == "cpu") == (args[0].device.type == "cpu"):
+            return False
+        return torch.device(device).type == "cpu" or not kwargs.get("non_blocking", False)
     if name == "aten.copy_":
-        return args[0].device.type == "cpu" and isinstance(args[1], torch.Tensor) and args[1].device.type != "cpu"
+        dst, src = args[0], args[1]
+        if not isinstance(src, torch.Tensor) or (dst.device.type == "cpu") == (src.device.type == "cpu"):
+            return False
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        return dst.device.type == "cpu" or not non_blocking
     return False
 
 
@@ -148,7 +165,7 @@ class DispatchCounter(TorchDispatchMode):
             return func(*args, **kwargs)
         name = str(func.overloadpacket)
         self.ops.setdefault(self.section, Counter())[name] += 1
-        if name in SYNC_OPS or _is_copy_to_host(func, args, kwargs):
+        if name in SYNC_OPS or name in UPLOAD_OPS or _is_blocking_copy(func, args, kwargs):
             self.syncs.setdefault(self.section, Counter())[name] += 1
         if func is _CONVOLUTION and is_nchw_convolution(args[0]):
             self.nchw_convolutions[self.section] += 1
@@ -452,7 +469,9 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
                                                    for k, v in c.syncs_by_section.items()))
     lines += ["", "ATen ops: ops dispatched. Mode copies: the shallow copies (autograd saving an output for "
               "backward) that torch hands to any active dispatch mode as `aten.detach` and that dispatch nothing "
-              "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies. NCHW convs: "
+              "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies. Host syncs: reads of "
+              "a tensor's value on the host, copies to the CPU, and blocking uploads (a tensor made from host numbers, "
+              "a copy to a device without non_blocking), each of which drains a GPU's stream. NCHW convs: "
               "convolutions whose input is not channels_last (the reference engine runs NCHW; in the fast engine "
               "each one would be a layout round trip)."]
     timings = {c.extra.get("timing") for cs in costs.values() for c in cs} - {None}

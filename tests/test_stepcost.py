@@ -30,6 +30,34 @@ def test_counter_counts_ops_and_every_kind_of_host_read():
     assert torch.Tensor.tolist is not None and x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # unpatched
 
 
+def test_counter_counts_blocking_uploads_as_syncs():
+    # torch.tensor / new_tensor from host numbers: free on the CPU, a stream sync on a GPU
+    x = torch.ones(3)
+    counter = stepcost.DispatchCounter()
+    with counter:
+        torch.tensor([1.0, 2.0])
+        x.new_tensor(3.0)
+        x.new_full((), 3.0)  # a fill: no upload
+        torch.full((2,), 0.5)
+    assert counter.syncs["other"] == {"aten.lift_fresh": 2}
+
+
+def test_blocking_copy_rule():
+    # meta tensors stand in for a device (no GPU here): the rule reads devices and flags only
+    dev, host = torch.empty(3, device="meta"), torch.empty(3)
+    to_copy, copy_ = torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default
+    assert stepcost._is_blocking_copy(to_copy, (dev,), {"device": torch.device("cpu")})  # a read-back
+    assert stepcost._is_blocking_copy(to_copy, (host,), {"device": torch.device("meta")})  # blocking upload
+    assert not stepcost._is_blocking_copy(to_copy, (host,), {"device": torch.device("meta"), "non_blocking": True})
+    assert not stepcost._is_blocking_copy(to_copy, (host,), {"dtype": torch.float64})  # no device change
+    assert not stepcost._is_blocking_copy(to_copy, (host,), {"device": torch.device("cpu")})
+    assert stepcost._is_blocking_copy(copy_, (host, dev), {})
+    assert stepcost._is_blocking_copy(copy_, (dev, host), {})
+    assert stepcost._is_blocking_copy(copy_, (dev, host, False), {})
+    assert not stepcost._is_blocking_copy(copy_, (dev, host, True), {})
+    assert not stepcost._is_blocking_copy(copy_, (host, torch.empty(3)), {})
+
+
 def test_counter_sections_nest_and_restore():
     counter = stepcost.DispatchCounter()
     with counter:
@@ -77,7 +105,7 @@ def test_mode_shallow_copies_are_told_apart_from_dispatched_detaches():
 @pytest.mark.parametrize("method", ["mgm", "phase-a", "mgm-light"])
 def test_fast_engine_step_reads_nothing_back(method):
     cost = stepcost.count_step(method, batch=4, warmup=1)
-    assert cost.syncs == 0, f"host read-backs in a fast {method} step: {cost.syncs_by_section}"
+    assert cost.syncs == 0, f"host syncs (read-backs, blocking uploads) in a fast {method} step: {cost.syncs_by_section}"
     # channels_last end to end: images, the generator's seed and the attention output are
     # converted where they enter, so no convolution takes an NCHW input
     assert cost.nchw_convolutions == 0
@@ -119,8 +147,9 @@ def test_check_values_restores_the_in_step_label_check():
     with value_checks(False):
         assert not value_checks_enabled(torch.device("cpu"))
         counter = stepcost.DispatchCounter()
+        args = _genblock_args(label=1)  # made outside: torch.tensor of the labels is an upload
         with counter:
-            genblock_op.genblock(*_genblock_args(label=1), impl="reference")
+            genblock_op.genblock(*args, impl="reference")
         assert counter.total_syncs() == 0 and counter.total_ops() > 10
     with value_checks(True):
         assert value_checks_enabled(torch.device("meta"))
@@ -216,3 +245,68 @@ def test_rows_are_timed_round_robin():
     ms = stepcost._interleaved_median_ms(live, 3)
     assert calls == [(n, n + "-batch") for n in ("reference", "fast", "compiled")] * 3
     assert len(ms) == 3 and all(m >= 0 for m in ms)
+
+
+_HOST_DATA_FACTORIES = ("torch.tensor", "torch.as_tensor")
+_UPLOADS_ALLOWED = {
+    ("mgm_fast/ops/_dispatch.py", "device_constant"): "the one home: each constant uploaded once",
+    ("mgm_fast/ops/_dispatch.py", "_device_constant"): "the one home: each constant uploaded once",
+    ("mgm_fast/data/augment.py", "identity_params"): "view parameters for tests and docs, never drawn in a step",
+    ("mgm_fast/metrics.py", "reduce_"): "evaluation across ranks, after the steps; reads its sizes back anyway",
+    ("mgm_fast/metrics.py", "_median_from_hist"): "evaluation, after the steps; returns a host float anyway",
+}
+
+
+def _uploads_from_host_data(root) -> set[tuple[str, str, int]]:
+    """(file, enclosing function, line) of every call that makes a tensor from host numbers on a
+    chosen device: ``torch.tensor``/``torch.as_tensor`` with ``device=``, or followed by ``.to(...)``
+    / ``.cuda()``, and every ``Tensor.new_tensor`` (on the device of its tensor)."""
+    import ast
+
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        enclosing = {}
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    enclosing[id(node)] = fn.name  # inner functions are walked later: they win
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            name = ast.unparse(node.func)
+            factory_on_device = name in _HOST_DATA_FACTORIES and any(k.arg == "device" for k in node.keywords)
+            moved_after = (node.func.attr in ("to", "cuda") and isinstance(node.func.value, ast.Call)
+                           and ast.unparse(node.func.value.func) in _HOST_DATA_FACTORIES)  # fmt: skip
+            if factory_on_device or moved_after or node.func.attr == "new_tensor":
+                rel = path.relative_to(root.parent).as_posix()
+                found.add((rel, enclosing.get(id(node), "<module>"), node.lineno))
+    return found
+
+
+def test_no_tensor_is_made_from_host_numbers_on_a_device_outside_the_allowed_places():
+    # On a GPU such a call is a blocking upload (a stream sync); the step counter sees the ones a
+    # CPU step runs (aten.lift_fresh), this scan also the GPU-only paths (Triton, SyncBN).
+    from pathlib import Path
+
+    import mgm_fast
+
+    found = _uploads_from_host_data(Path(mgm_fast.__file__).parent)
+    unexpected = sorted(f"{f}:{line} in {fn}" for f, fn, line in found if (f, fn) not in _UPLOADS_ALLOWED)
+    assert not unexpected, "tensors made from host numbers on a device (use device_constant, torch.full or " \
+        f"Tensor.new_full): {unexpected}"
+    stale = set(_UPLOADS_ALLOWED) - {(f, fn) for f, fn, _ in found}
+    assert not stale, f"allowed places that no longer make such a tensor: {sorted(stale)}"
+
+
+def test_upload_scan_finds_each_pattern(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        "import torch\n"
+        "def a(x):\n    return torch.tensor([1.0], device=x.device)\n"
+        "def b(x):\n    return torch.tensor([1.0]).to(x.device)\n"
+        "def c(x):\n    return x.new_tensor(2.0)\n"
+        "def fine(x):\n    return torch.tensor([1.0]), x.new_full((), 2.0), torch.full((1,), 1.0, device=x.device)\n"
+    )
+    assert {(fn, line) for _, fn, line in _uploads_from_host_data(pkg)} == {("a", 3), ("b", 5), ("c", 7)}

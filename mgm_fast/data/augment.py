@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from mgm_fast.ops._dispatch import BACKEND_NAMES
+from mgm_fast.ops._dispatch import BACKEND_NAMES, device_constant
 from mgm_fast.ops.simclr_views import (
     BRIGHTNESS,
     CONTRAST,
@@ -214,8 +214,9 @@ class SimCLRAugment:
         flip = next(cols)[:, 0] < self.flip_p
         jitter = next(cols)[:, 0] < self.jitter_p
         order = torch.argsort(next(cols), dim=1)  # a uniform random permutation per sample
-        lo = torch.tensor([r[0] for r in self._ranges], dtype=torch.float64, device=gdev)
-        hi = torch.tensor([r[1] for r in self._ranges], dtype=torch.float64, device=gdev)
+        # uploaded once per device: a tensor made from host numbers is a stream sync on a GPU
+        lo = device_constant(tuple(r[0] for r in self._ranges), torch.float64, gdev)
+        hi = device_constant(tuple(r[1] for r in self._ranges), torch.float64, gdev)
         factors = (lo + (hi - lo) * next(cols)).to(torch.float32)
         gray = next(cols)[:, 0] < self.gray_p
         blur = next(cols)[:, 0] < self.blur_p

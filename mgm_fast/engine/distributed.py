@@ -267,7 +267,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32, device=x.device)  # a fill, no upload
         mean = xf.mean(dims)
         m2 = ((xf - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dims)
         stats = all_gather_cat(torch.cat([count, mean, m2]).unsqueeze(0), self.world)  # (W, 1 + 2C)

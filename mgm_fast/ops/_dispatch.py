@@ -483,6 +483,31 @@ def value_checks(enabled: bool | None):
         _VALUE_CHECKS.pop()
 
 
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)``, made once per (values, dtype, device)
+    and shared by every later call: read it, never modify it in place.
+
+    A tensor made from host numbers on a GPU is a blocking upload, which waits for every kernel
+    queued before it (a stream synchronisation, like a read-back); inside a training step that
+    stalls the host once per call. A constant used in a step (jitter ranges, grayscale weights,
+    phase taps) therefore comes from here: it is uploaded the first time only.
+    ``python -m mgm_fast.bench step-cost`` counts the ``aten.lift_fresh`` of a
+    ``torch.tensor``/``new_tensor`` among a step's host synchronisations. Traced by
+    ``torch.compile``, it is the plain ``torch.tensor`` call, which the compiled graph holds as a
+    constant made once. ``values`` are (nested) tuples of numbers."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _device_constant(values, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # made outside inference mode: a first use under torch.inference_mode() must not cache an
+    # inference tensor that autograd could not save later
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 IMPL_ENV = "MGM_FAST_IMPL"
 
 

@@ -107,6 +107,7 @@ from mgm_fast.ops._dispatch import (
     cpp_backend,
     cuda_backend,
     define_op,
+    device_constant,
     native_function,
     reference_backend,
     triton_backend,
@@ -147,7 +148,7 @@ def phase_weights(weight: Tensor) -> Tensor:
     weight (Cout, Cin, 3, 3) -> (4 * Cout, Cin, 2, 2), phase (p, q) in rows
     ``(2p + q) * Cout : (2p + q + 1) * Cout``. Differentiable (a fixed linear map).
     """
-    g = torch.tensor(PHASE_TAPS, dtype=weight.dtype, device=weight.device)  # (p, r, ky)
+    g = device_constant(PHASE_TAPS, weight.dtype, weight.device)  # (p, r, ky)
     # wp[p, q, o, c, r, s] = sum_{ky, kx} g[p, r, ky] g[q, s, kx] w[o, c, ky, kx]
     wp = torch.einsum("prk,qsl,ockl->pqocrs", g, g, weight)
     cout, cin = weight.shape[:2]

@@ -121,7 +121,7 @@ def _reduce(err: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> t
     if reduction == "all":
         return err.mean()
     if reduction == "valid":
-        count = err.new_tensor(err.numel()) if weight is None else weight.sum()
+        count = err.new_full((), err.numel()) if weight is None else weight.sum()  # a fill, no upload
         return err.sum() / count.clamp_min(1)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 

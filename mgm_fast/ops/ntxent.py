@@ -155,7 +155,7 @@ def ntxent_rows_reference(
     k = F.normalize(cols.float(), dim=1)
     sim = q @ k.t() / tau
     ar = torch.arange(rows.shape[0], device=rows.device)
-    sim = sim.index_put((ar, row_index), torch.tensor(float("-inf"), device=sim.device))
+    sim = sim.index_put((ar, row_index), sim.new_full((), float("-inf")))  # no upload: a fill
     pos = (row_index + n2 // 2) % n2
     return (torch.logsumexp(sim, dim=1) - sim[ar, pos]).sum()
 
@@ -391,7 +391,7 @@ def _rows_truth(rows, cols, row_index, temperature=0.5):
     """ntxent_rows in the inputs' dtype (the reference computes in float32): the float64 truth."""
     sim = torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(cols, dim=1).t() / temperature
     ar = torch.arange(rows.shape[0], device=rows.device)
-    sim = sim.index_put((ar, row_index), torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device))
+    sim = sim.index_put((ar, row_index), sim.new_full((), float("-inf")))
     pos = (row_index + cols.shape[0] // 2) % cols.shape[0]
     return (torch.logsumexp(sim, dim=1) - sim[ar, pos]).sum()
 

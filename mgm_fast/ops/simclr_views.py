@@ -95,6 +95,7 @@ from mgm_fast.ops._dispatch import (
     Inputs,
     cpp_backend,
     define_op,
+    device_constant,
     native_function,
     reference_backend,
     value_checks_enabled,
@@ -421,7 +422,7 @@ def _color_jitter_(
     if mode == "index" and not bool(apply.any()):
         return img
     n, _, hgt, wid = img.shape
-    w = torch.tensor(GRAY_WEIGHTS, device=img.device, dtype=torch.float32)
+    w = device_constant(GRAY_WEIGHTS, torch.float32, img.device)
     one, zero = torch.ones_like(factors[:, 0]), torch.zeros_like(factors[:, 0])
     for r in range(4):
         op = order[:, r]

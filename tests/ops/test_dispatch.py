@@ -13,11 +13,13 @@ from mgm_fast.ops._dispatch import (
     cpp_backend,
     cuda_backend,
     define_op,
+    device_constant,
     native_function,
     reference_backend,
     triton_auto_exclusion,
     triton_backend,
 )
+from mgm_fast.stepcost import DispatchCounter
 
 
 def _op():
@@ -131,3 +133,38 @@ def test_a_remembered_selection_is_forgotten_with_the_run_record():
     assert op.resolutions == {} and op.exclusions == {}
     op(torch.ones(2))
     assert len(checked) == 2 and op.resolutions["cpu float32"]["backend"] == "cpp"
+
+
+# ---------------------------------------------------------------------------------------------
+# device_constant: constants from host numbers are uploaded once, not in every step
+
+
+def test_device_constant_is_made_once_per_values_dtype_and_device():
+    a = device_constant((0.299, 0.587, 0.114), torch.float32, "cpu")
+    assert torch.equal(a, torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32)) and a.device.type == "cpu"
+    assert device_constant((0.299, 0.587, 0.114), torch.float32, torch.device("cpu")) is a  # no new upload
+    assert device_constant((0.299, 0.587, 0.114), torch.float64, "cpu") is not a  # the dtype is part of the key
+    assert device_constant((0.299, 0.587, 0.115), torch.float32, "cpu") is not a
+    counter = DispatchCounter()
+    with counter:
+        device_constant((0.299, 0.587, 0.114), torch.float32, "cpu")
+    assert counter.total_ops() == 0  # served from the cache: nothing dispatched, no upload
+
+
+def test_device_constant_first_made_in_inference_mode_serves_autograd_later():
+    with torch.inference_mode():
+        c = device_constant(((1.0, 2.0), (3.0, 4.0)), torch.float32, "cpu")
+    assert not c.is_inference()
+    w = torch.ones(2, 2, requires_grad=True)
+    (device_constant(((1.0, 2.0), (3.0, 4.0)), torch.float32, "cpu") * w).sum().backward()  # saves c
+    assert torch.equal(w.grad, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+def test_device_constant_traces_into_a_compiled_graph():
+    def f(x):
+        return x * device_constant((1.0, 2.0, 3.0), torch.float32, x.device)
+
+    x = torch.randn(4, 3)
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(out, x * torch.tensor([1.0, 2.0, 3.0]))

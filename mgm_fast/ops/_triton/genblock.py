@@ -66,7 +66,7 @@ from collections.abc import Callable
 
 import torch
 
-from mgm_fast.ops._dispatch import BackendUnavailable
+from mgm_fast.ops._dispatch import BackendUnavailable, device_constant
 from mgm_fast.ops._phase_taps import PHASE_TAPS
 
 try:
@@ -495,7 +495,7 @@ def _phase_weights(weight: torch.Tensor, upsample: bool) -> torch.Tensor:
         return w.permute(2, 3, 1, 0).reshape(1, 9, cin, cout)
     # PHASE_TAPS[a][d][k] = 1 when 3x3 tap k of an output row (or column) of parity a reads the
     # same low-res row as the 2x2 phase tap d
-    m = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=weight.device)
+    m = device_constant(PHASE_TAPS, torch.float32, weight.device)
     return torch.einsum("ark,bsl,oikl->abrsio", m, m, w).reshape(4, 4, cin, cout)
 
 
@@ -504,7 +504,7 @@ def _fold_phase_grad(dwp: torch.Tensor, upsample: bool) -> torch.Tensor:
     cin, cout = dwp.shape[2:]
     if not upsample:
         return dwp.reshape(3, 3, cin, cout).permute(3, 2, 0, 1)
-    m = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=dwp.device)
+    m = device_constant(PHASE_TAPS, torch.float32, dwp.device)
     return torch.einsum("ark,bsl,abrsio->oikl", m, m, dwp.reshape(2, 2, 2, 2, cin, cout))
 
 
