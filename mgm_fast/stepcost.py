@@ -340,9 +340,40 @@ def _counted(method, engine, device, preset, batch, extra_args, warmup, compiled
     ), (step_fn, ctx, batches)
 
 
+_COMPILED_CODE = ("CompiledFunction", "CompiledFunctionBackward")
+"""Profiler ranges of compiled code (AOTAutograd's forward and backward), besides dynamo's
+``Torch-Compiled Region: <frame>``."""
+
+
+def ops_outside_graphs(fn: Callable[[], object]) -> Counter:
+    """The ops (ATen and this package's custom ops, by profiler name) that ``fn()`` runs outside
+    ``torch.compile``'d code, top level only: an op called by another op, or by compiled code, is
+    not counted. Where CUDA graphs replay the compiled code, these are the ops a GPU step still
+    dispatches one by one from the host (the autograd engine's gradient sums, the optimisers, the
+    code between the networks; views and conversions that return their input count too). Read from torch's profiler, because dynamo does not compile under
+    a ``TorchDispatchMode``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    out: Counter = Counter()
+    for event in prof.events():
+        if not event.name.startswith(("aten::", "mgm_fast::")):
+            continue
+        parent = event.cpu_parent
+        while parent is not None:
+            name = parent.name
+            if name.startswith(("aten::", "mgm_fast::", "Torch-Compiled Region")) or name in _COMPILED_CODE:
+                break
+            parent = parent.cpu_parent
+        if parent is None:
+            out[event.name] += 1
+    return out
+
+
 def _count_compiled_step(method, ctx, step_fn, batches, warmup: int) -> StepCost:
-    """Graph breaks (warm-up and counted step) and graphs compiled in the counted step (after the
-    warm-up every graph should exist: a new one is a recompile). Dynamo does not compile under a
+    """Graph breaks (warm-up and counted step), graphs compiled in the counted step (after the
+    warm-up every graph should exist: a new one is a recompile) and, from one more step, the ops
+    run outside the compiled graphs (:func:`ops_outside_graphs`; ``extra["ops_outside_graphs"]``,
+    most frequent in ``extra["top_outside_graphs"]``). Dynamo does not compile under a
     TorchDispatchMode, so a compiled step's ops and syncs are not counted (None)."""
     # Fresh dynamo caches: the networks of earlier rows (other instances) are not this row's, and
     # their entries would count against the recompile limit of the shared forward code.
@@ -355,6 +386,11 @@ def _count_compiled_step(method, ctx, step_fn, batches, warmup: int) -> StepCost
     step_fn(ctx, *next(batches))
     _finish(ctx)
     extra = {"graphs": counters["stats"].get("unique_graphs", 0)}
+    args = next(batches)
+    outside = ops_outside_graphs(lambda: step_fn(ctx, *args))
+    _finish(ctx)
+    extra["ops_outside_graphs"] = sum(outside.values())
+    extra["top_outside_graphs"] = outside.most_common(10)
     return StepCost(step=method, ops=None, syncs=None, ops_by_section={}, syncs_by_op={}, syncs_by_section={},
                     top_ops=[], graph_breaks=sum(counters["graph_break"].values()),
                     recompiles=extra["graphs"] - graphs, extra=extra)
@@ -467,11 +503,19 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
             if c.syncs:
                 lines.append("syncs: " + "; ".join(f"{k}: " + ", ".join(f"{op} {n}" for op, n in v.items())
                                                    for k, v in c.syncs_by_section.items()))
+    for row, cs in costs.items():
+        for c in cs:
+            if "ops_outside_graphs" in c.extra:
+                top = ", ".join(f"{k.split('::')[-1]} {n:,}" for k, n in c.extra["top_outside_graphs"])
+                lines += ["", f"`{row}` `{c.step}` outside the compiled graphs: {c.extra['ops_outside_graphs']:,} "
+                              f"ops at top level ({c.extra['graphs']} graphs); most frequent: {top}"]
     lines += ["", "ATen ops: ops dispatched. Mode copies: the shallow copies (autograd saving an output for "
               "backward) that torch hands to any active dispatch mode as `aten.detach` and that dispatch nothing "
               "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies. Host syncs: reads of "
               "a tensor's value on the host, copies to the CPU, and blocking uploads (a tensor made from host numbers, "
-              "a copy to a device without non_blocking), each of which drains a GPU's stream. NCHW convs: "
+              "a copy to a device without non_blocking), each of which drains a GPU's stream. Outside the compiled "
+              "graphs: the ops a compiled step runs between its graphs (views and no-op conversions included), which "
+              "the host still dispatches one by one where CUDA graphs replay the graphs. NCHW convs: "
               "convolutions whose input is not channels_last (the reference engine runs NCHW; in the fast engine "
               "each one would be a layout round trip)."]
     timings = {c.extra.get("timing") for cs in costs.values() for c in cs} - {None}

@@ -310,3 +310,29 @@ def test_upload_scan_finds_each_pattern(tmp_path):
         "def fine(x):\n    return torch.tensor([1.0]), x.new_full((), 2.0), torch.full((1,), 1.0, device=x.device)\n"
     )
     assert {(fn, line) for _, fn, line in _uploads_from_host_data(pkg)} == {("a", 3), ("b", 5), ("c", 7)}
+
+
+def test_ops_outside_graphs_counts_the_eager_ops_between_compiled_code():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: (x * 2).sin().sum(), backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, requires_grad=True)
+    f(x).backward()  # compiled, and x.grad exists
+
+    def step():
+        y = f(x)  # mul, sin, sum and their backward: compiled code
+        (y + 1).backward()  # add, the backward's seed and the gradient sum into x.grad: eager
+
+    outside = stepcost.ops_outside_graphs(step)
+    assert outside == {"aten::add": 1, "aten::ones_like": 1, "aten::add_": 1}
+    eager = stepcost.ops_outside_graphs(lambda: ((x * 2).sin().sum() + 1).backward())
+    assert eager["aten::sin"] == 1 and eager["aten::mul"] >= 1  # without compilation they are outside
+
+
+def test_report_lists_the_ops_outside_the_compiled_graphs():
+    cost = stepcost.StepCost(step="mgm", ops=None, syncs=None, ops_by_section={}, syncs_by_op={},
+                             syncs_by_section={}, top_ops=[], graph_breaks=0, recompiles=0,
+                             extra={"graphs": 22, "ops_outside_graphs": 724,
+                                    "top_outside_graphs": [("aten::add_", 150), ("aten::select", 36)]})
+    text = stepcost.render({"fast+compile": [cost]}, "cpu")
+    assert "`fast+compile` `mgm` outside the compiled graphs: 724 ops at top level (22 graphs); " \
+        "most frequent: add_ 150, select 36" in text
