@@ -241,6 +241,21 @@ def test_nearest_gather_is_resize_nearest():
             assert nearest_index(torch.tensor([n_in]), n_out)[0].tolist() == want.tolist()
 
 
+def test_nearest_gather_does_not_block_on_its_index_upload():
+    # the meta device stands in for a GPU: the host-computed indices go up with non_blocking,
+    # so fetching a batch does not wait for the previous step's queued kernels
+    from mgm_fast.stepcost import DispatchCounter
+
+    x = torch.empty(2, 6, 8, 3, device="meta")
+    hw = torch.tensor([[6, 8], [4, 5]])
+    counter = DispatchCounter()
+    with counter:
+        out = nearest_gather(x, hw, (3, 4))
+    assert out.shape == (2, 3, 4, 3) and out.device.type == "meta"
+    # the one read left is of hw, a host tensor by contract (no device involved)
+    assert dict(counter.syncs) == {"other": {"aten._local_scalar_dense": 1}}, dict(counter.syncs)
+
+
 # -------------------------------------------------------------------------------------------
 # Order, sharding, resume.
 

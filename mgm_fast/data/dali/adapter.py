@@ -103,8 +103,10 @@ def nearest_gather(x: torch.Tensor, hw: torch.Tensor, size: tuple[int, int]) -> 
     uniform = bool((hw == hw[:1]).all())
     if uniform and tuple(hw[0].tolist()) == tuple(size) == (hp, wp):
         return x
-    rows = nearest_index(hw[:, 0], size[0]).to(x.device)
-    cols = nearest_index(hw[:, 1], size[1]).to(x.device)
+    # non_blocking: a blocking upload would wait for every kernel queued on the device (the
+    # previous training step's), once per resized map of every batch
+    rows = to_device(nearest_index(hw[:, 0], size[0]), x.device)
+    cols = to_device(nearest_index(hw[:, 1], size[1]), x.device)
     if uniform:
         return x.index_select(1, rows[0]).index_select(2, cols[0])
     b = torch.arange(bsz, device=x.device)[:, None, None]
