@@ -340,6 +340,21 @@ def _counted(method, engine, device, preset, batch, extra_args, warmup, compiled
     ), (step_fn, ctx, batches)
 
 
+@contextlib.contextmanager
+def cuda_sync_errors() -> Iterator[None]:
+    """Context in which torch raises on any synchronising CUDA call -- a read-back, a blocking
+    copy, a tensor made from host numbers: the CUDA runtime's own check of what
+    :class:`DispatchCounter` counts on any device. Waits for the device first, so that only the
+    calls made inside count. CUDA only."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 _COMPILED_CODE = ("CompiledFunction", "CompiledFunctionBackward")
 """Profiler ranges of compiled code (AOTAutograd's forward and backward), besides dynamo's
 ``Torch-Compiled Region: <frame>``."""
@@ -350,8 +365,8 @@ def ops_outside_graphs(fn: Callable[[], object]) -> Counter:
     ``torch.compile``'d code, top level only: an op called by another op, or by compiled code, is
     not counted. Where CUDA graphs replay the compiled code, these are the ops a GPU step still
     dispatches one by one from the host (the autograd engine's gradient sums, the optimisers, the
-    code between the networks; views and conversions that return their input count too). Read from torch's profiler, because dynamo does not compile under
-    a ``TorchDispatchMode``."""
+    code between the networks; views and conversions that return their input count too). Read
+    from torch's profiler, because dynamo does not compile under a ``TorchDispatchMode``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     out: Counter = Counter()

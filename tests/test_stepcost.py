@@ -115,6 +115,32 @@ def test_fast_engine_step_reads_nothing_back(method):
             cost.ops_by_section)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["phase-a", "mgm", "mgm-light"])
+def test_fast_engine_eager_cuda_step_has_no_synchronising_call(method):
+    # what the counts above stand for, checked by the CUDA runtime (the compiled CUDA-graph step:
+    # tests/engine/test_compiled_step.py)
+    ctx, step_fn, batches = stepcost.prepare(method, "fast", "cuda", "tiny", 4, ["--compile", "off"])
+    for _ in range(2):
+        step_fn(ctx, *next(batches))
+    stepcost._finish(ctx)
+    args = next(batches)  # fetched outside: the step's calls are checked, not the loader's
+    with stepcost.cuda_sync_errors():
+        step_fn(ctx, *args)
+    stepcost._finish(ctx)
+
+
+def test_cuda_sync_errors_restores_the_debug_mode(monkeypatch):
+    modes = ["warn"]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: {"warn": 1}[modes[-1]])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+    with pytest.raises(RuntimeError, match="inside"), stepcost.cuda_sync_errors():
+        assert modes[-1] == "error"
+        raise RuntimeError("inside")
+    assert modes == ["warn", "error", 1]
+
+
 def test_reference_engine_reads_losses_back_every_sub_step():
     # the released .item() per sub-step: the counter must see what the fast engine avoids
     cost = stepcost.count_step("mt", engine="reference", batch=4, warmup=1)
