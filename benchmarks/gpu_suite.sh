@@ -381,7 +381,7 @@ add_stage triton 45 10 '"$PYTHON" -m mgm_fast.bench triton-check --require-compi
 add_stage matmul 45 10 '"$PYTHON" -m mgm_fast.bench matmul-rate --dtype bf16 --size "$MATMUL_SIZE" --out "$OUT/matmul_rate.json"'
 
 # TF32 is off in every test (tests/conftest.py); tests that want it turn it on themselves.
-add_stage tests 180 100 'MGM_FAST_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests -m "gpu and not cuda_graphs" -q \
+add_stage tests 180 120 'MGM_FAST_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests -m "gpu and not cuda_graphs" -q \
   -p no:cacheprovider -p mgm_fast.pytest_sigterm --benchmark-disable --junitxml="$OUT/tests-gpu.xml"'
 
 # The fast engine's default on CUDA: networks compiled with CUDA graph replay, stepped against
