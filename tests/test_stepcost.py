@@ -43,7 +43,7 @@ def test_counter_counts_blocking_uploads_as_syncs():
 
 
 def test_blocking_copy_rule():
-    # meta tensors stand in for a device (no GPU here): the rule reads devices and flags only
+    # meta tensors stand in for a device (no GPU here): the rule reads devices and non_blocking only
     dev, host = torch.empty(3, device="meta"), torch.empty(3)
     to_copy, copy_ = torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default
     assert stepcost._is_blocking_copy(to_copy, (dev,), {"device": torch.device("cpu")})  # a read-back
