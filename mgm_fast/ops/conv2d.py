@@ -120,11 +120,12 @@ def _keep_gemm_backward_layout_in_inductor() -> None:
     every argument to NCHW first (and the gradients back): on the tiny MGM step that made the
     compiled GEMM backward about 1.5-2x slower than the eager one, 10 ms of a 265 ms step (2-core
     Xeon, interleaved A/B within one process; docs/ops.md). The kernel takes any strides -- the
-    eager op gives it channels_last tensors -- so the registered fallback keeps the traced ones. Runs once, while the first graph holding a GEMM convolution
-    is traced, before inductor lowers its backward. Torch's compile caches do not key on
-    lowerings, so the registration also adds :data:`GEMM_BACKWARD_CACHE_TAG` to
-    ``torch.compiler.config.cache_key_tag`` (keeping any tag already set): a graph cached with the
-    copies, by an earlier version or a process without this registration, is not served."""
+    eager op gives it channels_last tensors -- so the registered fallback keeps the traced ones.
+    Runs once, while the first graph holding a GEMM convolution is traced, before inductor lowers
+    its backward. Torch's compile caches do not key on lowerings, so the registration also adds
+    :data:`GEMM_BACKWARD_CACHE_TAG` to ``torch.compiler.config.cache_key_tag`` (keeping any tag
+    already set): a graph cached with the copies, by an earlier version or a process without this
+    registration, is not served."""
     from torch._inductor import lowering
 
     op = torch.ops.aten._slow_conv2d_backward.output_mask
