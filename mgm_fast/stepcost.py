@@ -384,6 +384,36 @@ def ops_outside_graphs(fn: Callable[[], object]) -> Counter:
     return out
 
 
+_GRAPH_CODE = "## Call CompiledFxGraph"
+"""Prefix of the profiler range inductor puts around one call of a compiled graph's code."""
+
+
+def _step_and_finish(step_fn, ctx, args) -> None:
+    step_fn(ctx, *args)
+    _finish(ctx)
+
+
+def host_split_ms(fn: Callable[[], object]) -> dict[str, float]:
+    """Where the host time of ``fn()`` goes, under torch's profiler (ms; inflated alike by it):
+    ``wall``; ``graph_code``, inside inductor-compiled graph code -- the part CUDA graphs replace
+    with one replay per graph; and, of what stays on the host, ``guard_checks`` (dynamo's cache
+    lookups before each compiled call) and ``optimisers`` (the ``Optimizer.step`` calls). The
+    rest of ``wall`` is the autograd engine, the ops outside the graphs and the Python around
+    them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    events = prof.events()
+
+    def total(match) -> float:
+        return sum(e.cpu_time_total for e in events if match(e.name)) / 1e3
+
+    return {"wall": 1e3 * wall, "graph_code": total(lambda n: n.startswith(_GRAPH_CODE)),
+            "guard_checks": total(lambda n: n == "TorchDynamo Cache Lookup"),
+            "optimisers": total(lambda n: n.startswith("Optimizer.step#"))}
+
+
 def _count_compiled_step(method, ctx, step_fn, batches, warmup: int) -> StepCost:
     """Graph breaks (warm-up and counted step), graphs compiled in the counted step (after the
     warm-up every graph should exist: a new one is a recompile) and, from one more step, the ops
@@ -487,6 +517,10 @@ def account(methods: list[str], rows: list[str], device: str = "cpu", preset: st
                 live = [_floor_step(method, engine, device, warmup=3, compiled=compiled) for _, engine, compiled in group]
                 for cost, ms in zip(costs, _interleaved_median_ms(live, FLOOR_STEPS)):
                     cost.host_floor_ms = ms
+                for cost, (step_fn, ctx, batches), (_, _, compiled) in zip(costs, live, group):
+                    if compiled:  # one more floor step, profiled: how much of it is graph code
+                        run = functools.partial(_step_and_finish, step_fn, ctx, next(batches))
+                        cost.extra["floor_profiled_ms"] = host_split_ms(run)
     return out
 
 
@@ -524,13 +558,21 @@ def render(costs: dict[str, list[StepCost]], title: str) -> str:
                 top = ", ".join(f"{k.split('::')[-1]} {n:,}" for k, n in c.extra["top_outside_graphs"])
                 lines += ["", f"`{row}` `{c.step}` outside the compiled graphs: {c.extra['ops_outside_graphs']:,} "
                               f"ops at top level ({c.extra['graphs']} graphs); most frequent: {top}"]
+                if "floor_profiled_ms" in c.extra:
+                    t = c.extra["floor_profiled_ms"]
+                    lines.append(f"a profiled floor step: {t['wall']:.1f} ms, of which compiled graph code "
+                                 f"{t['graph_code']:.1f} ms; {t['wall'] - t['graph_code']:.1f} ms outside it, among them "
+                                 f"guard checks {t['guard_checks']:.1f} ms and optimiser steps {t['optimisers']:.1f} ms")
     lines += ["", "ATen ops: ops dispatched. Mode copies: the shallow copies (autograd saving an output for "
               "backward) that torch hands to any active dispatch mode as `aten.detach` and that dispatch nothing "
               "when no mode watches; a bare `TorchDispatchMode` counts ATen ops + mode copies. Host syncs: reads of "
               "a tensor's value on the host, copies to the CPU, and blocking uploads (a tensor made from host numbers, "
               "a copy to a device without non_blocking), each of which drains a GPU's stream. Outside the compiled "
               "graphs: the ops a compiled step runs between its graphs (views and no-op conversions included), which "
-              "the host still dispatches one by one where CUDA graphs replay the graphs. NCHW convs: "
+              "the host still dispatches one by one where CUDA graphs replay the graphs; the profiled floor step splits "
+              "its time into the compiled graphs' code, which CUDA graphs replace, and the rest, which stays on the "
+              "host, dynamo's guard checks and the optimiser steps among it (all inflated alike by the profiler). "
+              "NCHW convs: "
               "convolutions whose input is not channels_last (the reference engine runs NCHW; in the fast engine "
               "each one would be a layout round trip)."]
     timings = {c.extra.get("timing") for cs in costs.values() for c in cs} - {None}

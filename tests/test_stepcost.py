@@ -3,6 +3,8 @@ reads nothing back to the host."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -358,7 +360,47 @@ def test_report_lists_the_ops_outside_the_compiled_graphs():
     cost = stepcost.StepCost(step="mgm", ops=None, syncs=None, ops_by_section={}, syncs_by_op={},
                              syncs_by_section={}, top_ops=[], graph_breaks=0, recompiles=0,
                              extra={"graphs": 22, "ops_outside_graphs": 724,
-                                    "top_outside_graphs": [("aten::add_", 150), ("aten::select", 36)]})
+                                    "top_outside_graphs": [("aten::add_", 150), ("aten::select", 36)],
+                                    "floor_profiled_ms": {"wall": 97.6, "graph_code": 57.5, "guard_checks": 8.3,
+                                                          "optimisers": 7.2}})
     text = stepcost.render({"fast+compile": [cost]}, "cpu")
     assert "`fast+compile` `mgm` outside the compiled graphs: 724 ops at top level (22 graphs); " \
         "most frequent: add_ 150, select 36" in text
+    assert "a profiled floor step: 97.6 ms, of which compiled graph code 57.5 ms; 40.1 ms outside it, among " \
+        "them guard checks 8.3 ms and optimiser steps 7.2 ms" in text
+
+
+def test_host_split_times_graph_code_guards_and_optimisers():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: (x * 2).sin().sum(), fullgraph=True)  # inductor: its code is timed
+    w = torch.randn(64, requires_grad=True)
+    opt = torch.optim.Adam([w])
+    f(w).backward()
+
+    def step():
+        f(w)
+        w.grad = torch.ones(64)
+        opt.step()
+        time.sleep(0.02)  # host work outside the graph
+
+    t = stepcost.host_split_ms(step)
+    assert t["wall"] >= 20 and 0 < t["graph_code"] < 10, t
+    assert t["guard_checks"] > 0 and t["optimisers"] > 0, t
+    eager = stepcost.host_split_ms(lambda: (w * 2).sin().sum())
+    assert eager["graph_code"] == eager["guard_checks"] == eager["optimisers"] == 0  # nothing compiled
+
+
+
+def test_cli_compiled_row_reports_outside_ops_and_the_floor_split(tmp_path):
+    # the MT step (encoder and three decoders) compiled with inductor, counted and at the floor
+    import json
+
+    out, js = tmp_path / "cost.md", tmp_path / "cost.json"
+    assert stepcost.main(["--methods", "mt", "--engines", "fast+compile", "--batch-size", "2",
+                          "--out", str(out), "--json", str(js)]) == 0
+    extra = json.loads(js.read_text())["rows"]["fast+compile"][0]["extra"]
+    assert extra["ops_outside_graphs"] > 0 and extra["graphs"] > 0
+    split = extra["floor_profiled_ms"]
+    assert 0 < split["graph_code"] < split["wall"] and split["guard_checks"] > 0 and split["optimisers"] > 0
+    text = out.read_text()
+    assert "`fast+compile` `mt` outside the compiled graphs:" in text and "a profiled floor step:" in text
